@@ -1,0 +1,64 @@
+import NIOCore
+
+/// A message crossing between nodes: the payload of one websocket message on one channel.
+public struct ClusterMessage: Sendable {
+    /// The channel name (decoded path without the leading `/`).
+    public var channel: String
+    /// The message payload, unframed.
+    public var payload: ByteBuffer
+    /// Text (opcode 1) or binary (opcode 2).
+    public var isText: Bool
+    /// The sending connection's id on its node (0 for an HTTP POST).
+    public var connectionID: UInt64
+
+    public init(channel: String, payload: ByteBuffer, isText: Bool, connectionID: UInt64) {
+        self.channel = channel
+        self.payload = payload
+        self.isText = isText
+        self.connectionID = connectionID
+    }
+}
+
+/// Where messages from other nodes are handed in (the hub implements it).
+public protocol ClusterInbound: AnyObject, Sendable {
+    /// Delivers a batch from other nodes to this node's local clients. Called from the link's own thread.
+    func deliverFromCluster(_ batch: [ClusterMessage])
+}
+
+/// How a node shares channels with other nodes. The hub knows only this protocol: the
+/// standalone implementation does nothing; the RabbitMQ one talks to a broker.
+///
+/// Every method is called on an event loop (or under the hub's directory lock) and must
+/// never block: implementations queue work for their own thread.
+public protocol ClusterLink: AnyObject, Sendable {
+    /// False for standalone: the hub then skips collecting outbound batches at all.
+    var isClustered: Bool { get }
+
+    /// Starts the link; messages from other nodes go to `inbound`.
+    func start(inbound: any ClusterInbound)
+
+    /// The channel got its first local client. Succeed `promise` once messages published
+    /// anywhere in the cluster from now on reach this node (its binding is confirmed).
+    func subscribe(channel: String, promise: EventLoopPromise<Void>)
+
+    /// The channel's last local client left.
+    func unsubscribe(channel: String)
+
+    /// Hands a batch of locally received messages to the other nodes. Never blocks; a link that
+    /// can't keep up drops and counts.
+    func publish(_ batch: [ClusterMessage])
+
+    /// Stops the link and releases its resources.
+    func shutdown() async
+}
+
+/// The link of a node without a broker: nothing leaves the node.
+public final class StandaloneLink: ClusterLink {
+    public init() {}
+    public var isClustered: Bool { false }
+    public func start(inbound: any ClusterInbound) {}
+    public func subscribe(channel: String, promise: EventLoopPromise<Void>) { promise.succeed(()) }
+    public func unsubscribe(channel: String) {}
+    public func publish(_ batch: [ClusterMessage]) {}
+    public func shutdown() async {}
+}

@@ -1,0 +1,390 @@
+import NIOCore
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// A configuration problem, named by file, line and key: `file:line: key: what is wrong`.
+public struct ConfigurationError: Error, CustomStringConvertible, Equatable {
+    /// The file, or the flag source (`command line`).
+    public var file: String
+    /// 1-based line, or nil when the problem is not on one line (an unreadable file, a flag).
+    public var line: Int?
+    /// The key or section at fault, or nil.
+    public var key: String?
+    public var message: String
+
+    public init(file: String, line: Int? = nil, key: String? = nil, message: String) {
+        self.file = file
+        self.line = line
+        self.key = key
+        self.message = message
+    }
+
+    public var description: String {
+        var out = self.file
+        if let line { out += ":\(line)" }
+        if let key { out += ": \(key)" }
+        return out + ": " + self.message
+    }
+}
+
+/// One `key = value` line of an INI file.
+public struct INIEntry: Sendable, Equatable {
+    public var section: String
+    public var key: String
+    public var value: String
+    public var line: Int
+}
+
+/// A small INI reader: `[section]` headers, `key = value`, `#` and `;` comment lines.
+public enum INI {
+    /// - Parameter sections: the section names allowed; any other header is an error on its line.
+    public static func parse(_ text: String, file: String, sections: Set<String>) throws(ConfigurationError) -> [INIEntry] {
+        var entries: [INIEntry] = []
+        var section: String? = nil
+        var lineNumber = 0
+        for rawLine in text.split(separator: "\n", omittingEmptySubsequences: false) {
+            lineNumber += 1
+            let line = rawLine.trimmingWhitespace()
+            if line.isEmpty || line.hasPrefix("#") || line.hasPrefix(";") { continue }
+            if line.hasPrefix("[") {
+                guard line.hasSuffix("]"), line.count > 2 else {
+                    throw ConfigurationError(file: file, line: lineNumber, key: String(line), message: "malformed section header, expected [name]")
+                }
+                let name = String(line.dropFirst().dropLast()).trimmingWhitespace()
+                guard sections.contains(name) else {
+                    let expected = sections.sorted().map { "[\($0)]" }.joined(separator: " or ")
+                    throw ConfigurationError(file: file, line: lineNumber, key: "[\(name)]", message: "unknown section (expected \(expected))")
+                }
+                section = name
+                continue
+            }
+            guard let eq = line.firstIndex(of: "=") else {
+                throw ConfigurationError(file: file, line: lineNumber, key: String(line), message: "expected key = value")
+            }
+            let key = line[..<eq].trimmingWhitespace()
+            let value = line[line.index(after: eq)...].trimmingWhitespace()
+            guard !key.isEmpty else {
+                throw ConfigurationError(file: file, line: lineNumber, message: "missing key before '='")
+            }
+            guard let section else {
+                throw ConfigurationError(file: file, line: lineNumber, key: key, message: "key outside any section (start with [staps])")
+            }
+            entries.append(INIEntry(section: section, key: key, value: value, line: lineNumber))
+        }
+        return entries
+    }
+}
+
+extension StringProtocol {
+    func trimmingWhitespace() -> String {
+        let isSpace: (Character) -> Bool = { $0 == " " || $0 == "\t" || $0 == "\r" }
+        guard let start = self.firstIndex(where: { !isSpace($0) }) else { return "" }
+        let end = self.lastIndex(where: { !isSpace($0) })!
+        return String(self[start...end])
+    }
+}
+
+/// Settings as given by a file or by flags, before defaults are applied.
+/// Each field is nil when not given; `socket` and `port` may be given several times.
+public struct ConfigurationOverrides: Sendable, Equatable {
+    public var sockets: [String]?
+    public var ports: [BindAddress]?
+    public var mode: UInt32?
+    public var amqp: String?
+    public var limits = LimitOverrides()
+    public var daemon = DaemonSettings()
+
+    public init() {}
+
+    public struct LimitOverrides: Sendable, Equatable {
+        public var maxMessageSize: Int?
+        public var sendBuffer: Int?
+        public var slowConsumerGrace: TimeAmount?
+        public var maxConnections: Int?
+        public var handshakeTimeout: TimeAmount?
+        public var pingInterval: TimeAmount?
+        public var pongTimeout: TimeAmount?
+        public var shutdownTimeout: TimeAmount?
+    }
+
+    /// Reads the settings of an INI text; every unknown section or key and every bad value is an error.
+    public static func parse(_ text: String, file: String) throws(ConfigurationError) -> ConfigurationOverrides {
+        var out = ConfigurationOverrides()
+        var seen: [String: Int] = [:]
+        for entry in try INI.parse(text, file: file, sections: ["staps", "daemon"]) {
+            let name = "\(entry.section).\(entry.key)"
+            func fail(_ message: String) -> ConfigurationError {
+                ConfigurationError(file: file, line: entry.line, key: entry.key, message: message)
+            }
+            let repeatable = name == "staps.socket" || name == "staps.port"
+            if !repeatable, let first = seen[name] {
+                throw fail("set twice (first on line \(first))")
+            }
+            seen[name] = entry.line
+            let v = entry.value
+            switch entry.section {
+            case "staps":
+                switch entry.key {
+                case "socket":
+                    let paths = v.split(whereSeparator: { $0 == " " || $0 == "," }).map(String.init)
+                    guard !paths.isEmpty else { throw fail("needs a path") }
+                    for path in paths {
+                        do { try ValueParser.socketPath(path) } catch { throw fail(error.message) }
+                    }
+                    out.sockets = (out.sockets ?? []) + paths
+                case "port":
+                    let words = v.split(whereSeparator: { $0 == " " || $0 == "," }).map(String.init)
+                    guard !words.isEmpty else { throw fail("needs a port or host:port") }
+                    var addresses: [BindAddress] = []
+                    for word in words {
+                        do { addresses.append(try ValueParser.hostPort(word)) } catch { throw fail(error.message) }
+                    }
+                    out.ports = (out.ports ?? []) + addresses
+                case "mode":
+                    do { out.mode = try ValueParser.octal(v, max: 0o777) } catch { throw fail(error.message) }
+                case "amqp":
+                    do { try ValueParser.amqpURL(v) } catch { throw fail(error.message) }
+                    out.amqp = v
+                case "max_message_size":
+                    do { out.limits.maxMessageSize = try ValueParser.size(v, min: 1, max: 1 << 30) } catch { throw fail(error.message) }
+                case "send_buffer":
+                    do { out.limits.sendBuffer = try ValueParser.size(v, min: 1024, max: 1 << 32) } catch { throw fail(error.message) }
+                case "slow_consumer_grace":
+                    do { out.limits.slowConsumerGrace = try ValueParser.duration(v) } catch { throw fail(error.message) }
+                case "max_connections":
+                    do { out.limits.maxConnections = try ValueParser.integer(v, min: 1, max: 10_000_000) } catch { throw fail(error.message) }
+                case "handshake_timeout":
+                    do { out.limits.handshakeTimeout = try ValueParser.duration(v, positive: true) } catch { throw fail(error.message) }
+                case "ping_interval":
+                    do { out.limits.pingInterval = try ValueParser.duration(v, positive: true) } catch { throw fail(error.message) }
+                case "pong_timeout":
+                    do { out.limits.pongTimeout = try ValueParser.duration(v, positive: true) } catch { throw fail(error.message) }
+                case "shutdown_timeout":
+                    do { out.limits.shutdownTimeout = try ValueParser.duration(v) } catch { throw fail(error.message) }
+                default:
+                    throw fail("unknown key in [staps]")
+                }
+            case "daemon":
+                switch entry.key {
+                case "user":
+                    do { out.daemon.user = try ValueParser.accountName(v) } catch { throw fail(error.message) }
+                case "group":
+                    do { out.daemon.group = try ValueParser.accountName(v) } catch { throw fail(error.message) }
+                case "dir":
+                    do { out.daemon.directory = try ValueParser.absolutePath(v) } catch { throw fail(error.message) }
+                case "pid_file":
+                    do { out.daemon.pidFile = try ValueParser.absolutePath(v) } catch { throw fail(error.message) }
+                case "umask":
+                    do { out.daemon.umask = try ValueParser.octal(v, max: 0o777) } catch { throw fail(error.message) }
+                default:
+                    throw fail("unknown key in [daemon]")
+                }
+            default:
+                preconditionFailure("INI.parse admits only known sections")
+            }
+        }
+        return out
+    }
+
+    /// Layers `other` over `self`: every setting `other` gives wins.
+    public func overridden(by other: ConfigurationOverrides) -> ConfigurationOverrides {
+        var out = self
+        if let v = other.sockets { out.sockets = v }
+        if let v = other.ports { out.ports = v }
+        if let v = other.mode { out.mode = v }
+        if let v = other.amqp { out.amqp = v }
+        let l = other.limits
+        if let v = l.maxMessageSize { out.limits.maxMessageSize = v }
+        if let v = l.sendBuffer { out.limits.sendBuffer = v }
+        if let v = l.slowConsumerGrace { out.limits.slowConsumerGrace = v }
+        if let v = l.maxConnections { out.limits.maxConnections = v }
+        if let v = l.handshakeTimeout { out.limits.handshakeTimeout = v }
+        if let v = l.pingInterval { out.limits.pingInterval = v }
+        if let v = l.pongTimeout { out.limits.pongTimeout = v }
+        if let v = l.shutdownTimeout { out.limits.shutdownTimeout = v }
+        let d = other.daemon
+        if let v = d.user { out.daemon.user = v }
+        if let v = d.group { out.daemon.group = v }
+        if let v = d.directory { out.daemon.directory = v }
+        if let v = d.pidFile { out.daemon.pidFile = v }
+        if let v = d.umask { out.daemon.umask = v }
+        return out
+    }
+
+    /// The full configuration: these settings over the documented defaults.
+    public func resolved(sourceFile: String?) -> NodeConfiguration {
+        var config = NodeConfiguration(sourceFile: sourceFile)
+        let listeners = (self.sockets ?? []).map { BindAddress.unixDomainSocket(path: $0) } + (self.ports ?? [])
+        if !listeners.isEmpty { config.addresses = listeners }
+        if let v = self.mode { config.socketMode = v }
+        if let v = self.amqp { config.amqpURL = v }
+        let l = self.limits
+        if let v = l.maxMessageSize { config.limits.maxMessageSize = v }
+        if let v = l.sendBuffer { config.limits.sendBuffer = v }
+        if let v = l.slowConsumerGrace { config.limits.slowConsumerGrace = v }
+        if let v = l.maxConnections { config.limits.maxConnections = v }
+        if let v = l.handshakeTimeout { config.limits.handshakeTimeout = v }
+        if let v = l.pingInterval { config.limits.pingInterval = v }
+        if let v = l.pongTimeout { config.limits.pongTimeout = v }
+        if let v = l.shutdownTimeout { config.limits.shutdownTimeout = v }
+        config.daemon = self.daemon
+        return config
+    }
+}
+
+/// Finds and reads the configuration file: `--config PATH`, else `/etc/staps/staps.conf`,
+/// else `~/.staps.conf`. A named file that can't be read is an error; absent default files are not.
+public enum ConfigurationLoader {
+    public static let systemPath = "/etc/staps/staps.conf"
+
+    public static func defaultCandidates(home: String?) -> [String] {
+        var paths = [systemPath]
+        if let home, !home.isEmpty { paths.append(home + "/.staps.conf") }
+        return paths
+    }
+
+    /// Returns the settings from the first file found (and its path), or empty settings.
+    public static func load(explicitPath: String?, candidates: [String]) throws(ConfigurationError) -> (ConfigurationOverrides, String?) {
+        if let explicitPath {
+            let text = try readFile(explicitPath)
+            return (try ConfigurationOverrides.parse(text, file: explicitPath), explicitPath)
+        }
+        for path in candidates where access(path, F_OK) == 0 {
+            let text = try readFile(path)
+            return (try ConfigurationOverrides.parse(text, file: path), path)
+        }
+        return (ConfigurationOverrides(), nil)
+    }
+
+    static func readFile(_ path: String) throws(ConfigurationError) -> String {
+        guard let fp = fopen(path, "r") else {
+            throw ConfigurationError(file: path, message: "cannot read: \(String(cString: strerror(errno)))")
+        }
+        defer { fclose(fp) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = fread(&chunk, 1, chunk.count, fp)
+            if n > 0 { bytes.append(contentsOf: chunk[0..<n]) }
+            if n < chunk.count {
+                if ferror(fp) != 0 {
+                    throw ConfigurationError(file: path, message: "cannot read: \(String(cString: strerror(errno)))")
+                }
+                break
+            }
+            if bytes.count > 1 << 20 { throw ConfigurationError(file: path, message: "file larger than 1 MiB") }
+        }
+        guard let text = String(validating: bytes, as: UTF8.self) else {
+            throw ConfigurationError(file: path, message: "not valid UTF-8")
+        }
+        return text
+    }
+}
+
+/// Parsers for single values; each throws a short reason.
+public enum ValueParser {
+    public struct Failure: Error, Equatable {
+        public var message: String
+        init(_ message: String) { self.message = message }
+    }
+
+    public static func socketPath(_ s: String) throws(Failure) {
+        guard s.hasPrefix("/") || s.hasPrefix(".") else { throw Failure("'\(s)' is not a path (use an absolute path)") }
+        // sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
+        guard s.utf8.count < 108 else { throw Failure("'\(s)' is longer than the 107 bytes a unix socket path may have") }
+    }
+
+    /// `8080` (127.0.0.1, since staps has no authentication), `host:port` or `[v6]:port`.
+    public static func hostPort(_ s: String) throws(Failure) -> BindAddress {
+        var host = "127.0.0.1"
+        var portText = Substring(s)
+        if s.hasPrefix("[") {
+            guard let close = s.firstIndex(of: "]"), s[s.index(after: close)...].hasPrefix(":") else {
+                throw Failure("'\(s)' is not [ipv6]:port")
+            }
+            host = String(s[s.index(after: s.startIndex)..<close])
+            portText = s[s.index(close, offsetBy: 2)...]
+        } else if let colon = s.lastIndex(of: ":") {
+            host = String(s[..<colon])
+            portText = s[s.index(after: colon)...]
+            guard !host.isEmpty, !host.contains(":") else { throw Failure("'\(s)' is not host:port (write IPv6 as [addr]:port)") }
+        }
+        guard let port = Int(portText), (0...65535).contains(port) else {
+            throw Failure("'\(s)' has no valid port (0-65535)")
+        }
+        return .hostname(host, port: port)
+    }
+
+    public static func octal(_ s: String, max: UInt32) throws(Failure) -> UInt32 {
+        guard !s.isEmpty, s.count <= 5, let v = UInt32(s, radix: 8), v <= max else {
+            throw Failure("'\(s)' is not an octal mode between 0 and \(String(max, radix: 8))")
+        }
+        return v
+    }
+
+    public static func integer(_ s: String, min: Int, max: Int) throws(Failure) -> Int {
+        guard let v = Int(s), v >= min, v <= max else { throw Failure("'\(s)' is not a whole number from \(min) to \(max)") }
+        return v
+    }
+
+    /// `1048576`, `64KiB`, `64K`, `1MiB`, `1M`, `1GiB` (binary multiples).
+    public static func size(_ s: String, min: Int, max: Int) throws(Failure) -> Int {
+        let units: [(String, Int)] = [("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30), ("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("B", 1)]
+        var number = s
+        var multiplier = 1
+        for (suffix, m) in units where s.hasSuffix(suffix) {
+            number = String(s.dropLast(suffix.count)).trimmingWhitespace()
+            multiplier = m
+            break
+        }
+        guard let v = Int(number), v >= 0, v <= max / multiplier, v * multiplier >= min else {
+            throw Failure("'\(s)' is not a size from \(min) to \(max) bytes (e.g. 65536, 64KiB, 1MiB)")
+        }
+        return v * multiplier
+    }
+
+    /// `10s`, `500ms`, `2m`, or plain seconds.
+    public static func duration(_ s: String, positive: Bool = false) throws(Failure) -> TimeAmount {
+        let units: [(String, Int64)] = [("ms", 1_000_000), ("s", 1_000_000_000), ("m", 60_000_000_000), ("h", 3_600_000_000_000)]
+        var number = s
+        var nanos: Int64 = 1_000_000_000
+        for (suffix, n) in units where s.hasSuffix(suffix) {
+            number = String(s.dropLast(suffix.count))
+            nanos = n
+            break
+        }
+        guard let v = Int64(number), v >= (positive ? 1 : 0), v <= Int64.max / nanos / 2 else {
+            throw Failure("'\(s)' is not a duration (e.g. 500ms, 10s, 2m)")
+        }
+        return .nanoseconds(v * nanos)
+    }
+
+    public static func absolutePath(_ s: String) throws(Failure) -> String {
+        guard s.hasPrefix("/") else { throw Failure("'\(s)' is not an absolute path") }
+        return s
+    }
+
+    /// A user or group name as `useradd` accepts it, or a numeric id.
+    public static func accountName(_ s: String) throws(Failure) -> String {
+        let ok = !s.isEmpty && s.utf8.count <= 32 && s.utf8.allSatisfy { c in
+            (c >= 0x61 && c <= 0x7a) || (c >= 0x41 && c <= 0x5a) || (c >= 0x30 && c <= 0x39) || c == 0x5f || c == 0x2d || c == 0x2e
+        } && !s.hasPrefix("-")
+        guard ok else { throw Failure("'\(s)' is not a valid user or group name") }
+        return s
+    }
+
+    /// `amqp://user:pass@host:port/vhost` or `amqps://…`; empty means standalone.
+    public static func amqpURL(_ s: String) throws(Failure) {
+        if s.isEmpty { return }
+        guard s.hasPrefix("amqp://") || s.hasPrefix("amqps://") else {
+            throw Failure("'\(AMQPURL.masked(s))' is not an amqp:// or amqps:// URL")
+        }
+        do { _ = try AMQPURL(s) } catch { throw Failure(error.message) }
+    }
+}

@@ -1,0 +1,281 @@
+import Atomics
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOWebSocket
+
+/// Serves one connection's HTTP: the page, POST publishing, and the websocket upgrade.
+///
+/// The upgrade is done here rather than by NIO's upgrade handler so that joining the channel,
+/// swapping the pipeline and writing the 101 happen in one event-loop step: a client is in its
+/// channel before it can see its handshake complete.
+final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    struct Shared: Sendable {
+        let hub: Hub
+        let limits: Limits
+        let counters: NodeCounters
+        let connectionIDs: ManagedAtomic<UInt64>
+    }
+
+    private let shared: Shared
+    private let overConnectionLimit: Bool
+    private let encoder: HTTPResponseEncoder
+    private let decoder: ByteToMessageHandler<HTTPRequestDecoder>
+    private var logger: Logger
+
+    private enum State {
+        case idle
+        case receivingBody(HTTPRequestHead, String, ByteBuffer)
+        case discardingBody(HTTPRequestHead, status: HTTPResponseStatus, reason: String, extraHeaders: [(String, String)])
+        case ignoringBody(HTTPRequestHead)
+        case upgrading
+    }
+    private var state = State.idle
+    private var handshakeTimer: Scheduled<Void>?
+    private var shuttingDown = false
+
+    init(shared: Shared, overConnectionLimit: Bool, encoder: HTTPResponseEncoder, decoder: ByteToMessageHandler<HTTPRequestDecoder>, logger: Logger) {
+        self.shared = shared
+        self.overConnectionLimit = overConnectionLimit
+        self.encoder = encoder
+        self.decoder = decoder
+        self.logger = logger
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.armHandshakeTimer(context: context)
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.handshakeTimer?.cancel()
+    }
+
+    private func armHandshakeTimer(context: ChannelHandlerContext) {
+        self.handshakeTimer?.cancel()
+        self.handshakeTimer = context.eventLoop.assumeIsolated().scheduleTask(in: self.shared.limits.handshakeTimeout) {
+            context.close(promise: nil)
+        }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch self.unwrapInboundIn(data) {
+        case .head(let head):
+            self.handshakeTimer?.cancel()
+            self.handshakeTimer = nil
+            self.requestHead(head, context: context)
+        case .body(let chunk):
+            switch self.state {
+            case .receivingBody(let head, let channel, var body):
+                self.state = .idle
+                if body.readableBytes + chunk.readableBytes > self.shared.limits.maxMessageSize {
+                    self.state = .discardingBody(head, status: .payloadTooLarge, reason: "body larger than \(self.shared.limits.maxMessageSize) bytes", extraHeaders: [])
+                } else {
+                    body.writeImmutableBuffer(chunk)
+                    self.state = .receivingBody(head, channel, body)
+                }
+            default:
+                break
+            }
+        case .end:
+            switch self.state {
+            case .receivingBody(let head, let channel, let body):
+                self.state = .idle
+                self.post(head, channel: channel, body: body, context: context)
+            case .discardingBody(let head, let status, let reason, let extra):
+                self.state = .idle
+                self.respond(context: context, head: head, status: status, text: reason, extraHeaders: extra)
+            case .ignoringBody(let head):
+                self.state = .idle
+                self.afterResponse(context: context, keepAlive: head.isKeepAlive)
+            case .idle, .upgrading:
+                break
+            }
+        }
+    }
+
+    private func requestHead(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
+        if self.overConnectionLimit {
+            self.shared.counters.connectionsRefused.wrappingIncrement(ordering: .relaxed)
+            return self.reject(head, .serviceUnavailable, "too many connections, try again later", close: true, context: context)
+        }
+        let target: RequestTarget
+        switch PathDecoding.target(ofURI: head.uri) {
+        case .success(let t): target = t
+        case .failure(let error):
+            return self.reject(head, HTTPResponseStatus(statusCode: error.status), error.reason, context: context)
+        }
+        let isUpgrade = head.headers[canonicalForm: "connection"].contains { $0.lowercased() == "upgrade" }
+            && head.headers["upgrade"].contains { $0.lowercased() == "websocket" }
+        if isUpgrade {
+            return self.upgradeRequest(head, target: target, context: context)
+        }
+        switch head.method {
+        case .GET, .HEAD:
+            let page = Page.html(target: target, headers: head.headers)
+            self.state = .ignoringBody(head)
+            self.writeResponse(context: context, head: head, status: .ok, contentType: "text/html; charset=utf-8", body: page, keepAlive: head.isKeepAlive, omitBody: head.method == .HEAD)
+        case .POST:
+            guard case .channel(let name) = target else {
+                return self.reject(head, .badRequest, "/ is not a channel: POST to /<channel>", context: context)
+            }
+            if let length = head.headers.first(name: "content-length").flatMap(Int.init), length > self.shared.limits.maxMessageSize {
+                return self.reject(head, .payloadTooLarge, "body larger than \(self.shared.limits.maxMessageSize) bytes", close: true, context: context)
+            }
+            self.state = .receivingBody(head, name, context.channel.allocator.buffer(capacity: 0))
+        default:
+            self.reject(head, .methodNotAllowed, "method not allowed: use GET, POST or a websocket upgrade", extraHeaders: [("Allow", "GET, HEAD, POST")], context: context)
+        }
+    }
+
+    /// Answers an error once the request body (if any) has been read; `close` answers at once
+    /// and drops the connection (the body is not worth reading).
+    private func reject(_ head: HTTPRequestHead, _ status: HTTPResponseStatus, _ reason: String, close: Bool = false, extraHeaders: [(String, String)] = [], context: ChannelHandlerContext) {
+        if close {
+            self.state = .ignoringBody(head)
+            self.respond(context: context, head: head, status: status, text: reason, extraHeaders: extraHeaders + [("Connection", "close")])
+        } else {
+            self.state = .discardingBody(head, status: status, reason: reason, extraHeaders: extraHeaders)
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        context.flush()
+        context.fireChannelReadComplete()
+    }
+
+    private func post(_ head: HTTPRequestHead, channel: String, body: ByteBuffer, context: ChannelHandlerContext) {
+        let contentType = head.headers.first(name: "content-type")?.lowercased() ?? ""
+        let isText = contentType.hasPrefix("text/")
+        if isText, !UTF8Validation.isValid(body) {
+            return self.respond(context: context, head: head, status: .badRequest, text: "text/* body is not valid UTF-8")
+        }
+        guard body.readableBytes > 0 else {
+            return self.respond(context: context, head: head, status: .badRequest, text: "empty body: empty messages are not relayed")
+        }
+        let receivers = self.shared.hub.publish(channel: channel, payload: body, isText: isText, on: context.eventLoop)
+        let json = "{\"channel\":\"\(Page.jsonEscaped(channel))\",\"receivers\":\(receivers)}\n"
+        self.writeResponse(context: context, head: head, status: .accepted, contentType: "application/json", body: json, keepAlive: head.isKeepAlive)
+    }
+
+    private func respond(context: ChannelHandlerContext, head: HTTPRequestHead, status: HTTPResponseStatus, text: String, extraHeaders: [(String, String)] = []) {
+        let close = extraHeaders.contains { $0.0 == "Connection" && $0.1 == "close" }
+        self.writeResponse(context: context, head: head, status: status, contentType: "text/plain; charset=utf-8", body: text + "\n", keepAlive: head.isKeepAlive && !close, extraHeaders: extraHeaders.filter { $0.0 != "Connection" })
+    }
+
+    private func writeResponse(context: ChannelHandlerContext, head: HTTPRequestHead, status: HTTPResponseStatus, contentType: String, body: String, keepAlive: Bool, omitBody: Bool = false, extraHeaders: [(String, String)] = []) {
+        var headers = HTTPHeaders()
+        headers.add(name: "Content-Type", value: contentType)
+        headers.add(name: "Content-Length", value: "\(body.utf8.count)")
+        headers.add(name: "Cache-Control", value: "no-store")
+        for (name, value) in extraHeaders { headers.add(name: name, value: value) }
+        let keepAlive = keepAlive && !self.shuttingDown
+        if !keepAlive { headers.add(name: "Connection", value: "close") }
+        context.write(self.wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))), promise: nil)
+        if !omitBody {
+            context.write(self.wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
+        }
+        let done = context.writeAndFlush(self.wrapOutboundOut(.end(nil)))
+        if !keepAlive {
+            done.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+        } else {
+            self.armHandshakeTimer(context: context)
+        }
+    }
+
+    private func afterResponse(context: ChannelHandlerContext, keepAlive: Bool) {
+        if !keepAlive || self.shuttingDown { context.close(promise: nil) }
+    }
+
+    // MARK: Upgrade
+
+    private func upgradeRequest(_ head: HTTPRequestHead, target: RequestTarget, context: ChannelHandlerContext) {
+        guard head.method == .GET else {
+            return self.reject(head, .methodNotAllowed, "websocket upgrade needs GET", extraHeaders: [("Allow", "GET")], context: context)
+        }
+        guard case .channel(let name) = target else {
+            return self.reject(head, .badRequest, "/ is not a channel: connect to /<channel>", context: context)
+        }
+        guard head.headers["sec-websocket-version"].first == "13" else {
+            return self.reject(head, .upgradeRequired, "unsupported websocket version: use 13", extraHeaders: [("Sec-WebSocket-Version", "13")], context: context)
+        }
+        guard let key = head.headers["sec-websocket-key"].first?.trimmingWhitespace(), key.utf8.count == 24 else {
+            return self.reject(head, .badRequest, "missing or malformed Sec-WebSocket-Key", context: context)
+        }
+        self.state = .upgrading
+        // Nothing more is read until the pipeline is a websocket one.
+        context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
+        let hub = self.shared.hub
+        let (entry, ready) = hub.directory.join(name, on: context.eventLoop)
+        let id = self.shared.connectionIDs.wrappingIncrementThenLoad(ordering: .relaxed)
+        self.logger[metadataKey: "connection.id"] = "\(id)"
+        self.logger[metadataKey: "channel"] = "\(name)"
+        ready.assumeIsolated().whenComplete { result in
+            switch result {
+            case .success:
+                guard context.channel.isActive, !self.shuttingDown else {
+                    hub.directory.leave(entry)
+                    return
+                }
+                do {
+                    try self.completeUpgrade(context: context, head: head, key: key, entry: entry, id: id)
+                } catch {
+                    hub.directory.leave(entry)
+                    self.logger.warning("upgrade failed", metadata: ["error": "\(error)"])
+                    context.close(promise: nil)
+                }
+            case .failure(let error):
+                hub.directory.leave(entry)
+                self.logger.warning("channel subscription failed", metadata: ["error": "\(error)"])
+                self.state = .idle
+                self.respond(context: context, head: head, status: .serviceUnavailable, text: "channel subscription failed: \(error)", extraHeaders: [("Connection", "close")])
+            }
+        }
+    }
+
+    /// Joins, swaps the pipeline and answers 101, all in this one event-loop step.
+    private func completeUpgrade(context: ChannelHandlerContext, head: HTTPRequestHead, key: String, entry: ChannelEntry, id: UInt64) throws {
+        let loopHub = self.shared.hub.loopHub(for: context.eventLoop)
+        let limits = self.shared.limits
+        let ops = context.pipeline.syncOperations
+        let websocket = WebSocketHandler(id: id, entry: entry, loopHub: loopHub, limits: limits, counters: self.shared.counters, logger: self.logger)
+        // Headroom for the frame header over the largest message.
+        try ops.addHandler(ByteToMessageHandler(WebSocketFrameDecoder(maxFrameSize: limits.maxMessageSize)), position: .after(self))
+        let frameDecoder = try ops.context(handlerType: ByteToMessageHandler<WebSocketFrameDecoder>.self)
+        try ops.addHandler(IdleStateHandler(readTimeout: limits.pingInterval), position: .after(frameDecoder.handler))
+        let idle = try ops.context(handlerType: IdleStateHandler.self)
+        // The directory already counts this client; the handler's attach makes it receive.
+        try ops.addHandler(websocket, position: .after(idle.handler))
+
+        var headers = HTTPHeaders()
+        headers.add(name: "Upgrade", value: "websocket")
+        headers.add(name: "Connection", value: "Upgrade")
+        headers.add(name: "Sec-WebSocket-Accept", value: WebSocketAccept.value(forKey: key))
+        context.write(self.wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .switchingProtocols, headers: headers))), promise: nil)
+        context.writeAndFlush(self.wrapOutboundOut(.end(nil)), promise: nil)
+
+        ops.removeHandler(context: context, promise: nil)
+        ops.removeHandler(self.decoder, promise: nil)
+        if let errorHandler = try? ops.handler(type: HTTPServerProtocolErrorHandler.self) {
+            ops.removeHandler(errorHandler, promise: nil)
+        }
+        ops.removeHandler(self.encoder, promise: nil)
+        context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is ShutdownEvent {
+            self.shuttingDown = true
+            if case .idle = self.state { context.close(promise: nil) }
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        self.logger.debug("http error", metadata: ["error": "\(error)"])
+        context.close(promise: nil)
+    }
+}

@@ -1,0 +1,316 @@
+import Atomics
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+
+/// One channel, shared by every event loop that has clients on it.
+///
+/// Its identity (not its name) keys the per-loop tables, so a message queued for a channel that
+/// has since emptied and been re-created never reaches the new one's clients by mistake.
+final class ChannelEntry: Sendable {
+    let name: String
+    /// Bit `i` is set while event loop `i` has clients on this channel. Read per message
+    /// (one atomic load); written only when a loop gains its first or loses its last client.
+    let loopMask = ManagedAtomic<UInt64>(0)
+
+    init(name: String) { self.name = name }
+}
+
+/// The node-wide table of channels: touched only when clients join or leave (the cold path),
+/// never per message. It alone talks to the cluster link about subscriptions.
+final class ChannelDirectory: Sendable {
+    private struct State {
+        var entry: ChannelEntry
+        var clients: Int
+        var ready: EventLoopFuture<Void>
+    }
+
+    private let table = NIOLockedValueBox<[String: State]>([:])
+    private let link: any ClusterLink
+
+    init(link: any ClusterLink) { self.link = link }
+
+    /// Counts one more client on `name`; the future succeeds when the channel is subscribed
+    /// cluster-wide (at once when standalone).
+    func join(_ name: String, on eventLoop: EventLoop) -> (ChannelEntry, EventLoopFuture<Void>) {
+        let (entry, ready) = self.table.withLockedValue { table -> (ChannelEntry, EventLoopFuture<Void>) in
+            if var state = table[name] {
+                state.clients += 1
+                table[name] = state
+                return (state.entry, state.ready)
+            }
+            let entry = ChannelEntry(name: name)
+            let promise = eventLoop.makePromise(of: Void.self)
+            table[name] = State(entry: entry, clients: 1, ready: promise.futureResult)
+            // Under the lock, so the link sees subscribe/unsubscribe for one name in order.
+            self.link.subscribe(channel: name, promise: promise)
+            return (entry, promise.futureResult)
+        }
+        return (entry, ready.hop(to: eventLoop))
+    }
+
+    /// Counts one client less; the last one out forgets the channel and unsubscribes it.
+    func leave(_ entry: ChannelEntry) {
+        self.table.withLockedValue { table in
+            guard var state = table[entry.name], state.entry === entry else { return }
+            state.clients -= 1
+            if state.clients > 0 {
+                table[entry.name] = state
+            } else {
+                table[entry.name] = nil
+                self.link.unsubscribe(channel: entry.name)
+            }
+        }
+    }
+
+    /// Clients on `name` on this node, and the channel if it exists.
+    func lookup(_ name: String) -> (ChannelEntry, Int)? {
+        self.table.withLockedValue { table in table[name].map { ($0.entry, $0.clients) } }
+    }
+
+    /// Resolves many names under one lock acquisition (for batches from the cluster).
+    func entries<S: Sequence>(for names: S) -> [ChannelEntry?] where S.Element == String {
+        self.table.withLockedValue { table in names.map { table[$0]?.entry } }
+    }
+
+    var channelCount: Int { self.table.withLockedValue { $0.count } }
+}
+
+/// Counters a node keeps (exported as metrics by later work).
+public final class NodeCounters: Sendable {
+    /// Receivers closed with 1008 for staying over their send buffer.
+    public let slowConsumersClosed = ManagedAtomic<Int>(0)
+    /// Messages received from local clients (websocket or POST) and relayed.
+    public let messagesIn = ManagedAtomic<Int>(0)
+    /// Connections refused with 503 for being over `max_connections`.
+    public let connectionsRefused = ManagedAtomic<Int>(0)
+    /// Batches between event loops dropped because the target loop was too far behind.
+    public let crossLoopDropped = ManagedAtomic<Int>(0)
+
+    public init() {}
+}
+
+/// The channel tables of all event loops, plus the node-wide directory.
+public final class Hub: Sendable, ClusterInbound {
+    let directory: ChannelDirectory
+    let loops: [LoopHub]
+    private let loopIndex: [ObjectIdentifier: Int]
+    let link: any ClusterLink
+    let counters: NodeCounters
+
+    /// Bytes one event loop may have queued for another before further batches are dropped.
+    static let crossLoopBacklogLimit = 256 << 20
+
+    init(eventLoops: [EventLoop], link: any ClusterLink, counters: NodeCounters) {
+        precondition(eventLoops.count <= 64, "at most 64 event loops")
+        self.link = link
+        self.counters = counters
+        self.directory = ChannelDirectory(link: link)
+        var index: [ObjectIdentifier: Int] = [:]
+        for (i, loop) in eventLoops.enumerated() { index[ObjectIdentifier(loop)] = i }
+        self.loopIndex = index
+        self.loops = eventLoops.enumerated().map { LoopHub(eventLoop: $1, index: $0, loopCount: eventLoops.count) }
+        for loop in self.loops { loop.hub = self }
+    }
+
+    func loopHub(for eventLoop: EventLoop) -> LoopHub {
+        guard let i = self.loopIndex[ObjectIdentifier(eventLoop)] else {
+            preconditionFailure("event loop \(eventLoop) is not one of the hub's")
+        }
+        return self.loops[i]
+    }
+
+    /// Publishes an HTTP POST body; returns how many local clients it was handed to.
+    func publish(channel name: String, payload: ByteBuffer, isText: Bool, on eventLoop: EventLoop) -> Int {
+        self.counters.messagesIn.wrappingIncrement(ordering: .relaxed)
+        let loopHub = self.loopHub(for: eventLoop)
+        let frame = Framing.frame(opcode: isText ? Framing.opText : Framing.opBinary, payload: payload, allocator: loopHub.allocator)
+        guard let (entry, clients) = self.directory.lookup(name) else {
+            // Nobody here; other nodes may still have clients.
+            if self.link.isClustered {
+                loopHub.queueForCluster(ClusterMessage(channel: name, payload: payload, isText: isText, connectionID: 0))
+            }
+            return 0
+        }
+        loopHub.publish(from: nil, entry: entry, frame: frame, headerLength: frame.readableBytes - payload.readableBytes, isText: isText)
+        return clients
+    }
+
+    /// Messages from other nodes: frame each once, resolve channels under one lock, one task per loop.
+    public func deliverFromCluster(_ batch: [ClusterMessage]) {
+        guard !batch.isEmpty else { return }
+        let entries = self.directory.entries(for: batch.lazy.map(\.channel))
+        var perLoop = [[(ChannelEntry, ByteBuffer)]](repeating: [], count: self.loops.count)
+        let allocator = ByteBufferAllocator()
+        for (message, entry) in zip(batch, entries) {
+            guard let entry else { continue }
+            var mask = entry.loopMask.load(ordering: .acquiring)
+            guard mask != 0 else { continue }
+            let frame = Framing.frame(opcode: message.isText ? Framing.opText : Framing.opBinary, payload: message.payload, allocator: allocator)
+            while mask != 0 {
+                let i = mask.trailingZeroBitCount
+                perLoop[i].append((entry, frame))
+                mask &= mask - 1
+            }
+        }
+        for (i, deliveries) in perLoop.enumerated() where !deliveries.isEmpty {
+            let target = self.loops[i]
+            target.eventLoop.execute { target.deliver(deliveries, backlogBytes: 0) }
+        }
+    }
+}
+
+/// The channel table of one event loop. Confined to that loop: every method runs on it.
+final class LoopHub: @unchecked Sendable {
+    // @unchecked: all mutable state is touched only on `eventLoop` (asserted in debug builds);
+    // other loops reach it only through `eventLoop.execute`.
+    let eventLoop: EventLoop
+    let index: Int
+    let bit: UInt64
+    let allocator = ByteBufferAllocator()
+    unowned(unsafe) var hub: Hub!
+
+    /// Bytes other loops have queued for this one and it has not delivered yet.
+    let backlog = ManagedAtomic<Int>(0)
+
+    private var channels: [ObjectIdentifier: LocalChannel] = [:]
+    private var dirty: [WebSocketHandler] = []
+    private var outgoing: [[(ChannelEntry, ByteBuffer)]]
+    private var outgoingBytes: [Int]
+    private var clusterOutgoing: [ClusterMessage] = []
+    private var tickScheduled = false
+
+    final class LocalChannel {
+        let entry: ChannelEntry
+        var members: ContiguousArray<WebSocketHandler> = []
+        init(entry: ChannelEntry) { self.entry = entry }
+    }
+
+    init(eventLoop: EventLoop, index: Int, loopCount: Int) {
+        self.eventLoop = eventLoop
+        self.index = index
+        self.bit = 1 << UInt64(index)
+        self.outgoing = Array(repeating: [], count: loopCount)
+        self.outgoingBytes = Array(repeating: 0, count: loopCount)
+    }
+
+    /// Adds a connection to its channel on this loop. From now on it receives every message.
+    func attach(_ connection: WebSocketHandler, to entry: ChannelEntry) {
+        self.eventLoop.assertInEventLoop()
+        let key = ObjectIdentifier(entry)
+        let local: LocalChannel
+        if let existing = self.channels[key] {
+            local = existing
+        } else {
+            local = LocalChannel(entry: entry)
+            self.channels[key] = local
+            _ = entry.loopMask.loadThenBitwiseOr(with: self.bit, ordering: .sequentiallyConsistent)
+        }
+        connection.memberSlot = local.members.count
+        local.members.append(connection)
+        connection.localChannel = local
+    }
+
+    /// Removes a connection from its channel; the last one out of the node forgets the channel.
+    func detach(_ connection: WebSocketHandler) {
+        self.eventLoop.assertInEventLoop()
+        guard let local = connection.localChannel else { return }
+        connection.localChannel = nil
+        let slot = connection.memberSlot
+        let last = local.members.count - 1
+        if slot != last {
+            let moved = local.members[last]
+            local.members[slot] = moved
+            moved.memberSlot = slot
+        }
+        local.members.removeLast()
+        if local.members.isEmpty {
+            self.channels[ObjectIdentifier(local.entry)] = nil
+            _ = local.entry.loopMask.loadThenBitwiseAnd(with: ~self.bit, ordering: .sequentiallyConsistent)
+        }
+        self.hub.directory.leave(local.entry)
+    }
+
+    /// The hot path: hands one framed message to every receiver on this loop but the sender,
+    /// queues it once for every other loop with receivers, and once for the cluster.
+    @inline(__always)
+    func publish(from sender: WebSocketHandler?, entry: ChannelEntry, frame: ByteBuffer, headerLength: Int, isText: Bool) {
+        if let local = self.channels[ObjectIdentifier(entry)] {
+            for member in local.members where member !== sender {
+                member.enqueue(frame)
+            }
+        }
+        var mask = entry.loopMask.load(ordering: .sequentiallyConsistent) & ~self.bit
+        while mask != 0 {
+            let i = mask.trailingZeroBitCount
+            self.outgoing[i].append((entry, frame))
+            self.outgoingBytes[i] &+= frame.readableBytes
+            mask &= mask - 1
+        }
+        if self.hub.link.isClustered {
+            let payload = frame.getSlice(at: frame.readerIndex + headerLength, length: frame.readableBytes - headerLength)!
+            self.clusterOutgoing.append(ClusterMessage(channel: entry.name, payload: payload, isText: isText, connectionID: sender?.id ?? 0))
+        }
+        self.scheduleTick()
+    }
+
+    func queueForCluster(_ message: ClusterMessage) {
+        self.clusterOutgoing.append(message)
+        self.scheduleTick()
+    }
+
+    /// Marks a connection as having unflushed writes; flushed once at the end of this loop tick.
+    @inline(__always)
+    func markDirty(_ connection: WebSocketHandler) {
+        self.dirty.append(connection)
+        self.scheduleTick()
+    }
+
+    @inline(__always)
+    private func scheduleTick() {
+        guard !self.tickScheduled else { return }
+        self.tickScheduled = true
+        self.eventLoop.execute { self.endTick() }
+    }
+
+    /// Runs once per loop iteration that produced work: one flush per receiver, one task per
+    /// other loop, one batch for the cluster.
+    private func endTick() {
+        self.tickScheduled = false
+        self.flushDirty()
+        for i in self.outgoing.indices where !self.outgoing[i].isEmpty {
+            let batch = self.outgoing[i]
+            let bytes = self.outgoingBytes[i]
+            self.outgoing[i].removeAll(keepingCapacity: true)
+            self.outgoingBytes[i] = 0
+            let target = self.hub.loops[i]
+            if target.backlog.loadThenWrappingIncrement(by: bytes, ordering: .relaxed) > Hub.crossLoopBacklogLimit {
+                target.backlog.wrappingDecrement(by: bytes, ordering: .relaxed)
+                self.hub.counters.crossLoopDropped.wrappingIncrement(ordering: .relaxed)
+                continue
+            }
+            target.eventLoop.execute { target.deliver(batch, backlogBytes: bytes) }
+        }
+        if !self.clusterOutgoing.isEmpty {
+            let batch = self.clusterOutgoing
+            self.clusterOutgoing.removeAll(keepingCapacity: true)
+            self.hub.link.publish(batch)
+        }
+    }
+
+    private func flushDirty() {
+        guard !self.dirty.isEmpty else { return }
+        for connection in self.dirty { connection.flushPending() }
+        self.dirty.removeAll(keepingCapacity: true)
+    }
+
+    /// A batch from another loop or the cluster: deliver to this loop's members, flush once.
+    func deliver(_ batch: [(ChannelEntry, ByteBuffer)], backlogBytes: Int) {
+        for (entry, frame) in batch {
+            guard let local = self.channels[ObjectIdentifier(entry)] else { continue }
+            for member in local.members { member.enqueue(frame) }
+        }
+        if backlogBytes > 0 { self.backlog.wrappingDecrement(by: backlogBytes, ordering: .relaxed) }
+        self.flushDirty()
+    }
+}

@@ -1,0 +1,233 @@
+import Atomics
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// Why a node could not start.
+public struct NodeStartError: Error, CustomStringConvertible {
+    public var message: String
+    public var description: String { message }
+}
+
+/// A staps node: listeners, the hub, and graceful shutdown.
+public final class Node: Sendable {
+    public let configuration: NodeConfiguration
+    public let counters = NodeCounters()
+    private let logger: Logger
+    private let group: MultiThreadedEventLoopGroup
+    private let ownsGroup: Bool
+    private let hub: Hub
+    private let link: any ClusterLink
+    private let connectionCount = ManagedAtomic<Int>(0)
+    private let connectionIDs = ManagedAtomic<UInt64>(0)
+    private let openChannels = NIOLockedValueBox<[ObjectIdentifier: Channel]>([:])
+
+    private struct Listener: Sendable {
+        var channel: Channel
+        var address: BindAddress
+        /// The socket file's inode, so shutdown removes only the file this node made.
+        var inode: UInt64?
+    }
+    private let listeners = NIOLockedValueBox<[Listener]>([])
+
+    /// - Parameters:
+    ///   - link: how to reach other nodes; `StandaloneLink()` when there is no broker.
+    ///   - group: event loops to run on; by default one per core, owned by the node.
+    public init(configuration: NodeConfiguration, link: any ClusterLink = StandaloneLink(), logger: Logger, group: MultiThreadedEventLoopGroup? = nil) {
+        self.configuration = configuration
+        self.logger = logger
+        self.link = link
+        if let group {
+            self.group = group
+            self.ownsGroup = false
+        } else {
+            self.group = MultiThreadedEventLoopGroup(numberOfThreads: min(System.coreCount, 64))
+            self.ownsGroup = true
+        }
+        self.hub = Hub(eventLoops: Array(self.group.makeIterator()), link: link, counters: self.counters)
+    }
+
+    /// The addresses actually bound (TCP port 0 resolved).
+    public var boundAddresses: [BindAddress] {
+        self.listeners.withLockedValue { $0.map(\.address) }
+    }
+
+    /// Connections open right now.
+    public var connections: Int { self.connectionCount.load(ordering: .relaxed) }
+
+    /// Binds every listener; on any failure, closes what was bound and throws.
+    public func start() async throws {
+        self.link.start(inbound: self.hub)
+        do {
+            for address in self.configuration.addresses {
+                let listener = try await self.bind(address)
+                self.listeners.withLockedValue { $0.append(listener) }
+                self.logger.notice("listening", metadata: ["address": "\(listener.address)"])
+            }
+        } catch {
+            await self.closeListeners()
+            throw error
+        }
+    }
+
+    private func bootstrap() -> ServerBootstrap {
+        let shared = HTTPHandler.Shared(hub: self.hub, limits: self.configuration.limits, counters: self.counters, connectionIDs: self.connectionIDs)
+        let limits = self.configuration.limits
+        let logger = self.logger
+        return ServerBootstrap(group: self.group)
+            .serverChannelOption(.backlog, value: 1024)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.writeBufferWaterMark, value: .init(low: limits.sendBuffer / 2, high: limits.sendBuffer))
+            .childChannelOption(.maxMessagesPerRead, value: 16)
+            .childChannelInitializer { [self] channel in
+                let count = self.connectionCount.wrappingIncrementThenLoad(ordering: .relaxed)
+                let key = ObjectIdentifier(channel)
+                self.openChannels.withLockedValue { $0[key] = channel }
+                channel.closeFuture.whenComplete { _ in
+                    self.connectionCount.wrappingDecrement(ordering: .relaxed)
+                    self.openChannels.withLockedValue { $0[key] = nil }
+                }
+                var connectionLogger = logger
+                if let remote = channel.remoteAddress { connectionLogger[metadataKey: "remote"] = "\(remote)" }
+                do {
+                    let encoder = HTTPResponseEncoder()
+                    let decoder = ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes))
+                    let ops = channel.pipeline.syncOperations
+                    try ops.addHandler(encoder)
+                    try ops.addHandler(decoder)
+                    try ops.addHandler(HTTPServerProtocolErrorHandler())
+                    try ops.addHandler(HTTPHandler(shared: shared, overConnectionLimit: count > limits.maxConnections, encoder: encoder, decoder: decoder, logger: connectionLogger))
+                    return channel.eventLoop.makeSucceededVoidFuture()
+                } catch {
+                    return channel.eventLoop.makeFailedFuture(error)
+                }
+            }
+    }
+
+    private func bind(_ address: BindAddress) async throws -> Listener {
+        switch address {
+        case .hostname(let host, let port):
+            let channel: Channel
+            do {
+                channel = try await self.bootstrap().bind(host: host, port: port).get()
+            } catch {
+                throw NodeStartError(message: "cannot listen on \(address): \(error)")
+            }
+            let bound = channel.localAddress?.port.map { BindAddress.hostname(host, port: $0) } ?? address
+            return Listener(channel: channel, address: bound, inode: nil)
+        case .unixDomainSocket(let path):
+            try UnixSocketFile.prepare(path)
+            let channel: Channel
+            do {
+                channel = try await self.bootstrap().bind(unixDomainSocketPath: path).get()
+            } catch {
+                throw NodeStartError(message: "cannot listen on \(path): \(error)")
+            }
+            guard chmod(path, mode_t(self.configuration.socketMode)) == 0 else {
+                let reason = String(cString: strerror(errno))
+                try? await channel.close()
+                throw NodeStartError(message: "cannot set mode \(String(self.configuration.socketMode, radix: 8)) on \(path): \(reason)")
+            }
+            return Listener(channel: channel, address: address, inode: UnixSocketFile.inode(path))
+        }
+    }
+
+    private func closeListeners() async {
+        let listeners = self.listeners.withLockedValue { l -> [Listener] in
+            let out = l
+            l.removeAll()
+            return out
+        }
+        for listener in listeners {
+            try? await listener.channel.close()
+            if case .unixDomainSocket(let path) = listener.address, let inode = listener.inode, UnixSocketFile.inode(path) == inode {
+                unlink(path)
+            }
+        }
+    }
+
+    /// Graceful shutdown: stop accepting, close every websocket with 1001, wait up to the
+    /// shutdown timeout for the clients to answer, drop the rest, remove socket files.
+    public func shutdown() async {
+        self.logger.notice("shutting down")
+        await self.closeListeners()
+        for channel in self.openChannels.withLockedValue({ Array($0.values) }) {
+            channel.pipeline.fireUserInboundEventTriggered(ShutdownEvent())
+        }
+        let deadline = NIODeadline.now() + self.configuration.limits.shutdownTimeout
+        while self.connectionCount.load(ordering: .relaxed) > 0, NIODeadline.now() < deadline {
+            try? await Task.sleep(nanoseconds: 10_000_000)
+        }
+        let remaining = self.openChannels.withLockedValue { Array($0.values) }
+        if !remaining.isEmpty {
+            self.logger.notice("dropping connections that did not close in time", metadata: ["count": "\(remaining.count)"])
+            for channel in remaining { try? await channel.close() }
+        }
+        await self.link.shutdown()
+        if self.ownsGroup { try? await self.group.shutdownGracefully() }
+        self.logger.notice("stopped")
+    }
+}
+
+/// Unix socket files: never steal a live one, replace a stale one.
+enum UnixSocketFile {
+    /// Makes `path` free for binding: absent, or a stale socket (removed). A socket some
+    /// process still accepts on, or a file that is not a socket, is an error.
+    static func prepare(_ path: String) throws {
+        var st = stat()
+        guard lstat(path, &st) == 0 else {
+            if errno == ENOENT { return }
+            throw NodeStartError(message: "cannot use socket path \(path): \(String(cString: strerror(errno)))")
+        }
+        guard (st.st_mode & S_IFMT) == S_IFSOCK else {
+            throw NodeStartError(message: "\(path) exists and is not a socket; refusing to replace it")
+        }
+        if isLive(path) {
+            throw NodeStartError(message: "\(path) is in use by another process (it accepts connections); refusing to start")
+        }
+        guard unlink(path) == 0 || errno == ENOENT else {
+            throw NodeStartError(message: "cannot remove stale socket \(path): \(String(cString: strerror(errno)))")
+        }
+    }
+
+    /// True when some process accepts connections on the socket at `path`.
+    static func isLive(_ path: String) -> Bool {
+        #if canImport(Darwin)
+        let fd = socket(AF_UNIX, SOCK_STREAM, 0)
+        #else
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        #endif
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { return false }
+        withUnsafeMutableBytes(of: &addr.sun_path) { dst in
+            for (i, b) in bytes.enumerated() { dst[i] = b }
+            dst[bytes.count] = 0
+        }
+        let result = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        // ECONNREFUSED: nobody listens (stale). EAGAIN: listening but the backlog is full (live).
+        return result == 0 || errno == EAGAIN
+    }
+
+    static func inode(_ path: String) -> UInt64? {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return nil }
+        return UInt64(st.st_ino)
+    }
+}

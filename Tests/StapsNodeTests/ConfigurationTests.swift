@@ -1,0 +1,146 @@
+import NIOCore
+import StapsNode
+import Testing
+
+@Suite struct ConfigurationTests {
+    @Test func fullFileParses() throws {
+        let text = """
+            # comment
+            ; another
+            [staps]
+            socket = /run/staps/a.sock
+            socket = /run/staps/b.sock, /run/staps/c.sock
+            mode = 0600
+            port = 8081
+            port = 0.0.0.0:9000 [::1]:9001
+            amqp = amqp://u:p@broker:5673/v
+            max_message_size = 64KiB
+            send_buffer = 2MiB
+            slow_consumer_grace = 250ms
+            max_connections = 12
+            handshake_timeout = 3s
+            ping_interval = 1m
+            pong_timeout = 7
+            shutdown_timeout = 0
+
+            [daemon]
+            user = staps
+            group = www-data
+            dir = /var/lib/staps
+            pid_file = /run/staps/staps.pid
+            umask = 027
+            """
+        let config = try ConfigurationOverrides.parse(text, file: "t.conf").resolved(sourceFile: "t.conf")
+        #expect(config.addresses == [
+            .unixDomainSocket(path: "/run/staps/a.sock"), .unixDomainSocket(path: "/run/staps/b.sock"), .unixDomainSocket(path: "/run/staps/c.sock"),
+            .hostname("127.0.0.1", port: 8081), .hostname("0.0.0.0", port: 9000), .hostname("::1", port: 9001),
+        ])
+        #expect(config.socketMode == 0o600)
+        #expect(config.amqpURL == "amqp://u:p@broker:5673/v")
+        #expect(config.limits.maxMessageSize == 65536)
+        #expect(config.limits.sendBuffer == 2 << 20)
+        #expect(config.limits.slowConsumerGrace == .milliseconds(250))
+        #expect(config.limits.maxConnections == 12)
+        #expect(config.limits.handshakeTimeout == .seconds(3))
+        #expect(config.limits.pingInterval == .seconds(60))
+        #expect(config.limits.pongTimeout == .seconds(7))
+        #expect(config.limits.shutdownTimeout == .seconds(0))
+        #expect(config.daemon == DaemonSettings(user: "staps", group: "www-data", directory: "/var/lib/staps", pidFile: "/run/staps/staps.pid", umask: 0o027))
+    }
+
+    @Test func defaultsWithNothingGiven() throws {
+        let config = try ConfigurationOverrides.parse("", file: "empty.conf").resolved(sourceFile: nil)
+        #expect(config.addresses == [.hostname("127.0.0.1", port: 8080)])
+        #expect(config.amqpURL == "")
+        #expect(config.socketMode == 0o660)
+        #expect(config.limits == Limits())
+        #expect(config.limits.maxMessageSize == 1 << 20)
+    }
+
+    @Test func flagsOverrideTheFilePerKey() throws {
+        let file = try ConfigurationOverrides.parse("[staps]\nsocket = /tmp/a.sock\nport = 9000\nmode = 0600\n", file: "f")
+        var flags = ConfigurationOverrides()
+        flags.ports = [.hostname("127.0.0.1", port: 7000)]
+        let config = file.overridden(by: flags).resolved(sourceFile: "f")
+        #expect(config.addresses == [.unixDomainSocket(path: "/tmp/a.sock"), .hostname("127.0.0.1", port: 7000)])
+        #expect(config.socketMode == 0o600)
+    }
+
+    @Test(arguments: [
+        ("[stapz]\nsocket = /a\n", "t.conf:1: [stapz]: unknown section (expected [daemon] or [staps])"),
+        ("[staps]\nsockets = /a\n", "t.conf:2: sockets: unknown key in [staps]"),
+        ("[staps]\nmode = 0999\n", "t.conf:2: mode: '0999' is not an octal mode between 0 and 777"),
+        ("[staps]\nport = 70000\n", "t.conf:2: port: '70000' has no valid port (0-65535)"),
+        ("[staps]\nport = ::1:80\n", "t.conf:2: port: '::1:80' is not host:port (write IPv6 as [addr]:port)"),
+        ("[staps]\nsocket = relative.sock\n", "t.conf:2: socket: 'relative.sock' is not a path (use an absolute path)"),
+        ("[staps]\nmax_message_size = lots\n", "t.conf:2: max_message_size: 'lots' is not a size from 1 to 1073741824 bytes (e.g. 65536, 64KiB, 1MiB)"),
+        ("[staps]\nping_interval = 0\n", "t.conf:2: ping_interval: '0' is not a duration (e.g. 500ms, 10s, 2m)"),
+        ("[staps]\nmax_connections = -1\n", "t.conf:2: max_connections: '-1' is not a whole number from 1 to 10000000"),
+        ("[staps]\nmode = 0600\n\nmode = 0660\n", "t.conf:4: mode: set twice (first on line 2)"),
+        ("mode = 0600\n", "t.conf:1: mode: key outside any section (start with [staps])"),
+        ("[staps\n", "t.conf:1: [staps: malformed section header, expected [name]"),
+        ("[staps]\njust words\n", "t.conf:2: just words: expected key = value"),
+        ("[staps]\namqp = http://x\n", "t.conf:2: amqp: 'http://x' is not an amqp:// or amqps:// URL"),
+        ("[staps]\namqp = amqp://u:secret@h:99999/\n", "t.conf:2: amqp: bad port in 'amqp://u:***@h:99999/'"),
+        ("[daemon]\nuser = bad user\n", "t.conf:2: user: 'bad user' is not a valid user or group name"),
+        ("[daemon]\ndir = var/lib\n", "t.conf:2: dir: 'var/lib' is not an absolute path"),
+        ("[daemon]\numask = 1000\n", "t.conf:2: umask: '1000' is not an octal mode between 0 and 777"),
+        ("[daemon]\nshell = /bin/sh\n", "t.conf:2: shell: unknown key in [daemon]"),
+    ])
+    func errorsNameFileLineAndKey(text: String, expected: String) {
+        #expect(throws: ConfigurationError.self) { try ConfigurationOverrides.parse(text, file: "t.conf") }
+        do {
+            _ = try ConfigurationOverrides.parse(text, file: "t.conf")
+        } catch {
+            #expect(error.description == expected)
+        }
+    }
+
+    @Test func passwordNeverAppearsInErrors() {
+        do {
+            _ = try ConfigurationOverrides.parse("[staps]\namqp = amqp://u:hunter2@h:0/\n", file: "t.conf")
+            Issue.record("expected an error")
+        } catch {
+            #expect(!error.description.contains("hunter2"))
+        }
+    }
+
+    @Test func unreadableExplicitFileIsAnError() {
+        do {
+            _ = try ConfigurationLoader.load(explicitPath: "/nonexistent/staps.conf", candidates: [])
+            Issue.record("expected an error")
+        } catch {
+            #expect(error.description == "/nonexistent/staps.conf: cannot read: No such file or directory")
+        }
+    }
+
+    @Test func missingDefaultFilesAreFine() throws {
+        let (settings, file) = try ConfigurationLoader.load(explicitPath: nil, candidates: ["/nonexistent/a.conf", "/nonexistent/b.conf"])
+        #expect(file == nil)
+        #expect(settings == ConfigurationOverrides())
+    }
+
+    @Test func shippedStapsConfParses() throws {
+        let path = #filePath.split(separator: "/").dropLast(3).joined(separator: "/")
+        let (settings, file) = try ConfigurationLoader.load(explicitPath: "/" + path + "/staps.conf", candidates: [])
+        #expect(file != nil)
+        // The annotated default configuration must describe exactly the defaults.
+        let config = settings.resolved(sourceFile: file)
+        #expect(config == NodeConfiguration(sourceFile: file))
+    }
+
+    @Test func amqpURLParsesAndMasks() throws {
+        let url = try AMQPURL("amqp://user:p%40ss@rabbit.local:5673/%2Fstaps")
+        #expect(url.user == "user")
+        #expect(url.password == "p@ss")
+        #expect(url.host == "rabbit.local")
+        #expect(url.port == 5673)
+        #expect(url.vhost == "/staps")
+        #expect(!url.description.contains("p@ss"))
+        let defaults = try AMQPURL("amqp://")
+        #expect(defaults == (try AMQPURL("amqp://guest:guest@localhost:5672/")))
+        #expect(try AMQPURL("amqps://h").port == 5671)
+        #expect(AMQPURL.masked("amqp://u:secret@h/v") == "amqp://u:***@h/v")
+        #expect(AMQPURL.masked("amqp://h/v") == "amqp://h/v")
+    }
+}

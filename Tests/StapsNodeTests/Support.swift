@@ -1,0 +1,225 @@
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import StapsNode
+import Testing
+import WebSocketClient
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One event loop group for every test client.
+let clientGroup = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+
+enum TestError: Error, CustomStringConvertible {
+    case timeout(String)
+    case unexpected(String)
+    var description: String {
+        switch self {
+        case .timeout(let s): return "timed out: \(s)"
+        case .unexpected(let s): return s
+        }
+    }
+}
+
+func testLogger(_ label: String = "test") -> Logger {
+    var logger = Logger(label: label)
+    logger.logLevel = ProcessInfoLite.env("STAPS_TEST_LOG").flatMap(Logger.Level.init(rawValue:)) ?? .critical
+    return logger
+}
+
+enum ProcessInfoLite {
+    static func env(_ name: String) -> String? { ProcessInfo.processInfo.environment[name] }
+}
+
+/// A temporary directory removed by `cleanup()`.
+struct TempDir {
+    let path: String
+    init() {
+        var template = Array("/tmp/staps-test-XXXXXX".utf8CString)
+        let p = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
+        self.path = String(cString: p!)
+    }
+    func cleanup() { _ = try? run("/bin/rm", ["-rf", path]) }
+}
+
+/// A node running in this process, listening on TCP port 0 and a temporary unix socket.
+final class TestNode: Sendable {
+    let node: Node
+    let tcp: Endpoint
+    let unix: Endpoint
+    let socketPath: String
+    let dir: TempDir
+
+    static func start(limits: Limits = Limits(), link: any ClusterLink = StandaloneLink()) async throws -> TestNode {
+        let dir = TempDir()
+        let socketPath = dir.path + "/staps.sock"
+        let config = NodeConfiguration(
+            addresses: [.hostname("127.0.0.1", port: 0), .unixDomainSocket(path: socketPath)],
+            limits: limits
+        )
+        let node = Node(configuration: config, link: link, logger: testLogger("node"))
+        try await node.start()
+        guard case .hostname(_, let port) = node.boundAddresses.first! else { fatalError("first listener is TCP") }
+        return TestNode(node: node, tcp: .tcp(host: "127.0.0.1", port: port), unix: .unix(path: socketPath), socketPath: socketPath, dir: dir)
+    }
+
+    private init(node: Node, tcp: Endpoint, unix: Endpoint, socketPath: String, dir: TempDir) {
+        self.node = node
+        self.tcp = tcp
+        self.unix = unix
+        self.socketPath = socketPath
+        self.dir = dir
+    }
+
+    func stop() async {
+        await node.shutdown()
+        dir.cleanup()
+    }
+}
+
+/// A websocket client whose events queue up for the test to take in order.
+final class TestClient: Sendable {
+    let client: WebSocketClient
+    private let inbox: NIOLockedValueBox<[ClientEvent]>
+
+    private init(client: WebSocketClient, inbox: NIOLockedValueBox<[ClientEvent]>) {
+        self.client = client
+        self.inbox = inbox
+    }
+
+    static func connect(_ endpoint: Endpoint, _ path: String, headers: [(String, String)] = [], autoRead: Bool = true) async throws -> TestClient {
+        let inbox = NIOLockedValueBox<[ClientEvent]>([])
+        let client = try await WebSocketClient.connect(to: endpoint, path: path, headers: headers, group: clientGroup, autoRead: autoRead) { event in
+            inbox.withLockedValue { $0.append(event) }
+        }
+        return TestClient(client: client, inbox: inbox)
+    }
+
+    /// The next event, waiting up to `timeout` seconds.
+    func next(timeout: Double = 5) async throws -> ClientEvent {
+        let deadline = NIODeadline.now() + .milliseconds(Int64(timeout * 1000))
+        while true {
+            if let event = inbox.withLockedValue({ $0.isEmpty ? nil : $0.removeFirst() }) { return event }
+            if NIODeadline.now() > deadline { throw TestError.timeout("no websocket event within \(timeout)s") }
+            try await Task.sleep(nanoseconds: 2_000_000)
+        }
+    }
+
+    /// The next message as (isText, bytes); fails on a close or disconnect.
+    func nextMessage(timeout: Double = 5) async throws -> (isText: Bool, bytes: [UInt8]) {
+        switch try await next(timeout: timeout) {
+        case .message(let isText, let buffer): return (isText, Array(buffer.readableBytesView))
+        case let other: throw TestError.unexpected("expected a message, got \(other)")
+        }
+    }
+
+    func nextText(timeout: Double = 5) async throws -> String {
+        let (isText, bytes) = try await nextMessage(timeout: timeout)
+        guard isText else { throw TestError.unexpected("expected text, got binary") }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    /// Waits for the server's close frame, skipping messages; returns its code and reason.
+    func nextClose(timeout: Double = 5) async throws -> (UInt16?, String) {
+        let deadline = NIODeadline.now() + .milliseconds(Int64(timeout * 1000))
+        while true {
+            let remaining = Double((deadline - NIODeadline.now()).nanoseconds) / 1e9
+            guard remaining > 0 else { throw TestError.timeout("no close frame within \(timeout)s") }
+            switch try await next(timeout: remaining) {
+            case .close(let code, let reason): return (code, reason)
+            case .disconnected: throw TestError.unexpected("disconnected without a close frame")
+            case .message: continue
+            }
+        }
+    }
+
+    /// True when nothing arrives within `seconds`.
+    func isQuiet(for seconds: Double) async throws -> Bool {
+        try await Task.sleep(nanoseconds: UInt64(seconds * 1e9))
+        return inbox.withLockedValue { $0.isEmpty }
+    }
+
+    var pendingEvents: Int { inbox.withLockedValue { $0.count } }
+
+    func send(_ text: String) { client.send(text: text) }
+    func send(binary: [UInt8]) { client.send(binary: binary) }
+    func close() async { await client.disconnect() }
+}
+
+/// A raw HTTP/1.1 exchange over a fresh connection: `(status, head, body)`.
+func httpRequest(_ endpoint: Endpoint, _ method: String, _ path: String, headers: [(String, String)] = [], body: [UInt8] = []) async throws -> (Int, String, String) {
+    var request = "\(method) \(path) HTTP/1.1\r\nHost: staps.test\r\nConnection: close\r\n"
+    for (n, v) in headers { request += "\(n): \(v)\r\n" }
+    if !body.isEmpty || method == "POST" { request += "Content-Length: \(body.count)\r\n" }
+    request += "\r\n"
+    let bytes = Array(request.utf8) + body
+    let response = try await rawExchange(endpoint, bytes)
+    let text = String(decoding: response, as: UTF8.self)
+    guard let split = text.range(of: "\r\n\r\n") else { throw TestError.unexpected("no HTTP response: \(text)") }
+    let head = String(text[..<split.lowerBound])
+    let status = Int(head.split(separator: " ")[1]) ?? 0
+    return (status, head, String(text[split.upperBound...]))
+}
+
+/// Sends `bytes` and collects everything until the server closes (or 5 s pass).
+func rawExchange(_ endpoint: Endpoint, _ bytes: [UInt8], timeout: Double = 5) async throws -> [UInt8] {
+    let collected = NIOLockedValueBox<[UInt8]>([])
+    let bootstrap = ClientBootstrap(group: clientGroup).channelInitializer { channel in
+        channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(Collector(collected)) }
+    }
+    let channel: Channel
+    switch endpoint {
+    case .tcp(let h, let p): channel = try await bootstrap.connect(host: h, port: p).get()
+    case .unix(let path): channel = try await bootstrap.connect(unixDomainSocketPath: path).get()
+    }
+    try await channel.writeAndFlush(channel.allocator.buffer(bytes: bytes)).get()
+    let deadline = NIODeadline.now() + .milliseconds(Int64(timeout * 1000))
+    while channel.isActive, NIODeadline.now() < deadline { try await Task.sleep(nanoseconds: 5_000_000) }
+    try? await channel.close()
+    return collected.withLockedValue { $0 }
+}
+
+final class Collector: ChannelInboundHandler, Sendable {
+    typealias InboundIn = ByteBuffer
+    let box: NIOLockedValueBox<[UInt8]>
+    init(_ box: NIOLockedValueBox<[UInt8]>) { self.box = box }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let buffer = self.unwrapInboundIn(data)
+        box.withLockedValue { $0 += buffer.readableBytesView }
+    }
+}
+
+/// Runs a program to completion; returns (exit status, stdout+stderr).
+@discardableResult
+func run(_ program: String, _ args: [String]) throws -> (Int32, String) {
+    let command = ([program] + args).map { "'" + $0.replacingOccurrences(of: "'", with: "'\\''") + "'" }.joined(separator: " ") + " 2>&1"
+    guard let pipe = popen(command, "r") else { throw TestError.unexpected("cannot run \(program)") }
+    var output = [UInt8]()
+    var buf = [UInt8](repeating: 0, count: 4096)
+    while true {
+        let n = fread(&buf, 1, buf.count, pipe)
+        if n <= 0 { break }
+        output += buf[0..<n]
+    }
+    let status = pclose(pipe)
+    return ((status >> 8) & 0xFF, String(decoding: output, as: UTF8.self))
+}
+
+/// The `staps` executable built beside this test bundle.
+func stapsBinary() throws -> String {
+    if let path = ProcessInfoLite.env("STAPS_BIN") { return path }
+    var dir = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? ""
+    while let slash = dir.lastIndex(of: "/"), !dir.hasSuffix("/debug") && !dir.hasSuffix("/release") && dir.count > 1 {
+        dir = String(dir[..<slash])
+    }
+    let path = dir + "/staps"
+    guard access(path, X_OK) == 0 else {
+        throw TestError.unexpected("no staps executable at \(path): run `swift build` before `swift test` (scripts/test does)")
+    }
+    return path
+}
+
