@@ -31,6 +31,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case receivingBody(HTTPRequestHead, String, ByteBuffer)
         case discardingBody(HTTPRequestHead, status: HTTPResponseStatus, reason: String, extraHeaders: [(String, String)])
         case ignoringBody(HTTPRequestHead)
+        /// A valid upgrade request whose `.end` has not arrived yet.
+        case awaitingUpgradeEnd(HTTPRequestHead, channel: String, key: String)
         case upgrading
     }
     private var state = State.idle
@@ -90,6 +92,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             case .ignoringBody(let head):
                 self.state = .idle
                 self.afterResponse(context: context, keepAlive: head.isKeepAlive)
+            case .awaitingUpgradeEnd(let head, let channel, let key):
+                self.join(head, channel: channel, key: key, context: context)
             case .idle, .upgrading:
                 break
             }
@@ -204,9 +208,15 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         guard let key = head.headers["sec-websocket-key"].first?.trimmingWhitespace(), key.utf8.count == 24 else {
             return self.reject(head, .badRequest, "missing or malformed Sec-WebSocket-Key", context: context)
         }
-        self.state = .upgrading
         // Nothing more is read until the pipeline is a websocket one.
         context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
+        self.state = .awaitingUpgradeEnd(head, channel: name, key: key)
+    }
+
+    /// Joins the channel (cluster-wide when clustered), then upgrades. Runs on the request's `.end`,
+    /// so the HTTP decoder has nothing more to hand on when the pipeline changes.
+    private func join(_ head: HTTPRequestHead, channel name: String, key: String, context: ChannelHandlerContext) {
+        self.state = .upgrading
         let hub = self.shared.hub
         let (entry, ready) = hub.directory.join(name, on: context.eventLoop)
         let id = self.shared.connectionIDs.wrappingIncrementThenLoad(ordering: .relaxed)

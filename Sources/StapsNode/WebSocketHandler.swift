@@ -35,8 +35,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var awaitingPong = false
     private var pongTimer: Scheduled<Void>?
 
-    // Slow-consumer accounting: bytes written while the channel was over its high watermark.
-    private var overflowBytes = 0
+    // Slow-consumer accounting: armed while the channel is over its high watermark.
     private var slowTimer: Scheduled<Void>?
     private var closeTimer: Scheduled<Void>?
 
@@ -82,22 +81,35 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
         guard self.state == .open else { return }
         let context = self.context!
         if !context.channel.isWritable {
-            self.overflowBytes &+= frame.readableBytes
-            if self.overflowBytes > self.limits.sendBuffer {
+            // Over the high watermark: a hard cap at twice the send buffer, and a grace timer.
+            let buffered = (try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0
+            if buffered + frame.readableBytes > 2 * self.limits.sendBuffer {
                 self.closeSlowConsumer()
                 return
             }
             if self.slowTimer == nil {
-                self.slowTimer = context.eventLoop.assumeIsolated().scheduleTask(in: self.limits.slowConsumerGrace) { [self] in
-                    self.slowTimer = nil
-                    if self.state == .open, !(self.context?.channel.isWritable ?? true) { self.closeSlowConsumer() }
-                }
+                self.armSlowTimer(context: context)
             }
         }
         context.write(self.wrapOutboundOut(frame), promise: nil)
         if !self.isDirty {
             self.isDirty = true
             self.loopHub.markDirty(self)
+        }
+    }
+
+    /// After the grace period, a receiver still holding more than its send buffer is closed;
+    /// one that drained below it but not yet below the low watermark gets another period.
+    private func armSlowTimer(context: ChannelHandlerContext) {
+        self.slowTimer = context.eventLoop.assumeIsolated().scheduleTask(in: self.limits.slowConsumerGrace) { [self] in
+            self.slowTimer = nil
+            guard self.state == .open, let channel = self.context?.channel, !channel.isWritable else { return }
+            let buffered = (try? channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0
+            if buffered > self.limits.sendBuffer {
+                self.closeSlowConsumer()
+            } else {
+                self.armSlowTimer(context: context)
+            }
         }
     }
 
@@ -108,7 +120,6 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
         if context.channel.isWritable {
-            self.overflowBytes = 0
             self.slowTimer?.cancel()
             self.slowTimer = nil
         }
@@ -117,7 +128,8 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     private func closeSlowConsumer() {
         self.counters.slowConsumersClosed.wrappingIncrement(ordering: .relaxed)
-        self.logger.warning("closing slow consumer", metadata: ["send_buffer": "\(self.limits.sendBuffer)"])
+        let buffered = (try? self.context.channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? -1
+        self.logger.warning("closing slow consumer", metadata: ["send_buffer": "\(self.limits.sendBuffer)", "buffered": "\(buffered)"])
         self.close(code: 1008, reason: "slow consumer")
     }
 

@@ -257,17 +257,15 @@ final class ClientFrameHandler: ChannelInboundHandler {
             if !self.closed {
                 self.closed = true
                 self.onEvent(.close(code: code, reason: reason))
+                // Complete the closing handshake (RFC 6455 §5.5.1): echo the code.
+                var echo = context.channel.allocator.buffer(capacity: 2)
+                if let code { echo.writeInteger(code) }
+                let reply = WebSocketFrame(fin: true, opcode: .connectionClose, maskKey: .random(), data: echo)
+                context.writeAndFlush(self.wrapOutboundOut(reply), promise: nil)
             }
         default:
             break
         }
-    }
-
-    func channelReadComplete(context: ChannelHandlerContext) {
-        if !context.channel.isAutoReadOn {
-            // Manual reading is driven by the owner (slow-consumer tests and benchmarks).
-        }
-        context.fireChannelReadComplete()
     }
 
     func channelInactive(context: ChannelHandlerContext) {

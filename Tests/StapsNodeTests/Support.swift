@@ -13,6 +13,9 @@ import Glibc
 
 /// One event loop group for every test client.
 let clientGroup = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+/// A separate loop for flooding senders, so their (debug-build, byte-at-a-time) masking
+/// never starves the receivers the test is measuring.
+let senderGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
 
 enum TestError: Error, CustomStringConvertible {
     case timeout(String)
@@ -91,9 +94,9 @@ final class TestClient: Sendable {
         self.inbox = inbox
     }
 
-    static func connect(_ endpoint: Endpoint, _ path: String, headers: [(String, String)] = [], autoRead: Bool = true) async throws -> TestClient {
+    static func connect(_ endpoint: Endpoint, _ path: String, headers: [(String, String)] = [], autoRead: Bool = true, group: EventLoopGroup = clientGroup) async throws -> TestClient {
         let inbox = NIOLockedValueBox<[ClientEvent]>([])
-        let client = try await WebSocketClient.connect(to: endpoint, path: path, headers: headers, group: clientGroup, autoRead: autoRead) { event in
+        let client = try await WebSocketClient.connect(to: endpoint, path: path, headers: headers, group: group, autoRead: autoRead) { event in
             inbox.withLockedValue { $0.append(event) }
         }
         return TestClient(client: client, inbox: inbox)

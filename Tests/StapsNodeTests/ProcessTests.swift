@@ -1,0 +1,107 @@
+import Foundation
+import NIOCore
+import NIOPosix
+import StapsNode
+import Testing
+import WebSocketClient
+
+/// The `staps` executable as users run it.
+@Suite(.serialized) struct ProcessTests {
+    /// Starts `staps` with `args` and waits until `socket` accepts connections.
+    static func launch(_ args: [String], waitFor socket: String) async throws -> (Process, Pipe) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: try stapsBinary())
+        process.arguments = args
+        let stderr = Pipe()
+        process.standardError = stderr
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        for _ in 0..<500 {
+            if (try? await httpRequest(.unix(path: socket), "GET", "/")) != nil { return (process, stderr) }
+            guard process.isRunning else { break }
+            try await Task.sleep(nanoseconds: 10_000_000)
+        }
+        process.terminate()
+        let output = String(decoding: stderr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        throw TestError.unexpected("staps did not come up on \(socket): \(output)")
+    }
+
+    static func waitForExit(_ process: Process, seconds: Double = 10) async throws -> Int32 {
+        let deadline = Date().addingTimeInterval(seconds)
+        while process.isRunning {
+            guard Date() < deadline else { throw TestError.timeout("staps did not exit") }
+            try await Task.sleep(nanoseconds: 10_000_000)
+        }
+        return process.terminationStatus
+    }
+
+    @Test func sigtermClosesClientsWith1001AndRemovesTheSocket() async throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let socket = dir.path + "/staps.sock"
+        let (process, _) = try await Self.launch(["--socket", socket, "--mode", "0600"], waitFor: socket)
+        let attributes = try FileManager.default.attributesOfItem(atPath: socket)
+        #expect((attributes[.posixPermissions] as? Int) == 0o600)
+        let a = try await TestClient.connect(.unix(path: socket), "/bye")
+        let b = try await TestClient.connect(.unix(path: socket), "/bye")
+        a.send("before")
+        #expect(try await b.nextText() == "before")
+        process.terminate()  // SIGTERM
+        let (codeA, _) = try await a.nextClose()
+        let (codeB, _) = try await b.nextClose()
+        #expect(codeA == 1001 && codeB == 1001)
+        #expect(try await Self.waitForExit(process) == 0)
+        #expect(!FileManager.default.fileExists(atPath: socket))
+    }
+
+    @Test func aLiveSocketIsNeverStolenAndAStaleOneIsReplaced() async throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let socket = dir.path + "/staps.sock"
+        let (first, _) = try await Self.launch(["--socket", socket], waitFor: socket)
+        // A second node on the same path refuses to start and leaves the first alone.
+        let (status, output) = try run(try stapsBinary(), ["--socket", socket])
+        #expect(status != 0)
+        #expect(output.contains("\(socket) is in use by another process"))
+        let a = try await TestClient.connect(.unix(path: socket), "/still")
+        let b = try await TestClient.connect(.unix(path: socket), "/still")
+        a.send("first node still serving")
+        #expect(try await b.nextText() == "first node still serving")
+        // SIGKILL leaves a stale socket file behind; the next node replaces it.
+        kill(first.processIdentifier, SIGKILL)
+        _ = try await Self.waitForExit(first)
+        #expect(FileManager.default.fileExists(atPath: socket))
+        let (second, _) = try await Self.launch(["--socket", socket], waitFor: socket)
+        let c = try await TestClient.connect(.unix(path: socket), "/again")
+        #expect(c.client.channel.isActive)
+        second.terminate()
+        #expect(try await Self.waitForExit(second) == 0)
+    }
+
+    @Test func aRegularFileAtTheSocketPathIsNotReplaced() async throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let path = dir.path + "/not-a-socket"
+        FileManager.default.createFile(atPath: path, contents: Data("keep me".utf8))
+        let (status, output) = try run(try stapsBinary(), ["--socket", path])
+        #expect(status != 0)
+        #expect(output.contains("exists and is not a socket"))
+        #expect(try String(contentsOfFile: path, encoding: .utf8) == "keep me")
+    }
+
+    @Test func configurationErrorsStopStartupNamingFileLineAndKey() async throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let conf = dir.path + "/bad.conf"
+        try "[staps]\nport = 8080\nmax_message_size = huge\n".write(toFile: conf, atomically: true, encoding: .utf8)
+        let (status, output) = try run(try stapsBinary(), ["--config", conf])
+        #expect(status == 1)
+        #expect(output.contains("\(conf):3: max_message_size: 'huge' is not a size"))
+        let (status2, output2) = try run(try stapsBinary(), ["--port", "nope:x"])
+        #expect(status2 == 1)
+        #expect(output2.contains("command line: --port: 'nope:x' has no valid port"))
+        let (status3, output3) = try run(try stapsBinary(), ["--log-level", "loud"])
+        #expect(status3 == 1)
+        #expect(output3.contains("--log-level"))
+    }
+}
