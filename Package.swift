@@ -16,6 +16,24 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-atomics", from: "1.3.0"),
     ],
     targets: [
+        // rabbitmq-c (Debian: librabbitmq-dev). Only StapsRabbit imports it.
+        .systemLibrary(
+            name: "CRabbit",
+            pkgConfig: "librabbitmq",
+            providers: [.apt(["librabbitmq-dev"])]
+        ),
+        // The cluster link over RabbitMQ: the ClusterLink the node uses when `amqp` is set.
+        .target(
+            name: "StapsRabbit",
+            dependencies: [
+                "CRabbit",
+                "StapsNode",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Atomics", package: "swift-atomics"),
+            ]
+        ),
         // The node as a library: configuration, listeners, HTTP + websocket handlers, the hub.
         .target(
             name: "StapsNode",
@@ -43,6 +61,7 @@ let package = Package(
             name: "staps",
             dependencies: [
                 "StapsNode",
+                "StapsRabbit",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -51,6 +70,7 @@ let package = Package(
             name: "StapsBench",
             dependencies: [
                 "WebSocketClient",
+                "StapsRabbit",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -61,6 +81,7 @@ let package = Package(
             name: "StapsNodeTests",
             dependencies: [
                 "StapsNode",
+                "StapsRabbit",
                 "WebSocketClient",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

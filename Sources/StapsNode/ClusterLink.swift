@@ -23,6 +23,11 @@ public struct ClusterMessage: Sendable {
 public protocol ClusterInbound: AnyObject, Sendable {
     /// Delivers a batch from other nodes to this node's local clients. Called from the link's own thread.
     func deliverFromCluster(_ batch: [ClusterMessage])
+
+    /// Bytes handed in by `deliverFromCluster` that the event loops have not delivered yet.
+    /// A link stops reading from its broker while this is high, so memory stays bounded
+    /// (the broker's bounded queue drops instead).
+    var clusterBacklogBytes: Int { get }
 }
 
 /// How a node shares channels with other nodes. The hub knows only this protocol: the

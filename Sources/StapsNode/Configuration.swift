@@ -77,6 +77,38 @@ public struct DaemonSettings: Sendable, Equatable {
     }
 }
 
+/// How a clustered node uses RabbitMQ (only read when `amqp` is set).
+public struct ClusterSettings: Sendable, Equatable {
+    /// The topic exchange every node publishes to.
+    public var exchange: String
+    /// Messages a node's queue holds before the oldest are dropped.
+    public var queueMaxLength: Int
+    /// How long a message may wait in a node's queue.
+    public var queueMessageTTL: TimeAmount
+    /// How long a channel stays bound after its last local client left.
+    public var unbindLinger: TimeAmount
+    /// Bytes of outbound messages that may wait for the broker before more are dropped.
+    public var publishBuffer: Int
+    /// AMQP heartbeat interval.
+    public var heartbeat: TimeAmount
+
+    public init(
+        exchange: String = "staps",
+        queueMaxLength: Int = 100_000,
+        queueMessageTTL: TimeAmount = .seconds(10),
+        unbindLinger: TimeAmount = .seconds(2),
+        publishBuffer: Int = 64 << 20,
+        heartbeat: TimeAmount = .seconds(10)
+    ) {
+        self.exchange = exchange
+        self.queueMaxLength = queueMaxLength
+        self.queueMessageTTL = queueMessageTTL
+        self.unbindLinger = unbindLinger
+        self.publishBuffer = publishBuffer
+        self.heartbeat = heartbeat
+    }
+}
+
 /// Everything a node needs to run. The `init` defaults are the documented defaults.
 public struct NodeConfiguration: Sendable, Equatable {
     /// The default listener when neither the file nor the flags name one.
@@ -88,6 +120,7 @@ public struct NodeConfiguration: Sendable, Equatable {
     /// RabbitMQ URL; empty means standalone.
     public var amqpURL: String
     public var limits: Limits
+    public var cluster: ClusterSettings
     public var daemon: DaemonSettings
     /// The file the configuration came from, if any (for messages).
     public var sourceFile: String?
@@ -97,6 +130,7 @@ public struct NodeConfiguration: Sendable, Equatable {
         socketMode: UInt32 = 0o660,
         amqpURL: String = "",
         limits: Limits = Limits(),
+        cluster: ClusterSettings = ClusterSettings(),
         daemon: DaemonSettings = DaemonSettings(),
         sourceFile: String? = nil
     ) {
@@ -104,6 +138,7 @@ public struct NodeConfiguration: Sendable, Equatable {
         self.socketMode = socketMode
         self.amqpURL = amqpURL
         self.limits = limits
+        self.cluster = cluster
         self.daemon = daemon
         self.sourceFile = sourceFile
     }

@@ -98,6 +98,7 @@ public struct ConfigurationOverrides: Sendable, Equatable {
     public var mode: UInt32?
     public var amqp: String?
     public var limits = LimitOverrides()
+    public var cluster = ClusterOverrides()
     public var daemon = DaemonSettings()
 
     public init() {}
@@ -111,6 +112,15 @@ public struct ConfigurationOverrides: Sendable, Equatable {
         public var pingInterval: TimeAmount?
         public var pongTimeout: TimeAmount?
         public var shutdownTimeout: TimeAmount?
+    }
+
+    public struct ClusterOverrides: Sendable, Equatable {
+        public var exchange: String?
+        public var queueMaxLength: Int?
+        public var queueMessageTTL: TimeAmount?
+        public var unbindLinger: TimeAmount?
+        public var publishBuffer: Int?
+        public var heartbeat: TimeAmount?
     }
 
     /// Reads the settings of an INI text; every unknown section or key and every bad value is an error.
@@ -167,6 +177,21 @@ public struct ConfigurationOverrides: Sendable, Equatable {
                     do { out.limits.pongTimeout = try ValueParser.duration(v, positive: true) } catch { throw fail(error.message) }
                 case "shutdown_timeout":
                     do { out.limits.shutdownTimeout = try ValueParser.duration(v) } catch { throw fail(error.message) }
+                case "amqp_exchange":
+                    guard !v.isEmpty, v.utf8.count <= 127, !v.hasPrefix("amq.") else {
+                        throw fail("'\(v)' is not a usable exchange name (1-127 bytes, not starting with amq.)")
+                    }
+                    out.cluster.exchange = v
+                case "amqp_queue_max_length":
+                    do { out.cluster.queueMaxLength = try ValueParser.integer(v, min: 1, max: 100_000_000) } catch { throw fail(error.message) }
+                case "amqp_queue_ttl":
+                    do { out.cluster.queueMessageTTL = try ValueParser.duration(v, positive: true) } catch { throw fail(error.message) }
+                case "amqp_unbind_linger":
+                    do { out.cluster.unbindLinger = try ValueParser.duration(v) } catch { throw fail(error.message) }
+                case "amqp_buffer":
+                    do { out.cluster.publishBuffer = try ValueParser.size(v, min: 1024, max: 1 << 34) } catch { throw fail(error.message) }
+                case "amqp_heartbeat":
+                    do { out.cluster.heartbeat = try ValueParser.duration(v, positive: true) } catch { throw fail(error.message) }
                 default:
                     throw fail("unknown key in [staps]")
                 }
@@ -208,6 +233,13 @@ public struct ConfigurationOverrides: Sendable, Equatable {
         if let v = l.pingInterval { out.limits.pingInterval = v }
         if let v = l.pongTimeout { out.limits.pongTimeout = v }
         if let v = l.shutdownTimeout { out.limits.shutdownTimeout = v }
+        let c = other.cluster
+        if let v = c.exchange { out.cluster.exchange = v }
+        if let v = c.queueMaxLength { out.cluster.queueMaxLength = v }
+        if let v = c.queueMessageTTL { out.cluster.queueMessageTTL = v }
+        if let v = c.unbindLinger { out.cluster.unbindLinger = v }
+        if let v = c.publishBuffer { out.cluster.publishBuffer = v }
+        if let v = c.heartbeat { out.cluster.heartbeat = v }
         let d = other.daemon
         if let v = d.user { out.daemon.user = v }
         if let v = d.group { out.daemon.group = v }
@@ -233,6 +265,13 @@ public struct ConfigurationOverrides: Sendable, Equatable {
         if let v = l.pingInterval { config.limits.pingInterval = v }
         if let v = l.pongTimeout { config.limits.pongTimeout = v }
         if let v = l.shutdownTimeout { config.limits.shutdownTimeout = v }
+        let c = self.cluster
+        if let v = c.exchange { config.cluster.exchange = v }
+        if let v = c.queueMaxLength { config.cluster.queueMaxLength = v }
+        if let v = c.queueMessageTTL { config.cluster.queueMessageTTL = v }
+        if let v = c.unbindLinger { config.cluster.unbindLinger = v }
+        if let v = c.publishBuffer { config.cluster.publishBuffer = v }
+        if let v = c.heartbeat { config.cluster.heartbeat = v }
         config.daemon = self.daemon
         return config
     }

@@ -18,6 +18,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         let limits: Limits
         let counters: NodeCounters
         let connectionIDs: ManagedAtomic<UInt64>
+        let nodeID: String
     }
 
     private let shared: Shared
@@ -174,6 +175,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         headers.add(name: "Content-Type", value: contentType)
         headers.add(name: "Content-Length", value: "\(body.utf8.count)")
         headers.add(name: "Cache-Control", value: "no-store")
+        headers.add(name: "X-Staps-Node", value: self.shared.nodeID)
         for (name, value) in extraHeaders { headers.add(name: name, value: value) }
         let keepAlive = keepAlive && !self.shuttingDown
         if !keepAlive { headers.add(name: "Connection", value: "close") }
@@ -263,6 +265,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         headers.add(name: "Upgrade", value: "websocket")
         headers.add(name: "Connection", value: "Upgrade")
         headers.add(name: "Sec-WebSocket-Accept", value: WebSocketAccept.value(forKey: key))
+        headers.add(name: "X-Staps-Node", value: self.shared.nodeID)
         context.write(self.wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .switchingProtocols, headers: headers))), promise: nil)
         context.writeAndFlush(self.wrapOutboundOut(.end(nil)), promise: nil)
 

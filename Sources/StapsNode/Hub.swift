@@ -101,6 +101,10 @@ public final class Hub: Sendable, ClusterInbound {
     /// Bytes one event loop may have queued for another before further batches are dropped.
     static let crossLoopBacklogLimit = 256 << 20
 
+    /// Bytes from the cluster handed to the event loops and not yet delivered.
+    private let clusterBacklog = ManagedAtomic<Int>(0)
+    public var clusterBacklogBytes: Int { self.clusterBacklog.load(ordering: .relaxed) }
+
     init(eventLoops: [EventLoop], link: any ClusterLink, counters: NodeCounters) {
         precondition(eventLoops.count <= 64, "at most 64 event loops")
         self.link = link
@@ -141,6 +145,7 @@ public final class Hub: Sendable, ClusterInbound {
         guard !batch.isEmpty else { return }
         let entries = self.directory.entries(for: batch.lazy.map(\.channel))
         var perLoop = [[(ChannelEntry, ByteBuffer)]](repeating: [], count: self.loops.count)
+        var perLoopBytes = [Int](repeating: 0, count: self.loops.count)
         let allocator = ByteBufferAllocator()
         for (message, entry) in zip(batch, entries) {
             guard let entry else { continue }
@@ -150,12 +155,16 @@ public final class Hub: Sendable, ClusterInbound {
             while mask != 0 {
                 let i = mask.trailingZeroBitCount
                 perLoop[i].append((entry, frame))
+                perLoopBytes[i] += frame.readableBytes
                 mask &= mask - 1
             }
         }
         for (i, deliveries) in perLoop.enumerated() where !deliveries.isEmpty {
             let target = self.loops[i]
-            target.eventLoop.execute { target.deliver(deliveries, backlogBytes: 0) }
+            let bytes = perLoopBytes[i]
+            let backlog = self.clusterBacklog
+            backlog.wrappingIncrement(by: bytes, ordering: .relaxed)
+            target.eventLoop.execute { target.deliver(deliveries, backlog: backlog, bytes: bytes) }
         }
     }
 }
@@ -289,7 +298,7 @@ final class LoopHub: @unchecked Sendable {
                 self.hub.counters.crossLoopDropped.wrappingIncrement(ordering: .relaxed)
                 continue
             }
-            target.eventLoop.execute { target.deliver(batch, backlogBytes: bytes) }
+            target.eventLoop.execute { target.deliver(batch, backlog: target.backlog, bytes: bytes) }
         }
         if !self.clusterOutgoing.isEmpty {
             let batch = self.clusterOutgoing
@@ -305,12 +314,12 @@ final class LoopHub: @unchecked Sendable {
     }
 
     /// A batch from another loop or the cluster: deliver to this loop's members, flush once.
-    func deliver(_ batch: [(ChannelEntry, ByteBuffer)], backlogBytes: Int) {
+    func deliver(_ batch: [(ChannelEntry, ByteBuffer)], backlog: ManagedAtomic<Int>, bytes: Int) {
         for (entry, frame) in batch {
             guard let local = self.channels[ObjectIdentifier(entry)] else { continue }
             for member in local.members { member.enqueue(frame) }
         }
-        if backlogBytes > 0 { self.backlog.wrappingDecrement(by: backlogBytes, ordering: .relaxed) }
+        backlog.wrappingDecrement(by: bytes, ordering: .relaxed)
         self.flushDirty()
     }
 }

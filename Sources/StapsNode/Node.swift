@@ -22,6 +22,8 @@ public struct NodeStartError: Error, CustomStringConvertible {
 /// A staps node: listeners, the hub, and graceful shutdown.
 public final class Node: Sendable {
     public let configuration: NodeConfiguration
+    /// This node's id: sent as `X-Staps-Node` on every response, and used by the cluster link.
+    public let nodeID: String
     public let counters = NodeCounters()
     private let logger: Logger
     private let group: MultiThreadedEventLoopGroup
@@ -43,8 +45,9 @@ public final class Node: Sendable {
     /// - Parameters:
     ///   - link: how to reach other nodes; `StandaloneLink()` when there is no broker.
     ///   - group: event loops to run on; by default one per core, owned by the node.
-    public init(configuration: NodeConfiguration, link: any ClusterLink = StandaloneLink(), logger: Logger, group: MultiThreadedEventLoopGroup? = nil) {
+    public init(configuration: NodeConfiguration, link: any ClusterLink = StandaloneLink(), logger: Logger, nodeID: String = String(UUID4.make().prefix(8)), group: MultiThreadedEventLoopGroup? = nil) {
         self.configuration = configuration
+        self.nodeID = nodeID
         self.logger = logger
         self.link = link
         if let group {
@@ -81,7 +84,7 @@ public final class Node: Sendable {
     }
 
     private func bootstrap() -> ServerBootstrap {
-        let shared = HTTPHandler.Shared(hub: self.hub, limits: self.configuration.limits, counters: self.counters, connectionIDs: self.connectionIDs)
+        let shared = HTTPHandler.Shared(hub: self.hub, limits: self.configuration.limits, counters: self.counters, connectionIDs: self.connectionIDs, nodeID: self.nodeID)
         let limits = self.configuration.limits
         let logger = self.logger
         return ServerBootstrap(group: self.group)

@@ -134,6 +134,17 @@ public enum WebSocketAccept {
         return base64(digest)
     }
 
+    /// SHA-1 of `text` in lower-case hex (for keys, not for security).
+    public static func sha1Hex(_ text: String) -> String {
+        let hex = Array("0123456789abcdef".utf8)
+        var out: [UInt8] = []
+        for b in SHA1.hash(Array(text.utf8)) {
+            out.append(hex[Int(b >> 4)])
+            out.append(hex[Int(b & 0xF)])
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
     static func base64(_ bytes: [UInt8]) -> String {
         let table = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".utf8)
         var out: [UInt8] = []

@@ -39,8 +39,22 @@ public struct HandshakeError: Error, CustomStringConvertible {
 /// server's own framing code). Used by the tests and by `staps-bench`.
 public final class WebSocketClient: Sendable {
     public let channel: Channel
+    /// The 101 response head, as the server sent it.
+    public let handshakeHead: String
 
-    init(channel: Channel) { self.channel = channel }
+    init(channel: Channel, handshakeHead: String) {
+        self.channel = channel
+        self.handshakeHead = handshakeHead
+    }
+
+    /// The value of a response header of the handshake (case-insensitive name).
+    public func handshakeHeader(_ name: String) -> String? {
+        let prefix = name.lowercased() + ":"
+        for line in self.handshakeHead.split(separator: "\r\n") where line.lowercased().hasPrefix(prefix) {
+            return String(line.dropFirst(prefix.count)).trimmingCharacters()
+        }
+        return nil
+    }
 
     /// Connects and completes the opening handshake; `onEvent` runs on the channel's event loop.
     public static func connect(
@@ -63,7 +77,7 @@ public final class WebSocketClient: Sendable {
         for (name, value) in headers { request += "\(name): \(value)\r\n" }
         request += "\r\n"
         let requestBytes = request
-        let done = group.any().makePromise(of: Void.self)
+        let done = group.any().makePromise(of: String.self)
         let bootstrap = ClientBootstrap(group: group)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelOption(.autoRead, value: autoRead)
@@ -81,13 +95,14 @@ public final class WebSocketClient: Sendable {
         }
         try await channel.writeAndFlush(channel.allocator.buffer(string: requestBytes)).get()
         if !autoRead { channel.read() }
+        let head: String
         do {
-            try await done.futureResult.get()
+            head = try await done.futureResult.get()
         } catch {
             try? await channel.close()
             throw error
         }
-        return WebSocketClient(channel: channel)
+        return WebSocketClient(channel: channel, handshakeHead: head)
     }
 
     /// Sends one masked frame (FIN unless `fin` is false); not flushed unless `flush`.
@@ -132,13 +147,13 @@ func acceptValue(_ key: String) -> String {
 final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
 
-    let done: EventLoopPromise<Void>
+    let done: EventLoopPromise<String>
     private let expectedAccept: String
     private let maxMessageSize: Int
     private let onEvent: @Sendable (ClientEvent) -> Void
     private var received: ByteBuffer?
 
-    init(expectedAccept: String, maxMessageSize: Int, done: EventLoopPromise<Void>, onEvent: @escaping @Sendable (ClientEvent) -> Void) {
+    init(expectedAccept: String, maxMessageSize: Int, done: EventLoopPromise<String>, onEvent: @escaping @Sendable (ClientEvent) -> Void) {
         self.expectedAccept = expectedAccept
         self.maxMessageSize = maxMessageSize
         self.done = done
@@ -181,7 +196,7 @@ final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
             let decoder = try ops.handler(type: ByteToMessageHandler<WebSocketFrameDecoder>.self)
             try ops.addHandler(ClientFrameHandler(maxMessageSize: self.maxMessageSize, onEvent: self.onEvent), position: .after(decoder))
             ops.removeHandler(context: context, promise: nil)
-            self.done.succeed(())
+            self.done.succeed(head)
             if buffer.readableBytes > 0 { context.fireChannelRead(NIOAny(buffer)) }
         } catch {
             self.fail(context, error)

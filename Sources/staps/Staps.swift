@@ -2,6 +2,7 @@ import ArgumentParser
 import Dispatch
 import Logging
 import StapsNode
+import StapsRabbit
 
 #if canImport(Glibc)
 import Glibc
@@ -59,11 +60,20 @@ struct Staps: AsyncParsableCommand {
         if configuration.sourceFile == nil && self.socket.isEmpty && self.port.isEmpty {
             logger.notice("no configuration file and no listener flags: listening on \(NodeConfiguration.defaultAddress), standalone")
         }
-        if !configuration.amqpURL.isEmpty {
-            Self.exitWithError("amqp: clustering through RabbitMQ is not available in this build; leave amqp empty for standalone")
+        let link: any ClusterLink
+        let nodeID = RabbitConfiguration.makeNodeID()
+        if configuration.amqpURL.isEmpty {
+            link = StandaloneLink()
+        } else {
+            do {
+                var rabbit = try RabbitConfiguration(node: configuration)
+                rabbit.nodeID = nodeID
+                link = RabbitLink(configuration: rabbit, logger: logger)
+            } catch {
+                Self.exitWithError("amqp: \(error)")
+            }
         }
-
-        let node = Node(configuration: configuration, logger: logger)
+        let node = Node(configuration: configuration, link: link, logger: logger, nodeID: nodeID)
         do {
             try await node.start()
         } catch {

@@ -82,7 +82,7 @@ import WebSocketClient
         let dir = TempDir()
         defer { dir.cleanup() }
         let path = dir.path + "/not-a-socket"
-        FileManager.default.createFile(atPath: path, contents: Data("keep me".utf8))
+        #expect(FileManager.default.createFile(atPath: path, contents: Data("keep me".utf8)))
         let (status, output) = try run(try stapsBinary(), ["--socket", path])
         #expect(status != 0)
         #expect(output.contains("exists and is not a socket"))

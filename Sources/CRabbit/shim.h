@@ -1,0 +1,36 @@
+#ifndef STAPS_CRABBIT_SHIM_H
+#define STAPS_CRABBIT_SHIM_H
+
+// rabbitmq-c 0.13+ installs <rabbitmq-c/amqp.h>; Debian 12's 0.11 installs flat headers.
+#if __has_include(<rabbitmq-c/amqp.h>)
+#include <rabbitmq-c/amqp.h>
+#include <rabbitmq-c/tcp_socket.h>
+#include <rabbitmq-c/ssl_socket.h>
+#else
+#include <amqp.h>
+#include <amqp_tcp_socket.h>
+#include <amqp_ssl_socket.h>
+#endif
+
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/time.h>
+
+// amqp_login is variadic: Swift can't call it.
+static inline amqp_rpc_reply_t staps_amqp_login_plain(amqp_connection_state_t state, char const *vhost,
+                                                      int channel_max, int frame_max, int heartbeat,
+                                                      char const *user, char const *password) {
+    return amqp_login(state, vhost, channel_max, frame_max, heartbeat, AMQP_SASL_METHOD_PLAIN, user, password);
+}
+
+// Method ids Swift sees only as macros with casts.
+static inline amqp_method_number_t staps_connection_close_method(void) { return AMQP_CONNECTION_CLOSE_METHOD; }
+static inline amqp_method_number_t staps_channel_close_method(void) { return AMQP_CHANNEL_CLOSE_METHOD; }
+static inline amqp_method_number_t staps_basic_deliver_method(void) { return AMQP_BASIC_DELIVER_METHOD; }
+static inline amqp_flags_t staps_basic_props_flags(void) {
+    return AMQP_BASIC_DELIVERY_MODE_FLAG | AMQP_BASIC_TYPE_FLAG | AMQP_BASIC_APP_ID_FLAG | AMQP_BASIC_CORRELATION_ID_FLAG;
+}
+static inline amqp_flags_t staps_basic_type_flag(void) { return AMQP_BASIC_TYPE_FLAG; }
+static inline amqp_flags_t staps_basic_app_id_flag(void) { return AMQP_BASIC_APP_ID_FLAG; }
+
+#endif

@@ -1,0 +1,567 @@
+import Atomics
+import CRabbit
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import StapsNode
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Settings of the RabbitMQ link. The `init` defaults are the documented defaults.
+public struct RabbitConfiguration: Sendable {
+    public var url: AMQPURL
+    /// Topic exchange every node publishes to (durable; messages are transient).
+    public var exchange: String
+    /// Messages a node's queue holds before the oldest are dropped (`x-max-length`, drop-head).
+    public var queueMaxLength: Int
+    /// How long a message may wait in a node's queue (`x-message-ttl`).
+    public var queueMessageTTL: TimeAmount
+    /// How long a channel stays bound after its last local client left.
+    public var unbindLinger: TimeAmount
+    /// Bytes of outbound messages waiting for the broker before further ones are dropped.
+    public var publishBuffer: Int
+    /// AMQP heartbeat.
+    public var heartbeat: TimeAmount
+    /// This node's id, carried in every message so a node skips its own.
+    public var nodeID: String
+
+    public init(
+        url: AMQPURL,
+        exchange: String = "staps",
+        queueMaxLength: Int = 100_000,
+        queueMessageTTL: TimeAmount = .seconds(10),
+        unbindLinger: TimeAmount = .seconds(2),
+        publishBuffer: Int = 64 << 20,
+        heartbeat: TimeAmount = .seconds(10),
+        nodeID: String = RabbitConfiguration.makeNodeID()
+    ) {
+        self.url = url
+        self.exchange = exchange
+        self.queueMaxLength = queueMaxLength
+        self.queueMessageTTL = queueMessageTTL
+        self.unbindLinger = unbindLinger
+        self.publishBuffer = publishBuffer
+        self.heartbeat = heartbeat
+        self.nodeID = nodeID
+    }
+
+    /// The link settings of a node's configuration (`amqp` must be set).
+    public init(node: NodeConfiguration) throws {
+        let c = node.cluster
+        self.init(url: try AMQPURL(node.amqpURL), exchange: c.exchange, queueMaxLength: c.queueMaxLength, queueMessageTTL: c.queueMessageTTL,
+                  unbindLinger: c.unbindLinger, publishBuffer: c.publishBuffer, heartbeat: c.heartbeat)
+    }
+
+    public static func makeNodeID() -> String {
+        var name = [CChar](repeating: 0, count: 256)
+        gethostname(&name, name.count - 1)
+        let host = String(decoding: name.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return "\(host)-\(getpid())-\(UUID4.make().prefix(8))"
+    }
+}
+
+/// What the link counts; read by tests, logs and (later) metrics.
+public final class RabbitCounters: Sendable {
+    public let published = ManagedAtomic<Int>(0)
+    public let received = ManagedAtomic<Int>(0)
+    /// Dropped because the broker was unreachable.
+    public let droppedWhileDown = ManagedAtomic<Int>(0)
+    /// Dropped because the outbound buffer was full (broker slower than the clients).
+    public let droppedBufferFull = ManagedAtomic<Int>(0)
+    public let reconnects = ManagedAtomic<Int>(0)
+    public init() {}
+}
+
+/// The RabbitMQ cluster link.
+///
+/// rabbitmq-c is blocking and a connection is not thread-safe, so one owner thread does all
+/// broker work: it owns a publish connection and a consume connection, `poll`s their sockets
+/// plus an eventfd that the event loops write to when they hand it work, and wakes at least
+/// every 250 ms (well under heartbeat/2) so rabbitmq-c can service heartbeats. The event loops
+/// only take a lock to append to a queue and write the eventfd; they never wait on the broker.
+public final class RabbitLink: ClusterLink, @unchecked Sendable {
+    // @unchecked: `pending` is guarded by `lock`; everything in `Worker` is touched only by the
+    // link's own thread; the rest is immutable or atomic.
+    public let configuration: RabbitConfiguration
+    public let counters = RabbitCounters()
+    private let logger: Logger
+    private let wakeFD: Int32
+    private let thread = NIOThreadPool(numberOfThreads: 1)
+    private let connected = ManagedAtomic<Bool>(false)
+    private let stopped = ManagedAtomic<Bool>(false)
+    private let finished: EventLoopPromise<Void>
+    private let finishLoop = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+
+    private struct Pending {
+        var commands: [Command] = []
+        var publishes: [ClusterMessage] = []
+        var publishBytes = 0
+    }
+    private enum Command {
+        case subscribe(String, EventLoopPromise<Void>)
+        case unsubscribe(String)
+    }
+    private let lock = NIOLock()
+    private var pending = Pending()
+
+    public init(configuration: RabbitConfiguration, logger: Logger) {
+        self.configuration = configuration
+        self.logger = logger
+        self.wakeFD = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
+        self.finished = self.finishLoop.next().makePromise()
+    }
+
+    /// True while both connections are up and the queue is consumed.
+    public var isConnected: Bool { self.connected.load(ordering: .relaxed) }
+
+    public var isClustered: Bool { true }
+
+    public func start(inbound: any ClusterInbound) {
+        self.thread.start()
+        let worker = Worker(link: self, inbound: inbound)
+        self.thread.submit { _ in
+            worker.run()
+            self.finished.succeed(())
+        }
+    }
+
+    public func subscribe(channel: String, promise: EventLoopPromise<Void>) {
+        self.lock.withLock { self.pending.commands.append(.subscribe(channel, promise)) }
+        self.wake()
+    }
+
+    public func unsubscribe(channel: String) {
+        self.lock.withLock { self.pending.commands.append(.unsubscribe(channel)) }
+        self.wake()
+    }
+
+    public func publish(_ batch: [ClusterMessage]) {
+        guard self.connected.load(ordering: .relaxed) else {
+            self.counters.droppedWhileDown.wrappingIncrement(by: batch.count, ordering: .relaxed)
+            return
+        }
+        let bytes = batch.reduce(0) { $0 + $1.payload.readableBytes + $1.channel.utf8.count }
+        let accepted = self.lock.withLock { () -> Bool in
+            guard self.pending.publishBytes + bytes <= self.configuration.publishBuffer else { return false }
+            self.pending.publishes.append(contentsOf: batch)
+            self.pending.publishBytes += bytes
+            return true
+        }
+        if accepted {
+            self.wake()
+        } else {
+            self.counters.droppedBufferFull.wrappingIncrement(by: batch.count, ordering: .relaxed)
+        }
+    }
+
+    public func shutdown() async {
+        guard !self.stopped.exchange(true, ordering: .relaxed) else { return }
+        self.wake()
+        try? await self.finished.futureResult.get()
+        try? await self.thread.shutdownGracefully()
+        close(self.wakeFD)
+        try? await self.finishLoop.shutdownGracefully()
+    }
+
+    private func wake() {
+        var one: UInt64 = 1
+        _ = write(self.wakeFD, &one, 8)
+    }
+
+    private func takePending() -> Pending {
+        self.lock.withLock {
+            let out = self.pending
+            self.pending = Pending()
+            return out
+        }
+    }
+
+    // MARK: - The owner thread
+
+    /// Everything the link's thread owns.
+    // @unchecked: created on start() and from then on used only by the link's one thread.
+    private final class Worker: @unchecked Sendable {
+        let link: RabbitLink
+        let inbound: any ClusterInbound
+        let config: RabbitConfiguration
+        var logger: Logger
+
+        var publisher: AMQPConnection?
+        var consumer: AMQPConnection?
+        var queue: CString?
+        let exchange: CString
+        let nodeID: CString
+        let textType = CString("t")
+        let binaryType = CString("b")
+        var keys: [String: CString] = [:]
+
+        enum Want { case active, lingering(NIODeadline) }
+        /// Channels this node wants bound: active, or lingering after the last client left.
+        var wanted: [String: Want] = [:]
+        /// Channels bound on the current consume connection.
+        var bound: Set<String> = []
+
+        // Reconnection.
+        var nextAttempt = NIODeadline.now()
+        var backoff: TimeAmount = .milliseconds(100)
+        var downSince: NIODeadline? = NIODeadline.now()
+        var warnedThisOutage = false
+        var droppedAtOutageStart = 0
+
+        var body: [UInt8] = []
+        let allocator = ByteBufferAllocator()
+        /// Stop reading from the broker while the event loops hold this much undelivered.
+        let inboundBacklogLimit = 64 << 20
+
+        init(link: RabbitLink, inbound: any ClusterInbound) {
+            self.link = link
+            self.inbound = inbound
+            self.config = link.configuration
+            self.logger = link.logger
+            self.exchange = CString(link.configuration.exchange)
+            self.nodeID = CString(link.configuration.nodeID)
+            self.logger[metadataKey: "broker"] = "\(link.configuration.url)"
+        }
+
+        func run() {
+            while !self.link.stopped.load(ordering: .relaxed) {
+                if self.consumer == nil {
+                    if NIODeadline.now() >= self.nextAttempt { self.connect() }
+                    // While down: answer subscriptions at once (serve locally), drop publishes.
+                    self.handlePending(connected: false)
+                    self.sleepUntilWoken(timeoutMillis: self.millisUntil(self.nextAttempt, cap: 100))
+                    continue
+                }
+                do {
+                    try self.step()
+                } catch {
+                    self.lost(error)
+                }
+            }
+            self.disconnect(polite: true)
+        }
+
+        private func millisUntil(_ deadline: NIODeadline, cap: Int) -> Int {
+            let ms = (deadline - NIODeadline.now()).nanoseconds / 1_000_000
+            return max(0, min(cap, Int(ms)))
+        }
+
+        /// One round while connected: wait for work or input, then do all of it.
+        private func step() throws(BrokerError) {
+            guard let consumer = self.consumer, let publisher = self.publisher else { return }
+            let reading = self.inbound.clusterBacklogBytes < self.inboundBacklogLimit
+            if !(reading && consumer.hasBufferedInput) {
+                var fds = [
+                    pollfd(fd: self.link.wakeFD, events: Int16(POLLIN), revents: 0),
+                    pollfd(fd: consumer.fileDescriptor, events: reading ? Int16(POLLIN) : 0, revents: 0),
+                    pollfd(fd: publisher.fileDescriptor, events: Int16(POLLIN), revents: 0),
+                ]
+                let timeout = reading ? self.pollTimeout() : 5
+                _ = poll(&fds, 3, Int32(timeout))
+                if fds[0].revents != 0 { self.drainWakeFD() }
+                if fds[2].revents != 0 { try publisher.serviceWithoutBlocking("publish connection") }
+            }
+            try self.handlePendingConnected()
+            if reading { try self.consume(consumer) }
+            try self.unbindExpired(consumer)
+            // Lets rabbitmq-c send heartbeats on the quiet connection and notice a close.
+            try publisher.serviceWithoutBlocking("publish connection")
+        }
+
+        private func pollTimeout() -> Int {
+            var timeout = 250
+            for case .lingering(let deadline) in self.wanted.values {
+                timeout = min(timeout, self.millisUntil(deadline, cap: 250) + 1)
+            }
+            return timeout
+        }
+
+        private func drainWakeFD() {
+            var value: UInt64 = 0
+            _ = read(self.link.wakeFD, &value, 8)
+        }
+
+        private func sleepUntilWoken(timeoutMillis: Int) {
+            var fds = [pollfd(fd: self.link.wakeFD, events: Int16(POLLIN), revents: 0)]
+            if poll(&fds, 1, Int32(timeoutMillis)) > 0 { self.drainWakeFD() }
+        }
+
+        // MARK: Connecting
+
+        private func connect() {
+            do {
+                let heartbeat = Int32(max(1, self.config.heartbeat.nanoseconds / 1_000_000_000))
+                let publisher = try AMQPConnection(url: self.config.url, heartbeatSeconds: heartbeat, connectTimeout: 5)
+                self.publisher = publisher
+                amqp_exchange_declare(publisher.state, 1, self.exchange.bytes, amqp_cstring_bytes("topic"), 0, 1, 0, 0, amqp_table_t(num_entries: 0, entries: nil))
+                try publisher.check(amqp_get_rpc_reply(publisher.state), "declare topic exchange '\(self.config.exchange)'")
+
+                let consumer = try AMQPConnection(url: self.config.url, heartbeatSeconds: heartbeat, connectTimeout: 5)
+                self.consumer = consumer
+                try self.declareQueue(consumer)
+                self.bound = []
+                for name in self.wanted.keys { try self.bind(name, on: consumer) }
+                amqp_basic_consume(consumer.state, 1, self.queue!.bytes, amqp_bytes_t(len: 0, bytes: nil), 0, 1, 1, amqp_table_t(num_entries: 0, entries: nil))
+                try consumer.check(amqp_get_rpc_reply(consumer.state), "consume queue")
+            } catch {
+                self.failedAttempt(error)
+                return
+            }
+            self.link.connected.store(true, ordering: .relaxed)
+            self.backoff = .milliseconds(100)
+            let dropped = self.link.counters.droppedWhileDown.load(ordering: .relaxed) - self.droppedAtOutageStart
+            if self.warnedThisOutage, let since = self.downSince {
+                let seconds = Double((NIODeadline.now() - since).nanoseconds) / 1e9
+                self.logger.warning("broker link restored", metadata: [
+                    "down.seconds": "\(Int(seconds * 10) / 10)", "dropped.while_down": "\(dropped)", "channels.bound": "\(self.bound.count)",
+                ])
+                self.link.counters.reconnects.wrappingIncrement(ordering: .relaxed)
+            } else {
+                self.logger.notice("broker link up", metadata: ["queue": "\(self.queueName)", "exchange": "\(self.config.exchange)"])
+            }
+            self.downSince = nil
+            self.warnedThisOutage = false
+        }
+
+        var queueName: String { self.queue.map { String(cString: $0.pointer) } ?? "" }
+
+        private func declareQueue(_ consumer: AMQPConnection) throws(BrokerError) {
+            let maxLength = CString("x-max-length")
+            let overflow = CString("x-overflow")
+            let dropHead = CString("drop-head")
+            let ttl = CString("x-message-ttl")
+            var entries = [amqp_table_entry_t](repeating: amqp_table_entry_t(), count: 3)
+            entries[0].key = maxLength.bytes
+            entries[0].value.kind = UInt8(AMQP_FIELD_KIND_I64.rawValue)
+            entries[0].value.value.i64 = Int64(self.config.queueMaxLength)
+            entries[1].key = overflow.bytes
+            entries[1].value.kind = UInt8(AMQP_FIELD_KIND_UTF8.rawValue)
+            entries[1].value.value.bytes = dropHead.bytes
+            entries[2].key = ttl.bytes
+            entries[2].value.kind = UInt8(AMQP_FIELD_KIND_I64.rawValue)
+            entries[2].value.value.i64 = Int64(self.config.queueMessageTTL.nanoseconds / 1_000_000)
+            let ok = entries.withUnsafeMutableBufferPointer { buffer in
+                withExtendedLifetime((maxLength, overflow, dropHead, ttl)) {
+                    amqp_queue_declare(consumer.state, 1, amqp_bytes_t(len: 0, bytes: nil), 0, 0, 1, 1, amqp_table_t(num_entries: 3, entries: buffer.baseAddress))
+                }
+            }
+            try consumer.check(amqp_get_rpc_reply(consumer.state), "declare this node's queue")
+            guard let ok else { throw BrokerError(operation: "declare this node's queue", reason: "no queue name in the reply") }
+            self.queue = CString(AMQPConnection.string(ok.pointee.queue))
+        }
+
+        private func key(_ name: String) -> CString {
+            if let k = self.keys[name] { return k }
+            if self.keys.count > 10_000 { self.keys.removeAll() }
+            let k = CString(RoutingKey.forChannel(name))
+            self.keys[name] = k
+            return k
+        }
+
+        private func bind(_ name: String, on consumer: AMQPConnection) throws(BrokerError) {
+            amqp_queue_bind(consumer.state, 1, self.queue!.bytes, self.exchange.bytes, self.key(name).bytes, amqp_table_t(num_entries: 0, entries: nil))
+            try consumer.check(amqp_get_rpc_reply(consumer.state), "bind channel")
+            self.bound.insert(name)
+        }
+
+        private func failedAttempt(_ error: BrokerError) {
+            self.disconnect(polite: false)
+            self.scheduleRetry()
+            if !self.warnedThisOutage {
+                self.warnedThisOutage = true
+                self.droppedAtOutageStart = self.link.counters.droppedWhileDown.load(ordering: .relaxed)
+                self.logger.warning("broker unreachable; serving local clients only and retrying", metadata: ["error": "\(error)"])
+            } else {
+                self.logger.debug("broker still unreachable", metadata: ["error": "\(error)", "retry.in.ms": "\(self.backoff.nanoseconds / 1_000_000)"])
+            }
+        }
+
+        /// Jittered exponential backoff, capped at 1 s so a returning broker is used within 2 s.
+        private func scheduleRetry() {
+            let jittered = Int64(Double(self.backoff.nanoseconds) * Double.random(in: 0.5...1.0))
+            self.nextAttempt = NIODeadline.now() + .nanoseconds(jittered)
+            self.backoff = min(self.backoff * 2, .seconds(1))
+        }
+
+        private func lost(_ error: BrokerError) {
+            self.link.connected.store(false, ordering: .relaxed)
+            self.downSince = NIODeadline.now()
+            self.droppedAtOutageStart = self.link.counters.droppedWhileDown.load(ordering: .relaxed)
+            self.warnedThisOutage = true
+            self.logger.warning("broker link lost; serving local clients only and reconnecting", metadata: ["error": "\(error)"])
+            self.disconnect(polite: false)
+            self.backoff = .milliseconds(50)
+            self.scheduleRetry()
+        }
+
+        /// Drops both connections. After a failure rabbitmq-c's state may be broken, so only a
+        /// clean shutdown closes politely; otherwise the connections are just destroyed.
+        private func disconnect(polite: Bool) {
+            self.link.connected.store(false, ordering: .relaxed)
+            if polite {
+                self.publisher?.close()
+                self.consumer?.close()
+            }
+            self.publisher = nil
+            self.consumer = nil
+            self.bound = []
+            // What was waiting for the broker is dropped and counted.
+            let pending = self.link.takePending()
+            self.link.counters.droppedWhileDown.wrappingIncrement(by: pending.publishes.count, ordering: .relaxed)
+            self.link.lock.withLock { self.link.pending.commands = pending.commands + self.link.pending.commands }
+        }
+
+        // MARK: Work from the event loops
+
+        /// While down: subscriptions are answered at once and remembered for the rebind.
+        private func handlePending(connected: Bool) {
+            let pending = self.link.takePending()
+            self.link.counters.droppedWhileDown.wrappingIncrement(by: pending.publishes.count, ordering: .relaxed)
+            for command in pending.commands {
+                switch command {
+                case .subscribe(let name, let promise):
+                    self.wanted[name] = .active
+                    promise.succeed(())
+                case .unsubscribe(let name):
+                    self.wanted[name] = .lingering(NIODeadline.now() + self.config.unbindLinger)
+                }
+            }
+            self.dropExpiredWhileDown()
+        }
+
+        private func dropExpiredWhileDown() {
+            let now = NIODeadline.now()
+            for (name, want) in self.wanted {
+                if case .lingering(let deadline) = want, deadline <= now { self.wanted[name] = nil }
+            }
+        }
+
+        private func handlePendingConnected() throws(BrokerError) {
+            let pending = self.link.takePending()
+            for (i, command) in pending.commands.enumerated() {
+                switch command {
+                case .subscribe(let name, let promise):
+                    self.wanted[name] = .active
+                    if !self.bound.contains(name), let consumer = self.consumer {
+                        do {
+                            try self.bind(name, on: consumer)
+                        } catch {
+                            // Put back what is not done; the reconnect rebinds and answers.
+                            self.link.lock.withLock {
+                                self.link.pending.commands = Array(pending.commands[i...]) + self.link.pending.commands
+                            }
+                            self.link.counters.droppedWhileDown.wrappingIncrement(by: pending.publishes.count, ordering: .relaxed)
+                            throw error
+                        }
+                    }
+                    promise.succeed(())
+                case .unsubscribe(let name):
+                    self.wanted[name] = .lingering(NIODeadline.now() + self.config.unbindLinger)
+                }
+            }
+            if !pending.publishes.isEmpty { try self.publish(pending.publishes) }
+        }
+
+        private func publish(_ messages: [ClusterMessage]) throws(BrokerError) {
+            guard let publisher = self.publisher else { return }
+            var properties = amqp_basic_properties_t()
+            properties._flags = staps_basic_props_flags()
+            properties.delivery_mode = 1  // transient
+            properties.app_id = self.nodeID.bytes
+            var sent = 0
+            defer { self.link.counters.published.wrappingIncrement(by: sent, ordering: .relaxed) }
+            for message in messages {
+                // Body: u16 name length, the exact channel name, the payload.
+                let nameBytes = message.channel.utf8
+                self.body.removeAll(keepingCapacity: true)
+                self.body.append(UInt8(nameBytes.count >> 8))
+                self.body.append(UInt8(nameBytes.count & 0xFF))
+                self.body.append(contentsOf: nameBytes)
+                message.payload.withUnsafeReadableBytes { self.body.append(contentsOf: $0) }
+                properties.type = message.isText ? self.textType.bytes : self.binaryType.bytes
+                let key = self.key(message.channel)
+                let status = String(message.connectionID).withCString { idPointer -> Int32 in
+                    properties.correlation_id = amqp_bytes_t(len: strlen(idPointer), bytes: UnsafeMutableRawPointer(mutating: idPointer))
+                    return self.body.withUnsafeMutableBytes { body in
+                        amqp_basic_publish(publisher.state, 1, self.exchange.bytes, key.bytes, 0, 0, &properties,
+                                           amqp_bytes_t(len: body.count, bytes: body.baseAddress))
+                    }
+                }
+                guard status == AMQP_STATUS_OK.rawValue else {
+                    self.link.counters.droppedWhileDown.wrappingIncrement(by: messages.count - sent, ordering: .relaxed)
+                    throw BrokerError(operation: "publish", reason: String(cString: amqp_error_string2(status)))
+                }
+                sent += 1
+            }
+        }
+
+        /// Reads every delivery already available (without blocking) and hands them over in one batch.
+        private func consume(_ consumer: AMQPConnection) throws(BrokerError) {
+            var batch: [ClusterMessage] = []
+            var zero = timeval(tv_sec: 0, tv_usec: 0)
+            defer {
+                if !batch.isEmpty {
+                    self.link.counters.received.wrappingIncrement(by: batch.count, ordering: .relaxed)
+                    self.inbound.deliverFromCluster(batch)
+                }
+            }
+            while batch.count < 1024 {
+                amqp_maybe_release_buffers(consumer.state)
+                var envelope = amqp_envelope_t()
+                let reply = amqp_consume_message(consumer.state, &envelope, &zero, 0)
+                if reply.reply_type == AMQP_RESPONSE_NORMAL {
+                    if let message = self.decode(envelope) { batch.append(message) }
+                    amqp_destroy_envelope(&envelope)
+                    continue
+                }
+                if reply.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION {
+                    if reply.library_error == AMQP_STATUS_TIMEOUT.rawValue { return }
+                    if reply.library_error == AMQP_STATUS_UNEXPECTED_STATE.rawValue {
+                        // A method other than a delivery: a close, or something to skip.
+                        try consumer.serviceWithoutBlocking("consume connection")
+                        continue
+                    }
+                }
+                try consumer.check(reply, "consume")
+            }
+        }
+
+        /// Copies a delivery out of its envelope; nil for this node's own messages or a malformed body.
+        private func decode(_ envelope: amqp_envelope_t) -> ClusterMessage? {
+            let props = envelope.message.properties
+            if props._flags & staps_basic_app_id_flag() != 0, props.app_id.len == self.nodeID.count,
+                memcmp(props.app_id.bytes, self.nodeID.pointer, self.nodeID.count) == 0
+            {
+                return nil
+            }
+            let body = envelope.message.body
+            guard let base = body.bytes, body.len >= 2 else { return nil }
+            let raw = UnsafeRawBufferPointer(start: base, count: body.len)
+            let nameLength = Int(raw[0]) << 8 | Int(raw[1])
+            guard body.len >= 2 + nameLength else { return nil }
+            let name = String(decoding: raw[2..<(2 + nameLength)], as: UTF8.self)
+            var payload = self.allocator.buffer(capacity: body.len - 2 - nameLength)
+            payload.writeBytes(UnsafeRawBufferPointer(rebasing: raw[(2 + nameLength)...]))
+            var isText = false
+            if props._flags & staps_basic_type_flag() != 0, props.type.len == 1, let t = props.type.bytes {
+                isText = t.load(as: UInt8.self) == UInt8(ascii: "t")
+            }
+            return ClusterMessage(channel: name, payload: payload, isText: isText, connectionID: 0)
+        }
+
+        private func unbindExpired(_ consumer: AMQPConnection) throws(BrokerError) {
+            let now = NIODeadline.now()
+            for (name, want) in self.wanted {
+                guard case .lingering(let deadline) = want, deadline <= now else { continue }
+                self.wanted[name] = nil
+                if self.bound.remove(name) != nil {
+                    amqp_queue_unbind(consumer.state, 1, self.queue!.bytes, self.exchange.bytes, self.key(name).bytes, amqp_table_t(num_entries: 0, entries: nil))
+                    try consumer.check(amqp_get_rpc_reply(consumer.state), "unbind channel")
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,96 @@
+import Foundation
+import NIOCore
+import StapsNode
+import StapsRabbit
+import Testing
+import WebSocketClient
+
+/// The private RabbitMQ that `scripts/test` starts (`scripts/rabbitmq start`).
+enum Broker {
+    static let repositoryRoot = "/" + #filePath.split(separator: "/").dropLast(3).joined(separator: "/")
+    static let port = Int(ProcessInfo.processInfo.environment["STAPS_RABBITMQ_PORT"] ?? "") ?? 25673
+    static var url: String { "amqp://guest:guest@127.0.0.1:\(port)/" }
+
+    /// The broker URL, or an error saying how to start the broker. Never a silent skip.
+    static func require() async throws -> String {
+        do {
+            _ = try await rawExchange(.tcp(host: "127.0.0.1", port: port), Array("AMQP\u{0}\u{0}\u{9}\u{1}".utf8), timeout: 0.3)
+            return url
+        } catch {
+            let ci = ProcessInfo.processInfo.environment["CI"] == "true" ? " (CI=true: the broker is required)" : ""
+            throw TestError.unexpected("RabbitMQ is not reachable on 127.0.0.1:\(port)\(ci). Start the private test broker with `scripts/rabbitmq start` (scripts/test does this), after `scripts/install-deps test`.")
+        }
+    }
+
+    /// Runs `scripts/rabbitmq ARGS`.
+    static func control(_ args: String...) throws {
+        let (status, output) = try run(repositoryRoot + "/scripts/rabbitmq", args)
+        guard status == 0 else { throw TestError.unexpected("scripts/rabbitmq \(args.joined(separator: " ")) failed: \(output)") }
+    }
+
+    /// A fresh exchange name, so tests never see each other's messages.
+    static func freshExchange() -> String { "staps-test-" + String(UUID4.make().prefix(8)) }
+}
+
+/// In-process clustered nodes sharing one exchange.
+func startClusterNodes(_ count: Int, exchange: String = Broker.freshExchange(), limits: Limits = Limits(), linger: TimeAmount = .seconds(2)) async throws -> [(TestNode, RabbitLink)] {
+    let url = try await Broker.require()
+    var nodes: [(TestNode, RabbitLink)] = []
+    for _ in 0..<count {
+        let link = RabbitLink(configuration: RabbitConfiguration(url: try AMQPURL(url), exchange: exchange, unbindLinger: linger), logger: testLogger("link"))
+        let node = try await TestNode.start(limits: limits, link: link)
+        nodes.append((node, link))
+    }
+    // Every link is up before the test begins.
+    let deadline = NIODeadline.now() + .seconds(10)
+    while !nodes.allSatisfy({ $0.1.isConnected }) {
+        guard NIODeadline.now() < deadline else { throw TestError.timeout("broker links did not come up") }
+        try await Task.sleep(nanoseconds: 10_000_000)
+    }
+    return nodes
+}
+
+func stopAll(_ nodes: [(TestNode, RabbitLink)]) async {
+    for (node, _) in nodes { await node.stop() }
+}
+
+/// Waits until `condition` holds, polling; fails after `seconds`.
+func eventually(_ what: String, within seconds: Double = 5, _ condition: () async throws -> Bool) async throws {
+    let deadline = NIODeadline.now() + .milliseconds(Int64(seconds * 1000))
+    while try await !condition() {
+        guard NIODeadline.now() < deadline else { throw TestError.timeout(what) }
+        try await Task.sleep(nanoseconds: 10_000_000)
+    }
+}
+
+import Logging
+import NIOConcurrencyHelpers
+
+/// A logger whose lines (level, message, metadata) are kept for the test to read.
+final class LogCapture: Sendable {
+    private let lines = NIOLockedValueBox<[String]>([])
+
+    var logger: Logger {
+        let lines = self.lines
+        var logger = Logger(label: "capture") { _ in CaptureHandler(lines: lines) }
+        logger.logLevel = .debug
+        return logger
+    }
+
+    var text: String { lines.withLockedValue { $0.joined(separator: "\n") } }
+
+    struct CaptureHandler: LogHandler {
+        let lines: NIOLockedValueBox<[String]>
+        var metadata: Logger.Metadata = [:]
+        var logLevel: Logger.Level = .debug
+        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+            get { metadata[key] }
+            set { metadata[key] = newValue }
+        }
+        func log(event: LogEvent) {
+            let all = metadata.merging(event.metadata ?? [:]) { $1 }
+            let line = "\(event.level) \(event.message) \(all.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))"
+            lines.withLockedValue { $0.append(line) }
+        }
+    }
+}

@@ -1,0 +1,209 @@
+import Foundation
+import NIOCore
+import StapsNode
+@testable import StapsRabbit
+import Testing
+import WebSocketClient
+
+@Suite struct RoutingKeyTests {
+    static let names = [
+        "a", "a.b", "a.*", "a.#", "#", "*", "a*", "*.a", "#.#", "a..b", ".", "..", "a%2Eb", "a%b", "a/b", "a~2Eb", "a~b",
+        "ü", "ü.ü", "日本", "a b", String(repeating: "x", count: 256), String(repeating: "x", count: 255) + "y",
+        String(repeating: ".", count: 256), String(repeating: "#", count: 84), String(repeating: "ü", count: 128),
+    ]
+
+    @Test func keysAreInjectiveWordsWithoutWildcards() {
+        let keys = Self.names.map(RoutingKey.forChannel)
+        #expect(Set(keys).count == Self.names.count)
+        for key in keys {
+            #expect(key.utf8.count <= 255)
+            let words = key.split(separator: ".", omittingEmptySubsequences: false)
+            #expect(words.count == 2, "exactly a prefix word and one name word: \(key)")
+            #expect(words[0] == "c" || words[0] == "h")
+            #expect(!words[1].isEmpty && !words[1].contains("*") && !words[1].contains("#"))
+        }
+        #expect(RoutingKey.forChannel("a.b") == "c.a~2Eb")
+        #expect(RoutingKey.forChannel("a~2Eb") == "c.a~7E2Eb")
+    }
+}
+
+/// Real RabbitMQ (the private one scripts/test starts), real nodes, real websocket clients.
+@Suite(.serialized) struct ClusterTests {
+    @Test func joinedMeansSubscribedClusterWide() async throws {
+        let nodes = try await startClusterNodes(2)
+        let (a, b) = (nodes[0].0, nodes[1].0)
+        for i in 0..<100 {
+            let channel = "/join-\(i)"
+            // Alternate which node holds the first client; the second one's open completing
+            // must mean messages published anywhere from then on reach it.
+            let (first, second) = i % 2 == 0 ? (a, b) : (b, a)
+            let x = try await TestClient.connect(first.tcp, channel)
+            let y = try await TestClient.connect(second.unix, channel)
+            x.send("to y \(i)")
+            y.send("to x \(i)")
+            #expect(try await y.nextText(timeout: 5) == "to y \(i)")
+            #expect(try await x.nextText(timeout: 5) == "to x \(i)")
+            await x.close()
+            await y.close()
+        }
+        await stopAll(nodes)
+    }
+
+    @Test func threeNodesEveryoneGetsEverythingOnceInOrderWithoutEcho() async throws {
+        let nodes = try await startClusterNodes(3)
+        var clients: [TestClient] = []
+        for i in 0..<9 {
+            let node = nodes[i % 3].0
+            clients.append(try await TestClient.connect(i % 2 == 0 ? node.tcp : node.unix, "/everyone"))
+        }
+        let perSender = 200
+        for round in 0..<perSender {
+            for (i, c) in clients.enumerated() { c.send("\(i):\(round)") }
+        }
+        for (me, client) in clients.enumerated() {
+            var next = [Int](repeating: 0, count: clients.count)
+            for _ in 0..<(perSender * (clients.count - 1)) {
+                let parts = try await client.nextText(timeout: 10).split(separator: ":").map { Int($0)! }
+                #expect(parts[0] != me, "echo to \(me)")
+                #expect(parts[1] == next[parts[0]], "client \(me): sender \(parts[0]) out of order or duplicated")
+                next[parts[0]] = parts[1] + 1
+            }
+            #expect(try await client.isQuiet(for: 0.05), "nothing more than one copy of each")
+        }
+        await stopAll(nodes)
+    }
+
+    @Test func wildcardAndInjectionNamesNeverCrossChannels() async throws {
+        let nodes = try await startClusterNodes(2)
+        let names = RoutingKeyTests.names
+        var receivers: [TestClient] = []
+        var senders: [TestClient] = []
+        for name in names {
+            let path = "/" + PathDecoding.encode(name)
+            receivers.append(try await TestClient.connect(nodes[0].0.tcp, path))
+            senders.append(try await TestClient.connect(nodes[1].0.tcp, path))
+        }
+        for (i, s) in senders.enumerated() { s.send("for #\(i)") }
+        for (i, r) in receivers.enumerated() {
+            #expect(try await r.nextText() == "for #\(i)", "channel \(names[i])")
+        }
+        for r in receivers { #expect(try await r.isQuiet(for: 0.02)) }
+        await stopAll(nodes)
+    }
+
+    @Test func postOnOneNodeReachesClientsOnAnother() async throws {
+        let nodes = try await startClusterNodes(2)
+        let remote = try await TestClient.connect(nodes[1].0.tcp, "/posted")
+        let (status, _, body) = try await httpRequest(nodes[0].0.tcp, "POST", "/posted", headers: [("Content-Type", "text/plain")], body: Array("via broker".utf8))
+        #expect(status == 202 && body.contains("\"receivers\":0"))
+        #expect(try await remote.nextText() == "via broker")
+        await stopAll(nodes)
+    }
+
+    @Test func brokerRestartWhilePublishing() async throws {
+        let nodes = try await startClusterNodes(2)
+        let (a, b) = (nodes[0], nodes[1])
+        let sender = try await TestClient.connect(a.0.tcp, "/restart")
+        let local = try await TestClient.connect(a.0.unix, "/restart")
+        let remote = try await TestClient.connect(b.0.tcp, "/restart")
+        let publishing = Task {
+            for i in 0..<1500 {
+                sender.send("\(i)")
+                try await Task.sleep(nanoseconds: 4_000_000)
+            }
+        }
+        try await Task.sleep(nanoseconds: 300_000_000)
+        try Broker.control("restart-app")
+        let backAt = Date()
+        // Cluster delivery is back within 2 s of the broker becoming reachable.
+        var lastRemote = -1
+        while true {
+            let n = Int(try await remote.nextText(timeout: 5))!
+            #expect(n > lastRemote, "remote order")
+            lastRemote = n
+            if Date().timeIntervalSince(backAt) > 0, a.1.isConnected, b.1.isConnected, a.1.counters.reconnects.load(ordering: .relaxed) > 0 {
+                // A message received after both links reconnected.
+                break
+            }
+        }
+        let recovery = Date().timeIntervalSince(backAt)
+        #expect(recovery < 2.0, "cluster delivery resumed \(recovery) s after the broker came back")
+        try await publishing.value
+        // Local delivery was never interrupted: every message, in order.
+        for i in 0..<1500 { #expect(try await local.nextText() == "\(i)") }
+        // The sending node counted what it dropped while the broker was away.
+        #expect(a.1.counters.droppedWhileDown.load(ordering: .relaxed) > 0)
+        #expect(a.1.counters.reconnects.load(ordering: .relaxed) == 1)
+        await stopAll(nodes)
+    }
+
+    @Test func connectionClosedByTheBrokerIsRecovered() async throws {
+        let nodes = try await startClusterNodes(2)
+        let x = try await TestClient.connect(nodes[0].0.tcp, "/closed")
+        let y = try await TestClient.connect(nodes[1].0.tcp, "/closed")
+        try Broker.control("close-connections")
+        try await eventually("links reconnected", within: 5) {
+            nodes.allSatisfy { $0.1.counters.reconnects.load(ordering: .relaxed) >= 1 && $0.1.isConnected }
+        }
+        // Bindings are back: messages cross again.
+        x.send("after close_connection")
+        #expect(try await y.nextText() == "after close_connection")
+        await stopAll(nodes)
+    }
+
+    @Test func unreachableBrokerAtStartServesLocallyThenJoins() async throws {
+        let url = try await Broker.require()
+        let exchange = Broker.freshExchange()
+        try Broker.control("stop-app")
+        let logged = LogCapture()
+        let late = RabbitLink(configuration: RabbitConfiguration(url: try AMQPURL(url), exchange: exchange), logger: logged.logger)
+        let node = try await TestNode.start(link: late)
+        // The node starts and serves locally while the broker is away.
+        let p = try await TestClient.connect(node.tcp, "/late")
+        let q = try await TestClient.connect(node.tcp, "/late")
+        p.send("local works")
+        #expect(try await q.nextText() == "local works")
+        #expect(!late.isConnected)
+        try Broker.control("start-app")
+        let back = Date()
+        try await eventually("the link comes up once the broker is back", within: 5) { late.isConnected }
+        #expect(Date().timeIntervalSince(back) < 2.0)
+        // It bound the channel its clients were already on: a node started now reaches them.
+        let others = try await startClusterNodes(1, exchange: exchange)
+        let r = try await TestClient.connect(others[0].0.tcp, "/late")
+        r.send("from the other node")
+        #expect(try await p.nextText() == "from the other node")
+        #expect(try await q.nextText() == "from the other node")
+        let warnings = logged.text.split(separator: "\n").filter { $0.hasPrefix("warning") }
+        #expect(warnings.count == 2, "one warning for the outage, one for the recovery: \(warnings)")
+        await stopAll(others)
+        await node.stop()
+    }
+
+    @Test func wrongCredentialsAreAClearErrorAndRetried() async throws {
+        let url = try await Broker.require()
+        let logged = LogCapture()
+        let bad = RabbitLink(configuration: RabbitConfiguration(url: try AMQPURL(url.replacingOccurrences(of: "guest:guest", with: "guest:wrong-secret"))), logger: logged.logger)
+        let node = try await TestNode.start(link: bad)
+        try await eventually("a warning about the login", within: 5) { logged.text.contains("warning") }
+        try await Task.sleep(nanoseconds: 500_000_000)
+        let text = logged.text
+        #expect(text.contains("ACCESS_REFUSED") || text.contains("log in"), "names the cause: \(text)")
+        #expect(!text.contains("wrong-secret"), "never the password")
+        #expect(text.components(separatedBy: "warning").count - 1 == 1, "one warning per outage, not one per retry: \(text)")
+        await node.stop()
+    }
+
+    @Test func exchangeOfAnotherTypeIsAClearError() async throws {
+        let url = try await Broker.require()
+        let exchange = Broker.freshExchange()
+        try Broker.control("ctl", "eval", "rabbit_exchange:declare({resource, <<\"/\">>, exchange, <<\"\(exchange)\">>}, fanout, false, true, false, [], <<\"test\">>).")
+        let logged = LogCapture()
+        let link = RabbitLink(configuration: RabbitConfiguration(url: try AMQPURL(url), exchange: exchange), logger: logged.logger)
+        let node = try await TestNode.start(link: link)
+        try await eventually("a warning about the exchange", within: 5) { logged.text.contains("warning") }
+        #expect(logged.text.contains("406") && logged.text.contains("declare topic exchange"), "\(logged.text)")
+        #expect(!link.isConnected)
+        await node.stop()
+    }
+}
