@@ -3,6 +3,8 @@ import Atomics
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import StapsNode
+import StapsRabbit
 import WebSocketClient
 
 #if canImport(Glibc)
@@ -14,7 +16,7 @@ struct StapsBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "staps-bench",
         abstract: "Load generator for staps: fan-out throughput and latency, and memory per idle connection.",
-        subcommands: [FanOut.self, Idle.self]
+        subcommands: [FanOut.self, Idle.self, Broker.self]
     )
 }
 
@@ -278,5 +280,22 @@ struct Idle: AsyncParsableCommand {
             }
         }
         throw ValidationError("no VmRSS for pid \(pid)")
+    }
+}
+
+struct Broker: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "broker",
+        abstract: "The broker's bare publish->consume rate (one publishing and one consuming rabbitmq-c connection)."
+    )
+
+    @Option(name: .long, help: "RabbitMQ URL.") var amqp: String
+    @Option(name: .shortAndLong, help: "Messages.") var messages = 200_000
+    @Option(name: .long, help: "Payload bytes.") var size = 64
+
+    func run() async throws {
+        let result = try await BrokerBaseline.run(url: try AMQPURL(amqp), messages: messages, size: size)
+        print("broker: \(result.consumed)/\(result.published) messages of \(size) B in \(String(format2: result.seconds, 3)) s = \(Int(result.messagesPerSecond)) messages/s publish->consume")
+        if result.consumed != messages { throw ExitCode(2) }
     }
 }

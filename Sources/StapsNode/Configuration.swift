@@ -91,6 +91,8 @@ public struct ClusterSettings: Sendable, Equatable {
     public var publishBuffer: Int
     /// AMQP heartbeat interval.
     public var heartbeat: TimeAmount
+    /// Publishes go out at most once per window, so busy channels share AMQP messages.
+    public var publishWindow: TimeAmount
 
     public init(
         exchange: String = "staps",
@@ -98,7 +100,8 @@ public struct ClusterSettings: Sendable, Equatable {
         queueMessageTTL: TimeAmount = .seconds(10),
         unbindLinger: TimeAmount = .seconds(2),
         publishBuffer: Int = 64 << 20,
-        heartbeat: TimeAmount = .seconds(10)
+        heartbeat: TimeAmount = .seconds(10),
+        publishWindow: TimeAmount = .milliseconds(5)
     ) {
         self.exchange = exchange
         self.queueMaxLength = queueMaxLength
@@ -106,6 +109,7 @@ public struct ClusterSettings: Sendable, Equatable {
         self.unbindLinger = unbindLinger
         self.publishBuffer = publishBuffer
         self.heartbeat = heartbeat
+        self.publishWindow = publishWindow
     }
 }
 

@@ -121,6 +121,7 @@ public struct ConfigurationOverrides: Sendable, Equatable {
         public var unbindLinger: TimeAmount?
         public var publishBuffer: Int?
         public var heartbeat: TimeAmount?
+        public var publishWindow: TimeAmount?
     }
 
     /// Reads the settings of an INI text; every unknown section or key and every bad value is an error.
@@ -190,6 +191,8 @@ public struct ConfigurationOverrides: Sendable, Equatable {
                     do { out.cluster.unbindLinger = try ValueParser.duration(v) } catch { throw fail(error.message) }
                 case "amqp_buffer":
                     do { out.cluster.publishBuffer = try ValueParser.size(v, min: 1024, max: 1 << 34) } catch { throw fail(error.message) }
+                case "amqp_publish_window":
+                    do { out.cluster.publishWindow = try ValueParser.duration(v) } catch { throw fail(error.message) }
                 case "amqp_heartbeat":
                     do { out.cluster.heartbeat = try ValueParser.duration(v, positive: true) } catch { throw fail(error.message) }
                 default:
@@ -240,6 +243,7 @@ public struct ConfigurationOverrides: Sendable, Equatable {
         if let v = c.unbindLinger { out.cluster.unbindLinger = v }
         if let v = c.publishBuffer { out.cluster.publishBuffer = v }
         if let v = c.heartbeat { out.cluster.heartbeat = v }
+        if let v = c.publishWindow { out.cluster.publishWindow = v }
         let d = other.daemon
         if let v = d.user { out.daemon.user = v }
         if let v = d.group { out.daemon.group = v }
@@ -272,6 +276,7 @@ public struct ConfigurationOverrides: Sendable, Equatable {
         if let v = c.unbindLinger { config.cluster.unbindLinger = v }
         if let v = c.publishBuffer { config.cluster.publishBuffer = v }
         if let v = c.heartbeat { config.cluster.heartbeat = v }
+        if let v = c.publishWindow { config.cluster.publishWindow = v }
         config.daemon = self.daemon
         return config
     }

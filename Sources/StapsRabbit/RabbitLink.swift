@@ -25,6 +25,9 @@ public struct RabbitConfiguration: Sendable {
     public var publishBuffer: Int
     /// AMQP heartbeat.
     public var heartbeat: TimeAmount
+    /// Publishes go out at most once per window (at once when the link was idle), so a busy
+    /// channel's messages share AMQP messages. Zero: publish on every wake-up.
+    public var publishWindow: TimeAmount
     /// This node's id, carried in every message so a node skips its own.
     public var nodeID: String
 
@@ -36,6 +39,7 @@ public struct RabbitConfiguration: Sendable {
         unbindLinger: TimeAmount = .seconds(2),
         publishBuffer: Int = 64 << 20,
         heartbeat: TimeAmount = .seconds(10),
+        publishWindow: TimeAmount = .milliseconds(5),
         nodeID: String = RabbitConfiguration.makeNodeID()
     ) {
         self.url = url
@@ -45,6 +49,7 @@ public struct RabbitConfiguration: Sendable {
         self.unbindLinger = unbindLinger
         self.publishBuffer = publishBuffer
         self.heartbeat = heartbeat
+        self.publishWindow = publishWindow
         self.nodeID = nodeID
     }
 
@@ -52,7 +57,7 @@ public struct RabbitConfiguration: Sendable {
     public init(node: NodeConfiguration) throws {
         let c = node.cluster
         self.init(url: try AMQPURL(node.amqpURL), exchange: c.exchange, queueMaxLength: c.queueMaxLength, queueMessageTTL: c.queueMessageTTL,
-                  unbindLinger: c.unbindLinger, publishBuffer: c.publishBuffer, heartbeat: c.heartbeat)
+                  unbindLinger: c.unbindLinger, publishBuffer: c.publishBuffer, heartbeat: c.heartbeat, publishWindow: c.publishWindow)
     }
 
     public static func makeNodeID() -> String {
@@ -80,8 +85,9 @@ public final class RabbitCounters: Sendable {
 /// rabbitmq-c is blocking and a connection is not thread-safe, so one owner thread does all
 /// broker work: it owns a publish connection and a consume connection, `poll`s their sockets
 /// plus an eventfd that the event loops write to when they hand it work, and wakes at least
-/// every 250 ms (well under heartbeat/2) so rabbitmq-c can service heartbeats. The event loops
-/// only take a lock to append to a queue and write the eventfd; they never wait on the broker.
+/// every 100 ms (well under heartbeat/2) so rabbitmq-c can service heartbeats. The event loops
+/// only take a lock to append to a queue, and write the eventfd only when the thread sleeps;
+/// they never wait on the broker.
 public final class RabbitLink: ClusterLink, @unchecked Sendable {
     // @unchecked: `pending` is guarded by `lock`; everything in `Worker` is touched only by the
     // link's own thread; the rest is immutable or atomic.
@@ -91,6 +97,9 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
     private let wakeFD: Int32
     private let thread = NIOThreadPool(numberOfThreads: 1)
     private let connected = ManagedAtomic<Bool>(false)
+    /// True while the link's thread is (about to be) blocked in poll: only then is a wake-up
+    /// write needed. A busy thread picks up new work on its next round without one.
+    private let sleeping = ManagedAtomic<Bool>(false)
     private let stopped = ManagedAtomic<Bool>(false)
     private let finished: EventLoopPromise<Void>
     private let finishLoop = MultiThreadedEventLoopGroup(numberOfThreads: 1)
@@ -159,6 +168,7 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
 
     public func shutdown() async {
         guard !self.stopped.exchange(true, ordering: .relaxed) else { return }
+        self.sleeping.store(true, ordering: .sequentiallyConsistent)
         self.wake()
         try? await self.finished.futureResult.get()
         try? await self.thread.shutdownGracefully()
@@ -167,8 +177,33 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
     }
 
     private func wake() {
+        guard self.sleeping.exchange(false, ordering: .sequentiallyConsistent) else { return }
         var one: UInt64 = 1
         _ = write(self.wakeFD, &one, 8)
+    }
+
+    private var hasPending: Bool {
+        self.lock.withLock { !self.pending.commands.isEmpty || !self.pending.publishes.isEmpty }
+    }
+
+    private var hasPendingCommands: Bool {
+        self.lock.withLock { !self.pending.commands.isEmpty }
+    }
+
+    /// Takes the commands, and the publishes too when `publishes` is true.
+    private func take(publishes: Bool) -> Pending {
+        self.lock.withLock {
+            var out = Pending()
+            out.commands = self.pending.commands
+            self.pending.commands = []
+            if publishes {
+                out.publishes = self.pending.publishes
+                out.publishBytes = self.pending.publishBytes
+                self.pending.publishes = []
+                self.pending.publishBytes = 0
+            }
+            return out
+        }
     }
 
     private func takePending() -> Pending {
@@ -211,7 +246,11 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
         var warnedThisOutage = false
         var droppedAtOutageStart = 0
 
+        var nextHousekeeping = NIODeadline.now()
+        /// When the next publish may go out (see `RabbitConfiguration.publishWindow`).
+        var nextPublish = NIODeadline.now()
         var body: [UInt8] = []
+        var batch = PublishBatch(frameMax: 131_072)
         let allocator = ByteBufferAllocator()
         /// Stop reading from the broker while the event loops hold this much undelivered.
         let inboundBacklogLimit = 64 << 20
@@ -259,24 +298,33 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
                     pollfd(fd: consumer.fileDescriptor, events: reading ? Int16(POLLIN) : 0, revents: 0),
                     pollfd(fd: publisher.fileDescriptor, events: Int16(POLLIN), revents: 0),
                 ]
-                let timeout = reading ? self.pollTimeout() : 5
-                _ = poll(&fds, 3, Int32(timeout))
-                if fds[0].revents != 0 { self.drainWakeFD() }
-                if fds[2].revents != 0 { try publisher.serviceWithoutBlocking("publish connection") }
+                var timeout = reading ? self.pollTimeout() : 5
+                let publishDue = NIODeadline.now() >= self.nextPublish
+                if !publishDue { timeout = min(timeout, self.millisUntil(self.nextPublish, cap: 5) + 1) }
+                self.link.sleeping.store(true, ordering: .sequentiallyConsistent)
+                if publishDue ? self.link.hasPending : self.link.hasPendingCommands {
+                    self.link.sleeping.store(false, ordering: .sequentiallyConsistent)
+                } else {
+                    _ = poll(&fds, 3, Int32(timeout))
+                    self.link.sleeping.store(false, ordering: .sequentiallyConsistent)
+                    if fds[0].revents != 0 { self.drainWakeFD() }
+                    if fds[2].revents != 0 { try publisher.serviceWithoutBlocking("publish connection") }
+                }
             }
             try self.handlePendingConnected()
             if reading { try self.consume(consumer) }
-            try self.unbindExpired(consumer)
-            // Lets rabbitmq-c send heartbeats on the quiet connection and notice a close.
-            try publisher.serviceWithoutBlocking("publish connection")
+            let now = NIODeadline.now()
+            if now >= self.nextHousekeeping {
+                self.nextHousekeeping = now + .milliseconds(100)
+                try self.unbindExpired(consumer)
+                // Lets rabbitmq-c send heartbeats on the quiet publish connection and notice a close.
+                try publisher.serviceWithoutBlocking("publish connection")
+            }
         }
 
+        /// Housekeeping (unbinding lingering channels, heartbeats) runs every 100 ms.
         private func pollTimeout() -> Int {
-            var timeout = 250
-            for case .lingering(let deadline) in self.wanted.values {
-                timeout = min(timeout, self.millisUntil(deadline, cap: 250) + 1)
-            }
-            return timeout
+            self.millisUntil(self.nextHousekeeping, cap: 100) + 1
         }
 
         private func drainWakeFD() {
@@ -286,7 +334,9 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
 
         private func sleepUntilWoken(timeoutMillis: Int) {
             var fds = [pollfd(fd: self.link.wakeFD, events: Int16(POLLIN), revents: 0)]
-            if poll(&fds, 1, Int32(timeoutMillis)) > 0 { self.drainWakeFD() }
+            self.link.sleeping.store(true, ordering: .sequentiallyConsistent)
+            if !self.link.hasPending, poll(&fds, 1, Int32(timeoutMillis)) > 0 { self.drainWakeFD() }
+            self.link.sleeping.store(false, ordering: .sequentiallyConsistent)
         }
 
         // MARK: Connecting
@@ -296,6 +346,7 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
                 let heartbeat = Int32(max(1, self.config.heartbeat.nanoseconds / 1_000_000_000))
                 let publisher = try AMQPConnection(url: self.config.url, heartbeatSeconds: heartbeat, connectTimeout: 5)
                 self.publisher = publisher
+                self.batch = PublishBatch(frameMax: Int(amqp_get_frame_max(publisher.state)))
                 amqp_exchange_declare(publisher.state, 1, self.exchange.bytes, amqp_cstring_bytes("topic"), 0, 1, 0, 0, amqp_table_t(num_entries: 0, entries: nil))
                 try publisher.check(amqp_get_rpc_reply(publisher.state), "declare topic exchange '\(self.config.exchange)'")
 
@@ -440,7 +491,9 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
         }
 
         private func handlePendingConnected() throws(BrokerError) {
-            let pending = self.link.takePending()
+            let now = NIODeadline.now()
+            let publishDue = now >= self.nextPublish
+            let pending = self.link.take(publishes: publishDue)
             for (i, command) in pending.commands.enumerated() {
                 switch command {
                 case .subscribe(let name, let promise):
@@ -462,40 +515,65 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
                     self.wanted[name] = .lingering(NIODeadline.now() + self.config.unbindLinger)
                 }
             }
-            if !pending.publishes.isEmpty { try self.publish(pending.publishes) }
+            if !pending.publishes.isEmpty {
+                self.nextPublish = now + self.config.publishWindow
+                try self.publish(pending.publishes)
+            }
         }
 
+        /// Packs the batch into AMQP messages and writes them with one `send`.
+        ///
+        /// Consecutive messages from one sender on one channel with the same type share one AMQP
+        /// message (up to 256 KiB): the broker's cost is per AMQP message, so this is what lets a
+        /// busy channel go faster than the broker's message rate. Each AMQP message still carries
+        /// its node id, sender connection id and type in its properties, and per-sender order is
+        /// kept (a change of type starts a new group after the previous one).
+        /// Body: u16 name length, the channel name, then per message a u32 length and the payload.
         private func publish(_ messages: [ClusterMessage]) throws(BrokerError) {
             guard let publisher = self.publisher else { return }
-            var properties = amqp_basic_properties_t()
-            properties._flags = staps_basic_props_flags()
-            properties.delivery_mode = 1  // transient
-            properties.app_id = self.nodeID.bytes
-            var sent = 0
-            defer { self.link.counters.published.wrappingIncrement(by: sent, ordering: .relaxed) }
-            for message in messages {
-                // Body: u16 name length, the exact channel name, the payload.
-                let nameBytes = message.channel.utf8
+            struct GroupKey: Hashable { let channel: String; let connection: UInt64 }
+            var open: [GroupKey: Int] = [:]
+            var groups: [(key: GroupKey, isText: Bool, indices: [Int], bytes: Int)] = []
+            for (i, message) in messages.enumerated() {
+                let key = GroupKey(channel: message.channel, connection: message.connectionID)
+                let size = message.payload.readableBytes + 4
+                if let g = open[key], groups[g].isText == message.isText, groups[g].bytes + size <= 256 << 10 {
+                    groups[g].indices.append(i)
+                    groups[g].bytes += size
+                } else {
+                    open[key] = groups.count
+                    groups.append((key, message.isText, [i], size))
+                }
+            }
+            self.batch.removeAll()
+            let exchange = UnsafeRawBufferPointer(start: self.exchange.pointer, count: self.exchange.count)
+            let appID = UnsafeRawBufferPointer(start: self.nodeID.pointer, count: self.nodeID.count)
+            for group in groups {
+                let routingKey = self.key(group.key.channel)
+                let nameBytes = group.key.channel.utf8
                 self.body.removeAll(keepingCapacity: true)
                 self.body.append(UInt8(nameBytes.count >> 8))
                 self.body.append(UInt8(nameBytes.count & 0xFF))
                 self.body.append(contentsOf: nameBytes)
-                message.payload.withUnsafeReadableBytes { self.body.append(contentsOf: $0) }
-                properties.type = message.isText ? self.textType.bytes : self.binaryType.bytes
-                let key = self.key(message.channel)
-                let status = String(message.connectionID).withCString { idPointer -> Int32 in
-                    properties.correlation_id = amqp_bytes_t(len: strlen(idPointer), bytes: UnsafeMutableRawPointer(mutating: idPointer))
-                    return self.body.withUnsafeMutableBytes { body in
-                        amqp_basic_publish(publisher.state, 1, self.exchange.bytes, key.bytes, 0, 0, &properties,
-                                           amqp_bytes_t(len: body.count, bytes: body.baseAddress))
-                    }
+                for i in group.indices {
+                    let payload = messages[i].payload
+                    let n = UInt32(payload.readableBytes)
+                    self.body.append(contentsOf: [UInt8(n >> 24), UInt8(n >> 16 & 0xFF), UInt8(n >> 8 & 0xFF), UInt8(n & 0xFF)])
+                    payload.withUnsafeReadableBytes { self.body.append(contentsOf: $0) }
                 }
-                guard status == AMQP_STATUS_OK.rawValue else {
-                    self.link.counters.droppedWhileDown.wrappingIncrement(by: messages.count - sent, ordering: .relaxed)
-                    throw BrokerError(operation: "publish", reason: String(cString: amqp_error_string2(status)))
+                self.body.withUnsafeBytes { body in
+                    self.batch.append(exchange: exchange, routingKey: UnsafeRawBufferPointer(start: routingKey.pointer, count: routingKey.count),
+                                      type: group.isText ? UInt8(ascii: "t") : UInt8(ascii: "b"), appID: appID,
+                                      correlationID: group.key.connection, prefix: body, payload: UnsafeRawBufferPointer(start: nil, count: 0))
                 }
-                sent += 1
             }
+            do {
+                try self.batch.write(to: publisher.fileDescriptor)
+            } catch {
+                self.link.counters.droppedWhileDown.wrappingIncrement(by: messages.count, ordering: .relaxed)
+                throw error
+            }
+            self.link.counters.published.wrappingIncrement(by: messages.count, ordering: .relaxed)
         }
 
         /// Reads every delivery already available (without blocking) and hands them over in one batch.
@@ -508,12 +586,12 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
                     self.inbound.deliverFromCluster(batch)
                 }
             }
+            amqp_maybe_release_buffers(consumer.state)
             while batch.count < 1024 {
-                amqp_maybe_release_buffers(consumer.state)
                 var envelope = amqp_envelope_t()
                 let reply = amqp_consume_message(consumer.state, &envelope, &zero, 0)
                 if reply.reply_type == AMQP_RESPONSE_NORMAL {
-                    if let message = self.decode(envelope) { batch.append(message) }
+                    self.decode(envelope, into: &batch)
                     amqp_destroy_envelope(&envelope)
                     continue
                 }
@@ -529,27 +607,35 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
             }
         }
 
-        /// Copies a delivery out of its envelope; nil for this node's own messages or a malformed body.
-        private func decode(_ envelope: amqp_envelope_t) -> ClusterMessage? {
+        /// Copies the messages out of a delivery (before its envelope is destroyed); nothing for this
+        /// node's own messages or a malformed body.
+        private func decode(_ envelope: amqp_envelope_t, into batch: inout [ClusterMessage]) {
             let props = envelope.message.properties
             if props._flags & staps_basic_app_id_flag() != 0, props.app_id.len == self.nodeID.count,
                 memcmp(props.app_id.bytes, self.nodeID.pointer, self.nodeID.count) == 0
             {
-                return nil
+                return
             }
             let body = envelope.message.body
-            guard let base = body.bytes, body.len >= 2 else { return nil }
+            guard let base = body.bytes, body.len >= 2 else { return }
             let raw = UnsafeRawBufferPointer(start: base, count: body.len)
             let nameLength = Int(raw[0]) << 8 | Int(raw[1])
-            guard body.len >= 2 + nameLength else { return nil }
+            guard body.len >= 2 + nameLength else { return }
             let name = String(decoding: raw[2..<(2 + nameLength)], as: UTF8.self)
-            var payload = self.allocator.buffer(capacity: body.len - 2 - nameLength)
-            payload.writeBytes(UnsafeRawBufferPointer(rebasing: raw[(2 + nameLength)...]))
             var isText = false
             if props._flags & staps_basic_type_flag() != 0, props.type.len == 1, let t = props.type.bytes {
                 isText = t.load(as: UInt8.self) == UInt8(ascii: "t")
             }
-            return ClusterMessage(channel: name, payload: payload, isText: isText, connectionID: 0)
+            var at = 2 + nameLength
+            while at + 4 <= body.len {
+                let n = Int(raw[at]) << 24 | Int(raw[at + 1]) << 16 | Int(raw[at + 2]) << 8 | Int(raw[at + 3])
+                at += 4
+                guard n <= body.len - at else { return }
+                var payload = self.allocator.buffer(capacity: n)
+                payload.writeBytes(UnsafeRawBufferPointer(rebasing: raw[at..<(at + n)]))
+                at += n
+                batch.append(ClusterMessage(channel: name, payload: payload, isText: isText, connectionID: 0))
+            }
         }
 
         private func unbindExpired(_ consumer: AMQPConnection) throws(BrokerError) {

@@ -91,6 +91,22 @@ import WebSocketClient
         await stopAll(nodes)
     }
 
+    @Test func messagesLargerThanOneAMQPFrameCrossIntact() async throws {
+        let nodes = try await startClusterNodes(2)
+        let sender = try await TestClient.connect(nodes[0].0.tcp, "/big")
+        let receiver = try await TestClient.connect(nodes[1].0.unix, "/big")
+        // Over frame_max (128 KiB), so the body spans several frames; up to the 1 MiB limit.
+        let big = (0..<((1 << 20) - 10)).map { UInt8(truncatingIfNeeded: $0 &* 2_654_435_761 >> 13) }
+        sender.send(binary: big)
+        let text = String(repeating: "ü", count: 100_000)
+        sender.send(text)
+        let m1 = try await receiver.nextMessage(timeout: 10)
+        #expect(!m1.isText && m1.bytes == big)
+        let m2 = try await receiver.nextMessage(timeout: 10)
+        #expect(m2.isText && m2.bytes == Array(text.utf8))
+        await stopAll(nodes)
+    }
+
     @Test func postOnOneNodeReachesClientsOnAnother() async throws {
         let nodes = try await startClusterNodes(2)
         let remote = try await TestClient.connect(nodes[1].0.tcp, "/posted")

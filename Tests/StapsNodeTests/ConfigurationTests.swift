@@ -14,6 +14,13 @@ import Testing
             port = 8081
             port = 0.0.0.0:9000 [::1]:9001
             amqp = amqp://u:p@broker:5673/v
+            amqp_exchange = pubsub
+            amqp_queue_max_length = 500
+            amqp_queue_ttl = 3s
+            amqp_unbind_linger = 0
+            amqp_buffer = 8MiB
+            amqp_publish_window = 0
+            amqp_heartbeat = 30s
             max_message_size = 64KiB
             send_buffer = 2MiB
             slow_consumer_grace = 250ms
@@ -45,6 +52,8 @@ import Testing
         #expect(config.limits.pingInterval == .seconds(60))
         #expect(config.limits.pongTimeout == .seconds(7))
         #expect(config.limits.shutdownTimeout == .seconds(0))
+        #expect(config.cluster == ClusterSettings(exchange: "pubsub", queueMaxLength: 500, queueMessageTTL: .seconds(3), unbindLinger: .seconds(0),
+                                                  publishBuffer: 8 << 20, heartbeat: .seconds(30), publishWindow: .seconds(0)))
         #expect(config.daemon == DaemonSettings(user: "staps", group: "www-data", directory: "/var/lib/staps", pidFile: "/run/staps/staps.pid", umask: 0o027))
     }
 
@@ -86,6 +95,8 @@ import Testing
         ("[daemon]\ndir = var/lib\n", "t.conf:2: dir: 'var/lib' is not an absolute path"),
         ("[daemon]\numask = 1000\n", "t.conf:2: umask: '1000' is not an octal mode between 0 and 777"),
         ("[daemon]\nshell = /bin/sh\n", "t.conf:2: shell: unknown key in [daemon]"),
+        ("[staps]\namqp_exchange = amq.topic\n", "t.conf:2: amqp_exchange: 'amq.topic' is not a usable exchange name (1-127 bytes, not starting with amq.)"),
+        ("[staps]\namqp_queue_ttl = 0\n", "t.conf:2: amqp_queue_ttl: '0' is not a duration (e.g. 500ms, 10s, 2m)"),
     ])
     func errorsNameFileLineAndKey(text: String, expected: String) {
         #expect(throws: ConfigurationError.self) { try ConfigurationOverrides.parse(text, file: "t.conf") }

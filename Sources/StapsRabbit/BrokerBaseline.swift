@@ -1,0 +1,90 @@
+import CRabbit
+import NIOCore
+import NIOPosix
+import StapsNode
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The bare publish→consume rate of a broker: one connection publishing to a fresh topic
+/// exchange, another consuming its bound queue (no-ack), each on its own thread. What a staps
+/// cluster's broker leg is compared with.
+public enum BrokerBaseline {
+    public struct Result: Sendable {
+        public var published: Int
+        public var consumed: Int
+        public var seconds: Double
+        public var messagesPerSecond: Double { Double(consumed) / seconds }
+    }
+
+    public static func run(url: AMQPURL, messages: Int, size: Int) async throws -> Result {
+        let exchange = CString("staps-baseline-" + String(UUID4.make().prefix(8)))
+        let key = CString("c.baseline")
+        let consumer = try AMQPConnection(url: url, heartbeatSeconds: 0, connectTimeout: 5)
+        let publisher = try AMQPConnection(url: url, heartbeatSeconds: 0, connectTimeout: 5)
+        let empty = amqp_table_t(num_entries: 0, entries: nil)
+        amqp_exchange_declare(publisher.state, 1, exchange.bytes, amqp_cstring_bytes("topic"), 0, 0, 1, 0, empty)
+        try publisher.check(amqp_get_rpc_reply(publisher.state), "declare exchange")
+        guard let ok = amqp_queue_declare(consumer.state, 1, amqp_bytes_t(len: 0, bytes: nil), 0, 0, 1, 1, empty) else {
+            try consumer.check(amqp_get_rpc_reply(consumer.state), "declare queue")
+            throw BrokerError(operation: "declare queue", reason: "no reply")
+        }
+        let queue = CString(AMQPConnection.string(ok.pointee.queue))
+        amqp_queue_bind(consumer.state, 1, queue.bytes, exchange.bytes, key.bytes, empty)
+        try consumer.check(amqp_get_rpc_reply(consumer.state), "bind")
+        amqp_basic_consume(consumer.state, 1, queue.bytes, amqp_bytes_t(len: 0, bytes: nil), 0, 1, 1, empty)
+        try consumer.check(amqp_get_rpc_reply(consumer.state), "consume")
+
+        let pool = NIOThreadPool(numberOfThreads: 2)
+        pool.start()
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let start = NIODeadline.now()
+        // @unchecked boxes: each connection is used by exactly one of the two threads.
+        let pub = Unchecked((publisher, exchange, key))
+        let con = Unchecked(consumer)
+        let published = pool.runIfActive(eventLoop: group.next()) { () -> Int in
+            let (publisher, exchange, key) = pub.value
+            var body = [UInt8](repeating: 0x2A, count: size)
+            var properties = amqp_basic_properties_t()
+            properties._flags = staps_basic_type_flag()
+            let type = CString("b")
+            properties.type = type.bytes
+            for _ in 0..<messages {
+                let status = body.withUnsafeMutableBytes {
+                    amqp_basic_publish(publisher.state, 1, exchange.bytes, key.bytes, 0, 0, &properties, amqp_bytes_t(len: $0.count, bytes: $0.baseAddress))
+                }
+                if status != AMQP_STATUS_OK.rawValue { return -1 }
+            }
+            return messages
+        }
+        let consumed = pool.runIfActive(eventLoop: group.next()) { () -> Int in
+            let consumer = con.value
+            var count = 0
+            var timeout = timeval(tv_sec: 5, tv_usec: 0)
+            while count < messages {
+                amqp_maybe_release_buffers(consumer.state)
+                var envelope = amqp_envelope_t()
+                let reply = amqp_consume_message(consumer.state, &envelope, &timeout, 0)
+                guard reply.reply_type == AMQP_RESPONSE_NORMAL else { break }
+                amqp_destroy_envelope(&envelope)
+                count += 1
+            }
+            return count
+        }
+        let p = try await published.get()
+        let c = try await consumed.get()
+        let seconds = Double((NIODeadline.now() - start).nanoseconds) / 1e9
+        try await pool.shutdownGracefully()
+        try await group.shutdownGracefully()
+        amqp_exchange_delete(publisher.state, 1, exchange.bytes, 0)
+        publisher.close()
+        consumer.close()
+        return Result(published: p, consumed: c, seconds: seconds)
+    }
+}
+
+struct Unchecked<T>: @unchecked Sendable {
+    let value: T
+    init(_ value: T) { self.value = value }
+}
