@@ -220,36 +220,14 @@ public struct ConfigurationOverrides: Sendable, Equatable {
         return out
     }
 
-    /// Layers `other` over `self`: every setting `other` gives wins.
-    public func overridden(by other: ConfigurationOverrides) -> ConfigurationOverrides {
+    /// These settings with the command-line flags over them, key by key (`--socket` replaces the
+    /// file's sockets but keeps its ports, and so on). Flags set only these four keys.
+    public func withFlags(sockets: [String]?, ports: [BindAddress]?, mode: UInt32?, amqp: String?) -> ConfigurationOverrides {
         var out = self
-        if let v = other.sockets { out.sockets = v }
-        if let v = other.ports { out.ports = v }
-        if let v = other.mode { out.mode = v }
-        if let v = other.amqp { out.amqp = v }
-        let l = other.limits
-        if let v = l.maxMessageSize { out.limits.maxMessageSize = v }
-        if let v = l.sendBuffer { out.limits.sendBuffer = v }
-        if let v = l.slowConsumerGrace { out.limits.slowConsumerGrace = v }
-        if let v = l.maxConnections { out.limits.maxConnections = v }
-        if let v = l.handshakeTimeout { out.limits.handshakeTimeout = v }
-        if let v = l.pingInterval { out.limits.pingInterval = v }
-        if let v = l.pongTimeout { out.limits.pongTimeout = v }
-        if let v = l.shutdownTimeout { out.limits.shutdownTimeout = v }
-        let c = other.cluster
-        if let v = c.exchange { out.cluster.exchange = v }
-        if let v = c.queueMaxLength { out.cluster.queueMaxLength = v }
-        if let v = c.queueMessageTTL { out.cluster.queueMessageTTL = v }
-        if let v = c.unbindLinger { out.cluster.unbindLinger = v }
-        if let v = c.publishBuffer { out.cluster.publishBuffer = v }
-        if let v = c.heartbeat { out.cluster.heartbeat = v }
-        if let v = c.publishWindow { out.cluster.publishWindow = v }
-        let d = other.daemon
-        if let v = d.user { out.daemon.user = v }
-        if let v = d.group { out.daemon.group = v }
-        if let v = d.directory { out.daemon.directory = v }
-        if let v = d.pidFile { out.daemon.pidFile = v }
-        if let v = d.umask { out.daemon.umask = v }
+        if let sockets { out.sockets = sockets }
+        if let ports { out.ports = ports }
+        if let mode { out.mode = mode }
+        if let amqp { out.amqp = amqp }
         return out
     }
 

@@ -10,54 +10,23 @@ import StapsNode
 import Glibc
 #endif
 
-/// Settings of the RabbitMQ link. The `init` defaults are the documented defaults.
+/// Settings of the RabbitMQ link: the broker URL, the node's `ClusterSettings` (whose `init`
+/// defaults are the documented defaults) and this node's id.
 public struct RabbitConfiguration: Sendable {
     public var url: AMQPURL
-    /// Topic exchange every node publishes to (durable; messages are transient).
-    public var exchange: String
-    /// Messages a node's queue holds before the oldest are dropped (`x-max-length`, drop-head).
-    public var queueMaxLength: Int
-    /// How long a message may wait in a node's queue (`x-message-ttl`).
-    public var queueMessageTTL: TimeAmount
-    /// How long a channel stays bound after its last local client left.
-    public var unbindLinger: TimeAmount
-    /// Bytes of outbound messages waiting for the broker before further ones are dropped.
-    public var publishBuffer: Int
-    /// AMQP heartbeat.
-    public var heartbeat: TimeAmount
-    /// Publishes go out at most once per window (at once when the link was idle), so a busy
-    /// channel's messages share AMQP messages. Zero: publish on every wake-up.
-    public var publishWindow: TimeAmount
+    public var settings: ClusterSettings
     /// This node's id, carried in every message so a node skips its own.
     public var nodeID: String
 
-    public init(
-        url: AMQPURL,
-        exchange: String = "staps",
-        queueMaxLength: Int = 100_000,
-        queueMessageTTL: TimeAmount = .seconds(10),
-        unbindLinger: TimeAmount = .seconds(2),
-        publishBuffer: Int = 64 << 20,
-        heartbeat: TimeAmount = .seconds(10),
-        publishWindow: TimeAmount = .milliseconds(5),
-        nodeID: String = RabbitConfiguration.makeNodeID()
-    ) {
+    public init(url: AMQPURL, settings: ClusterSettings = ClusterSettings(), nodeID: String = RabbitConfiguration.makeNodeID()) {
         self.url = url
-        self.exchange = exchange
-        self.queueMaxLength = queueMaxLength
-        self.queueMessageTTL = queueMessageTTL
-        self.unbindLinger = unbindLinger
-        self.publishBuffer = publishBuffer
-        self.heartbeat = heartbeat
-        self.publishWindow = publishWindow
+        self.settings = settings
         self.nodeID = nodeID
     }
 
     /// The link settings of a node's configuration (`amqp` must be set).
-    public init(node: NodeConfiguration) throws {
-        let c = node.cluster
-        self.init(url: try AMQPURL(node.amqpURL), exchange: c.exchange, queueMaxLength: c.queueMaxLength, queueMessageTTL: c.queueMessageTTL,
-                  unbindLinger: c.unbindLinger, publishBuffer: c.publishBuffer, heartbeat: c.heartbeat, publishWindow: c.publishWindow)
+    public init(node: NodeConfiguration, nodeID: String = RabbitConfiguration.makeNodeID()) throws {
+        self.init(url: try AMQPURL(node.amqpURL), settings: node.cluster, nodeID: nodeID)
     }
 
     public static func makeNodeID() -> String {
@@ -154,7 +123,7 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
         }
         let bytes = batch.reduce(0) { $0 + $1.payload.readableBytes + $1.channel.utf8.count }
         let accepted = self.lock.withLock { () -> Bool in
-            guard self.pending.publishBytes + bytes <= self.configuration.publishBuffer else { return false }
+            guard self.pending.publishBytes + bytes <= self.configuration.settings.publishBuffer else { return false }
             self.pending.publishes.append(contentsOf: batch)
             self.pending.publishBytes += bytes
             return true
@@ -260,7 +229,7 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
             self.inbound = inbound
             self.config = link.configuration
             self.logger = link.logger
-            self.exchange = CString(link.configuration.exchange)
+            self.exchange = CString(link.configuration.settings.exchange)
             self.nodeID = CString(link.configuration.nodeID)
             self.logger[metadataKey: "broker"] = "\(link.configuration.url)"
         }
@@ -343,12 +312,12 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
 
         private func connect() {
             do {
-                let heartbeat = Int32(max(1, self.config.heartbeat.nanoseconds / 1_000_000_000))
+                let heartbeat = Int32(max(1, self.config.settings.heartbeat.nanoseconds / 1_000_000_000))
                 let publisher = try AMQPConnection(url: self.config.url, heartbeatSeconds: heartbeat, connectTimeout: 5)
                 self.publisher = publisher
                 self.batch = PublishBatch(frameMax: Int(amqp_get_frame_max(publisher.state)))
                 amqp_exchange_declare(publisher.state, 1, self.exchange.bytes, amqp_cstring_bytes("topic"), 0, 1, 0, 0, amqp_table_t(num_entries: 0, entries: nil))
-                try publisher.check(amqp_get_rpc_reply(publisher.state), "declare topic exchange '\(self.config.exchange)'")
+                try publisher.check(amqp_get_rpc_reply(publisher.state), "declare topic exchange '\(self.config.settings.exchange)'")
 
                 let consumer = try AMQPConnection(url: self.config.url, heartbeatSeconds: heartbeat, connectTimeout: 5)
                 self.consumer = consumer
@@ -371,7 +340,7 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
                 ])
                 self.link.counters.reconnects.wrappingIncrement(ordering: .relaxed)
             } else {
-                self.logger.notice("broker link up", metadata: ["queue": "\(self.queueName)", "exchange": "\(self.config.exchange)"])
+                self.logger.notice("broker link up", metadata: ["queue": "\(self.queueName)", "exchange": "\(self.config.settings.exchange)"])
             }
             self.downSince = nil
             self.warnedThisOutage = false
@@ -387,13 +356,13 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
             var entries = [amqp_table_entry_t](repeating: amqp_table_entry_t(), count: 3)
             entries[0].key = maxLength.bytes
             entries[0].value.kind = UInt8(AMQP_FIELD_KIND_I64.rawValue)
-            entries[0].value.value.i64 = Int64(self.config.queueMaxLength)
+            entries[0].value.value.i64 = Int64(self.config.settings.queueMaxLength)
             entries[1].key = overflow.bytes
             entries[1].value.kind = UInt8(AMQP_FIELD_KIND_UTF8.rawValue)
             entries[1].value.value.bytes = dropHead.bytes
             entries[2].key = ttl.bytes
             entries[2].value.kind = UInt8(AMQP_FIELD_KIND_I64.rawValue)
-            entries[2].value.value.i64 = Int64(self.config.queueMessageTTL.nanoseconds / 1_000_000)
+            entries[2].value.value.i64 = Int64(self.config.settings.queueMessageTTL.nanoseconds / 1_000_000)
             let ok = entries.withUnsafeMutableBufferPointer { buffer in
                 withExtendedLifetime((maxLength, overflow, dropHead, ttl)) {
                     amqp_queue_declare(consumer.state, 1, amqp_bytes_t(len: 0, bytes: nil), 0, 0, 1, 1, amqp_table_t(num_entries: 3, entries: buffer.baseAddress))
@@ -477,7 +446,7 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
                     self.wanted[name] = .active
                     promise.succeed(())
                 case .unsubscribe(let name):
-                    self.wanted[name] = .lingering(NIODeadline.now() + self.config.unbindLinger)
+                    self.wanted[name] = .lingering(NIODeadline.now() + self.config.settings.unbindLinger)
                 }
             }
             self.dropExpiredWhileDown()
@@ -512,11 +481,11 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
                     }
                     promise.succeed(())
                 case .unsubscribe(let name):
-                    self.wanted[name] = .lingering(NIODeadline.now() + self.config.unbindLinger)
+                    self.wanted[name] = .lingering(NIODeadline.now() + self.config.settings.unbindLinger)
                 }
             }
             if !pending.publishes.isEmpty {
-                self.nextPublish = now + self.config.publishWindow
+                self.nextPublish = now + self.config.settings.publishWindow
                 try self.publish(pending.publishes)
             }
         }

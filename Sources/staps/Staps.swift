@@ -66,9 +66,7 @@ struct Staps: AsyncParsableCommand {
             link = StandaloneLink()
         } else {
             do {
-                var rabbit = try RabbitConfiguration(node: configuration)
-                rabbit.nodeID = nodeID
-                link = RabbitLink(configuration: rabbit, logger: logger)
+                link = RabbitLink(configuration: try RabbitConfiguration(node: configuration, nodeID: nodeID), logger: logger)
             } catch {
                 Self.exitWithError("amqp: \(error)")
             }
@@ -87,29 +85,27 @@ struct Staps: AsyncParsableCommand {
     func loadConfiguration() throws -> NodeConfiguration {
         let home = getenv("HOME").map { String(cString: $0) }
         let (fileSettings, file) = try ConfigurationLoader.load(explicitPath: self.config, candidates: ConfigurationLoader.defaultCandidates(home: home))
-        var flags = ConfigurationOverrides()
         let source = "command line"
-        if !self.socket.isEmpty {
-            for path in self.socket {
-                do { try ValueParser.socketPath(path) } catch { throw ConfigurationError(file: source, key: "--socket", message: error.message) }
-            }
-            flags.sockets = self.socket
+        for path in self.socket {
+            do { try ValueParser.socketPath(path) } catch { throw ConfigurationError(file: source, key: "--socket", message: error.message) }
         }
-        if !self.port.isEmpty {
-            var ports: [BindAddress] = []
-            for word in self.port {
-                do { ports.append(try ValueParser.hostPort(word)) } catch { throw ConfigurationError(file: source, key: "--port", message: error.message) }
-            }
-            flags.ports = ports
+        var ports: [BindAddress] = []
+        for word in self.port {
+            do { ports.append(try ValueParser.hostPort(word)) } catch { throw ConfigurationError(file: source, key: "--port", message: error.message) }
         }
-        if let mode = self.mode {
-            do { flags.mode = try ValueParser.octal(mode, max: 0o777) } catch { throw ConfigurationError(file: source, key: "--mode", message: error.message) }
+        var mode: UInt32?
+        if let text = self.mode {
+            do { mode = try ValueParser.octal(text, max: 0o777) } catch { throw ConfigurationError(file: source, key: "--mode", message: error.message) }
         }
         if let amqp = self.amqp {
             do { try ValueParser.amqpURL(amqp) } catch { throw ConfigurationError(file: source, key: "--amqp", message: error.message) }
-            flags.amqp = amqp
         }
-        return fileSettings.overridden(by: flags).resolved(sourceFile: file)
+        return fileSettings.withFlags(
+            sockets: self.socket.isEmpty ? nil : self.socket,
+            ports: ports.isEmpty ? nil : ports,
+            mode: mode,
+            amqp: self.amqp
+        ).resolved(sourceFile: file)
     }
 
     static func exitWithError(_ message: String) -> Never {

@@ -37,7 +37,7 @@ func startClusterNodes(_ count: Int, exchange: String = Broker.freshExchange(), 
     let url = try await Broker.require()
     var nodes: [(TestNode, RabbitLink)] = []
     for _ in 0..<count {
-        let link = RabbitLink(configuration: RabbitConfiguration(url: try AMQPURL(url), exchange: exchange, unbindLinger: linger), logger: testLogger("link"))
+        let link = RabbitLink(configuration: RabbitConfiguration(url: try AMQPURL(url), settings: ClusterSettings(exchange: exchange, unbindLinger: linger)), logger: testLogger("link"))
         let node = try await TestNode.start(limits: limits, link: link)
         nodes.append((node, link))
     }

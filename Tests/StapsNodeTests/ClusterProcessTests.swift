@@ -43,20 +43,7 @@ import WebSocketClient
         var clients: [TestClient] = []
         for i in 0..<6 { clients.append(try await TestClient.connect(.unix(path: cluster.sockets[i % 3]), "/procs")) }
         #expect(Set(clients.compactMap { $0.client.handshakeHeader("X-Staps-Node") }).count == 3)
-        let perSender = 300
-        for round in 0..<perSender {
-            for (i, c) in clients.enumerated() { c.send("\(i):\(round)") }
-        }
-        for (me, client) in clients.enumerated() {
-            var next = [Int](repeating: 0, count: clients.count)
-            for _ in 0..<(perSender * (clients.count - 1)) {
-                let parts = try await client.nextText(timeout: 10).split(separator: ":").map { Int($0)! }
-                #expect(parts[0] != me)
-                #expect(parts[1] == next[parts[0]])
-                next[parts[0]] = parts[1] + 1
-            }
-            #expect(try await client.isQuiet(for: 0.05))
-        }
+        try await expectEveryoneHearsEveryoneOnceInOrder(clients, perSender: 300)
         await cluster.stop()
     }
 

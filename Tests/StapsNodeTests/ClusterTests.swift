@@ -56,20 +56,7 @@ import WebSocketClient
             let node = nodes[i % 3].0
             clients.append(try await TestClient.connect(i % 2 == 0 ? node.tcp : node.unix, "/everyone"))
         }
-        let perSender = 200
-        for round in 0..<perSender {
-            for (i, c) in clients.enumerated() { c.send("\(i):\(round)") }
-        }
-        for (me, client) in clients.enumerated() {
-            var next = [Int](repeating: 0, count: clients.count)
-            for _ in 0..<(perSender * (clients.count - 1)) {
-                let parts = try await client.nextText(timeout: 10).split(separator: ":").map { Int($0)! }
-                #expect(parts[0] != me, "echo to \(me)")
-                #expect(parts[1] == next[parts[0]], "client \(me): sender \(parts[0]) out of order or duplicated")
-                next[parts[0]] = parts[1] + 1
-            }
-            #expect(try await client.isQuiet(for: 0.05), "nothing more than one copy of each")
-        }
+        try await expectEveryoneHearsEveryoneOnceInOrder(clients, perSender: 200)
         await stopAll(nodes)
     }
 
@@ -172,7 +159,7 @@ import WebSocketClient
         let exchange = Broker.freshExchange()
         try Broker.control("stop-app")
         let logged = LogCapture()
-        let late = RabbitLink(configuration: RabbitConfiguration(url: try AMQPURL(url), exchange: exchange), logger: logged.logger)
+        let late = RabbitLink(configuration: RabbitConfiguration(url: try AMQPURL(url), settings: ClusterSettings(exchange: exchange)), logger: logged.logger)
         let node = try await TestNode.start(link: late)
         // The node starts and serves locally while the broker is away.
         let p = try await TestClient.connect(node.tcp, "/late")
@@ -215,7 +202,7 @@ import WebSocketClient
         let exchange = Broker.freshExchange()
         try Broker.control("ctl", "eval", "rabbit_exchange:declare({resource, <<\"/\">>, exchange, <<\"\(exchange)\">>}, fanout, false, true, false, [], <<\"test\">>).")
         let logged = LogCapture()
-        let link = RabbitLink(configuration: RabbitConfiguration(url: try AMQPURL(url), exchange: exchange), logger: logged.logger)
+        let link = RabbitLink(configuration: RabbitConfiguration(url: try AMQPURL(url), settings: ClusterSettings(exchange: exchange)), logger: logged.logger)
         let node = try await TestNode.start(link: link)
         try await eventually("a warning about the exchange", within: 5) { logged.text.contains("warning") }
         #expect(logged.text.contains("406") && logged.text.contains("declare topic exchange"), "\(logged.text)")

@@ -68,9 +68,8 @@ import Testing
 
     @Test func flagsOverrideTheFilePerKey() throws {
         let file = try ConfigurationOverrides.parse("[staps]\nsocket = /tmp/a.sock\nport = 9000\nmode = 0600\n", file: "f")
-        var flags = ConfigurationOverrides()
-        flags.ports = [.hostname("127.0.0.1", port: 7000)]
-        let config = file.overridden(by: flags).resolved(sourceFile: "f")
+        let config = file.withFlags(sockets: nil, ports: [.hostname("127.0.0.1", port: 7000)], mode: nil, amqp: "amqp://h/").resolved(sourceFile: "f")
+        #expect(config.amqpURL == "amqp://h/")
         #expect(config.addresses == [.unixDomainSocket(path: "/tmp/a.sock"), .hostname("127.0.0.1", port: 7000)])
         #expect(config.socketMode == 0o600)
     }

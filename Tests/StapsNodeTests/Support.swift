@@ -226,3 +226,21 @@ func stapsBinary() throws -> String {
     return path
 }
 
+
+/// Every client sends `perSender` numbered messages; each must receive every other client's
+/// messages exactly once, in per-sender order, and never its own.
+func expectEveryoneHearsEveryoneOnceInOrder(_ clients: [TestClient], perSender: Int) async throws {
+    for round in 0..<perSender {
+        for (i, c) in clients.enumerated() { c.send("\(i):\(round)") }
+    }
+    for (me, client) in clients.enumerated() {
+        var next = [Int](repeating: 0, count: clients.count)
+        for _ in 0..<(perSender * (clients.count - 1)) {
+            let parts = try await client.nextText(timeout: 10).split(separator: ":").map { Int($0)! }
+            #expect(parts[0] != me, "echo to \(me)")
+            #expect(parts[1] == next[parts[0]], "client \(me): sender \(parts[0]) out of order or duplicated")
+            next[parts[0]] = parts[1] + 1
+        }
+        #expect(try await client.isQuiet(for: 0.05), "nothing beyond one copy of each")
+    }
+}
