@@ -130,6 +130,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                 return self.reject(head, .payloadTooLarge, "body larger than \(self.shared.limits.maxMessageSize) bytes", close: true, context: context)
             }
             self.state = .receivingBody(head, name, context.channel.allocator.buffer(capacity: 0))
+            if head.headers[canonicalForm: "expect"].contains(where: { $0.lowercased() == "100-continue" }) {
+                context.writeAndFlush(self.wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .continue))), promise: nil)
+            }
         default:
             self.reject(head, .methodNotAllowed, "method not allowed: use GET, POST or a websocket upgrade", extraHeaders: [("Allow", "GET, HEAD, POST")], context: context)
         }

@@ -48,6 +48,13 @@ final class AMQPConnection {
         guard let socket else {
             throw BrokerError(operation: "connect", reason: "cannot create a \(url.tls ? "TLS" : "TCP") socket")
         }
+        if url.tls {
+            // rabbitmq-c verifies the peer by default but loads no CA certificates itself.
+            let bundle = "/etc/ssl/certs/ca-certificates.crt"
+            if access(bundle, R_OK) == 0, amqp_ssl_socket_set_cacert(socket, bundle) != AMQP_STATUS_OK.rawValue {
+                throw BrokerError(operation: "connect", reason: "cannot load CA certificates from \(bundle)")
+            }
+        }
         var timeout = timeval(tv_sec: connectTimeout, tv_usec: 0)
         // No broker reply may hold the link's thread longer than this.
         _ = amqp_set_handshake_timeout(state, &timeout)

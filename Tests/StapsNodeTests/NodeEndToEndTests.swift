@@ -137,6 +137,11 @@ import WebSocketClient
         #expect(!m.isText && m.bytes == [1, 2, 3])
         let (status3, _, body3) = try await httpRequest(node.tcp, "POST", "/nobody-here", body: [1])
         #expect(status3 == 202 && body3.contains("\"receivers\":0"))
+        // curl sends Expect: 100-continue for larger bodies; it gets its 100 at once.
+        let (status4, head4, _) = try await httpRequest(node.tcp, "POST", "/news", headers: [("Expect", "100-continue")], body: [7, 7])
+        #expect(status4 == 100 && head4.hasPrefix("HTTP/1.1 100 Continue"))
+        let m4 = try await a.nextMessage()
+        #expect(m4.bytes == [7, 7])
         await node.stop()
     }
 

@@ -11,7 +11,8 @@ import WebSocketClient
     static func launch(_ args: [String], waitFor socket: String) async throws -> (Process, Pipe) {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: try stapsBinary())
-        process.arguments = args
+        // Never a developer's ~/.staps.conf or /etc/staps/staps.conf: only what the test says.
+        process.arguments = args.contains("--config") ? args : ["--config", "/dev/null"] + args
         let stderr = Pipe()
         process.standardError = stderr
         process.standardOutput = FileHandle.nullDevice
