@@ -197,6 +197,47 @@ import WebSocketClient
         await node.stop()
     }
 
+    @Test func wrongVhostIsAClearError() async throws {
+        let url = try await Broker.require()
+        let logged = LogCapture()
+        let bad = RabbitLink(configuration: RabbitConfiguration(url: try AMQPURL(url + "no-such-vhost")), logger: logged.logger)
+        let node = try await TestNode.start(link: bad)
+        try await eventually("a warning about the vhost", within: 5) { logged.text.contains("warning") }
+        #expect(logged.text.contains("no-such-vhost"), "names the vhost: \(logged.text)")
+        #expect(!bad.isConnected)
+        await node.stop()
+    }
+
+    /// The routing keys bound from `exchange` on the broker right now.
+    static func bindings(of exchange: String) throws -> [String] {
+        let (status, output) = try run(Broker.repositoryRoot + "/scripts/rabbitmq", ["ctl", "list_bindings", "-q", "--no-table-headers", "source_name", "routing_key"])
+        guard status == 0 else { throw TestError.unexpected("list_bindings failed: \(output)") }
+        return output.split(separator: "\n").compactMap { line in
+            let fields = line.split(separator: "\t")
+            return fields.count == 2 && fields[0] == exchange ? String(fields[1]) : nil
+        }
+    }
+
+    @Test func channelsAreUnboundAfterTheLinger() async throws {
+        let exchange = Broker.freshExchange()
+        // rabbitmqctl needs about 0.6 s per call, so the linger is long enough to look inside it.
+        let nodes = try await startClusterNodes(1, exchange: exchange, linger: .seconds(3))
+        let key = RoutingKey.forChannel("linger.room")
+        let first = try await TestClient.connect(nodes[0].0.tcp, "/linger.room")
+        let bound = try Self.bindings(of: exchange)
+        #expect(bound == [key], "bound before the handshake completed: \(bound)")
+        await first.close()
+        // Reconnecting within the linger keeps the binding (no churn)...
+        #expect(try Self.bindings(of: exchange) == [key])
+        let second = try await TestClient.connect(nodes[0].0.tcp, "/linger.room")
+        try await Task.sleep(nanoseconds: 3_500_000_000)
+        #expect(try Self.bindings(of: exchange) == [key], "still bound while a client is on it")
+        // ...and the last client leaving unbinds once the linger has passed.
+        await second.close()
+        try await eventually("the binding is gone after the linger", within: 6) { try Self.bindings(of: exchange).isEmpty }
+        await stopAll(nodes)
+    }
+
     @Test func exchangeOfAnotherTypeIsAClearError() async throws {
         let url = try await Broker.require()
         let exchange = Broker.freshExchange()
