@@ -84,7 +84,7 @@ public final class NodeCounters: Sendable {
     public let messagesIn = ManagedAtomic<Int>(0)
     /// Connections refused with 503 for being over `max_connections`.
     public let connectionsRefused = ManagedAtomic<Int>(0)
-    /// Batches between event loops dropped because the target loop was too far behind.
+    /// Messages between event loops dropped because the target loop was too far behind.
     public let crossLoopDropped = ManagedAtomic<Int>(0)
 
     public init() {}
@@ -97,6 +97,9 @@ public final class Hub: Sendable, ClusterInbound {
     private let loopIndex: [ObjectIdentifier: Int]
     let link: any ClusterLink
     let counters: NodeCounters
+    let logger: Logger
+    /// When the next cross-loop drop warning may be logged (uptime nanoseconds).
+    private let nextDropWarning = ManagedAtomic<UInt64>(0)
 
     /// Bytes one event loop may have queued for another before further batches are dropped.
     static let crossLoopBacklogLimit = 256 << 20
@@ -105,16 +108,28 @@ public final class Hub: Sendable, ClusterInbound {
     private let clusterBacklog = ManagedAtomic<Int>(0)
     public var clusterBacklogBytes: Int { self.clusterBacklog.load(ordering: .relaxed) }
 
-    init(eventLoops: [EventLoop], link: any ClusterLink, counters: NodeCounters) {
+    init(eventLoops: [EventLoop], link: any ClusterLink, counters: NodeCounters, logger: Logger) {
         precondition(eventLoops.count <= 64, "at most 64 event loops")
         self.link = link
         self.counters = counters
+        self.logger = logger
         self.directory = ChannelDirectory(link: link)
         var index: [ObjectIdentifier: Int] = [:]
         for (i, loop) in eventLoops.enumerated() { index[ObjectIdentifier(loop)] = i }
         self.loopIndex = index
         self.loops = eventLoops.enumerated().map { LoopHub(eventLoop: $1, index: $0, loopCount: eventLoops.count) }
         for loop in self.loops { loop.hub = self }
+    }
+
+    /// A batch for a loop that is too far behind was dropped: count it, warn at most every 10 s.
+    func droppedCrossLoopBatch(messages: Int) {
+        let total = self.counters.crossLoopDropped.wrappingIncrementThenLoad(by: messages, ordering: .relaxed)
+        let now = NIODeadline.now().uptimeNanoseconds
+        let next = self.nextDropWarning.load(ordering: .relaxed)
+        guard now >= next, self.nextDropWarning.compareExchange(expected: next, desired: now + 10_000_000_000, ordering: .relaxed).exchanged else { return }
+        self.logger.warning("an event loop fell too far behind: dropped messages for it", metadata: [
+            "dropped.total": "\(total)", "backlog.limit": "\(Hub.crossLoopBacklogLimit)",
+        ])
     }
 
     func loopHub(for eventLoop: EventLoop) -> LoopHub {
@@ -295,7 +310,7 @@ final class LoopHub: @unchecked Sendable {
             let target = self.hub.loops[i]
             if target.backlog.loadThenWrappingIncrement(by: bytes, ordering: .relaxed) > Hub.crossLoopBacklogLimit {
                 target.backlog.wrappingDecrement(by: bytes, ordering: .relaxed)
-                self.hub.counters.crossLoopDropped.wrappingIncrement(ordering: .relaxed)
+                self.hub.droppedCrossLoopBatch(messages: batch.count)
                 continue
             }
             target.eventLoop.execute { target.deliver(batch, backlog: target.backlog, bytes: bytes) }

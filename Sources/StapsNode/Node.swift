@@ -57,7 +57,7 @@ public final class Node: Sendable {
             self.group = MultiThreadedEventLoopGroup(numberOfThreads: min(System.coreCount, 64))
             self.ownsGroup = true
         }
-        self.hub = Hub(eventLoops: Array(self.group.makeIterator()), link: link, counters: self.counters)
+        self.hub = Hub(eventLoops: Array(self.group.makeIterator()), link: link, counters: self.counters, logger: logger)
     }
 
     /// The addresses actually bound (TCP port 0 resolved).

@@ -216,6 +216,8 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
         var droppedAtOutageStart = 0
 
         var nextHousekeeping = NIODeadline.now()
+        var nextDropReport = NIODeadline.now()
+        var reportedBufferDrops = 0
         /// When the next publish may go out (see `RabbitConfiguration.publishWindow`).
         var nextPublish = NIODeadline.now()
         var body: [UInt8] = []
@@ -285,10 +287,23 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
             let now = NIODeadline.now()
             if now >= self.nextHousekeeping {
                 self.nextHousekeeping = now + .milliseconds(100)
+                self.reportBufferDrops(now: now)
                 try self.unbindExpired(consumer)
                 // Lets rabbitmq-c send heartbeats on the quiet publish connection and notice a close.
                 try publisher.serviceWithoutBlocking("publish connection")
             }
+        }
+
+        /// Messages dropped because the outbound buffer was full: one warning per 10 s at most.
+        private func reportBufferDrops(now: NIODeadline) {
+            guard now >= self.nextDropReport else { return }
+            let dropped = self.link.counters.droppedBufferFull.load(ordering: .relaxed)
+            guard dropped > self.reportedBufferDrops else { return }
+            self.logger.warning("broker slower than the clients: dropped messages for other nodes", metadata: [
+                "dropped": "\(dropped - self.reportedBufferDrops)", "amqp_buffer": "\(self.config.settings.publishBuffer)",
+            ])
+            self.reportedBufferDrops = dropped
+            self.nextDropReport = now + .seconds(10)
         }
 
         /// Housekeeping (unbinding lingering channels, heartbeats) runs every 100 ms.

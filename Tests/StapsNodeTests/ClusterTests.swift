@@ -197,6 +197,26 @@ import WebSocketClient
         await node.stop()
     }
 
+    @Test func aFullBrokerBufferDropsAndCountsWhileLocalDeliveryGoesOn() async throws {
+        let url = try await Broker.require()
+        let logged = LogCapture()
+        // A 4 KiB buffer that is emptied only every 2 s: most cluster-bound messages must drop.
+        let settings = ClusterSettings(exchange: Broker.freshExchange(), publishBuffer: 4096, publishWindow: .seconds(2))
+        let link = RabbitLink(configuration: RabbitConfiguration(url: try AMQPURL(url), settings: settings), logger: logged.logger)
+        let node = try await TestNode.start(link: link)
+        try await eventually("link up") { link.isConnected }
+        let sender = try await TestClient.connect(node.tcp, "/full")
+        let local = try await TestClient.connect(node.unix, "/full")
+        sender.send("first")  // goes out at once: the link was idle
+        #expect(try await local.nextText() == "first")
+        for i in 0..<2000 { sender.send("message \(i) " + String(repeating: "x", count: 100)) }
+        for i in 0..<2000 { #expect(try await local.nextText().hasPrefix("message \(i) ")) }
+        try await eventually("the drops are counted and reported", within: 5) {
+            link.counters.droppedBufferFull.load(ordering: .relaxed) > 1000 && logged.text.contains("broker slower than the clients")
+        }
+        await node.stop()
+    }
+
     @Test func wrongVhostIsAClearError() async throws {
         let url = try await Broker.require()
         let logged = LogCapture()
