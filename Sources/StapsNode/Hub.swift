@@ -118,7 +118,10 @@ public final class Hub: Sendable, ClusterInbound {
         for (i, loop) in eventLoops.enumerated() { index[ObjectIdentifier(loop)] = i }
         self.loopIndex = index
         self.loops = eventLoops.enumerated().map { LoopHub(eventLoop: $1, index: $0, loopCount: eventLoops.count) }
-        for loop in self.loops { loop.hub = self }
+        for loop in self.loops {
+            loop.hub = self
+            loop.setClustered(link.isClustered)
+        }
     }
 
     /// A batch for a loop that is too far behind was dropped: count it, warn at most every 10 s.
@@ -193,6 +196,8 @@ final class LoopHub: @unchecked Sendable {
     let bit: UInt64
     let allocator = ByteBufferAllocator()
     unowned(unsafe) var hub: Hub!
+    /// Whether messages go to the cluster link: read per message, so cached here.
+    private(set) var clustered = false
 
     /// Bytes other loops have queued for this one and it has not delivered yet.
     let backlog = ManagedAtomic<Int>(0)
@@ -217,6 +222,8 @@ final class LoopHub: @unchecked Sendable {
         self.outgoing = Array(repeating: [], count: loopCount)
         self.outgoingBytes = Array(repeating: 0, count: loopCount)
     }
+
+    func setClustered(_ clustered: Bool) { self.clustered = clustered }
 
     /// Adds a connection to its channel on this loop. From now on it receives every message.
     func attach(_ connection: WebSocketHandler, to entry: ChannelEntry) {
@@ -271,7 +278,7 @@ final class LoopHub: @unchecked Sendable {
             self.outgoingBytes[i] &+= frame.readableBytes
             mask &= mask - 1
         }
-        if self.hub.link.isClustered {
+        if self.clustered {
             let payload = frame.getSlice(at: frame.readerIndex + headerLength, length: frame.readableBytes - headerLength)!
             self.clusterOutgoing.append(ClusterMessage(channel: entry.name, payload: payload, isText: isText, connectionID: sender?.id ?? 0))
         }
