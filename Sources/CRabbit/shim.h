@@ -26,10 +26,6 @@ static inline amqp_rpc_reply_t staps_amqp_login_plain(amqp_connection_state_t st
 // Method ids Swift sees only as macros with casts.
 static inline amqp_method_number_t staps_connection_close_method(void) { return AMQP_CONNECTION_CLOSE_METHOD; }
 static inline amqp_method_number_t staps_channel_close_method(void) { return AMQP_CHANNEL_CLOSE_METHOD; }
-static inline amqp_method_number_t staps_basic_deliver_method(void) { return AMQP_BASIC_DELIVER_METHOD; }
-static inline amqp_flags_t staps_basic_props_flags(void) {
-    return AMQP_BASIC_DELIVERY_MODE_FLAG | AMQP_BASIC_TYPE_FLAG | AMQP_BASIC_APP_ID_FLAG | AMQP_BASIC_CORRELATION_ID_FLAG;
-}
 static inline amqp_flags_t staps_basic_type_flag(void) { return AMQP_BASIC_TYPE_FLAG; }
 static inline amqp_flags_t staps_basic_app_id_flag(void) { return AMQP_BASIC_APP_ID_FLAG; }
 

@@ -30,6 +30,7 @@ final class CString {
     deinit { free(self.pointer) }
 
     var bytes: amqp_bytes_t { amqp_bytes_t(len: self.count, bytes: UnsafeMutableRawPointer(self.pointer)) }
+    var rawBytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: self.pointer, count: self.count) }
 }
 
 /// One rabbitmq-c connection with channel 1 open. Owned by one thread; closed explicitly.

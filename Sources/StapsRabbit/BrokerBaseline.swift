@@ -9,7 +9,9 @@ import Glibc
 
 /// The bare publish→consume rate of a broker: one connection publishing to a fresh topic
 /// exchange, another consuming its bound queue (no-ack), each on its own thread. What a staps
-/// cluster's broker leg is compared with.
+/// cluster's broker leg is compared with. It publishes with the same `PublishBatch` writer as
+/// the link (256 messages per write), so it measures the broker, not rabbitmq-c's three
+/// `send` calls per `amqp_basic_publish`.
 public enum BrokerBaseline {
     public struct Result: Sendable {
         public var published: Int
@@ -43,20 +45,21 @@ public enum BrokerBaseline {
         // @unchecked boxes: each connection is used by exactly one of the two threads.
         let pub = Unchecked((publisher, exchange, key))
         let con = Unchecked(consumer)
-        let published = pool.runIfActive(eventLoop: group.next()) { () -> Int in
+        let published = pool.runIfActive(eventLoop: group.next()) { () throws -> Int in
             let (publisher, exchange, key) = pub.value
-            var body = [UInt8](repeating: 0x2A, count: size)
-            var properties = amqp_basic_properties_t()
-            properties._flags = staps_basic_type_flag()
-            let type = CString("b")
-            properties.type = type.bytes
-            for _ in 0..<messages {
-                let status = body.withUnsafeMutableBytes {
-                    amqp_basic_publish(publisher.state, 1, exchange.bytes, key.bytes, 0, 0, &properties, amqp_bytes_t(len: $0.count, bytes: $0.baseAddress))
+            let body = [UInt8](repeating: 0x2A, count: size)
+            let appID = CString("baseline")
+            var batch = PublishBatch(frameMax: Int(amqp_get_frame_max(publisher.state)))
+            var sent = 0
+            while sent < messages {
+                batch.removeAll()
+                while batch.count < 256, sent < messages {
+                    body.withUnsafeBytes { batch.append(exchange: exchange.rawBytes, routingKey: key.rawBytes, type: UInt8(ascii: "b"), appID: appID.rawBytes, correlationID: 0, body: $0) }
+                    sent += 1
                 }
-                if status != AMQP_STATUS_OK.rawValue { return -1 }
+                try batch.write(to: publisher.fileDescriptor)
             }
-            return messages
+            return sent
         }
         let consumed = pool.runIfActive(eventLoop: group.next()) { () -> Int in
             let consumer = con.value

@@ -29,20 +29,18 @@ struct PublishBatch {
         self.count = 0
     }
 
-    /// Appends one transient publish with `type`, `app_id` and `correlation_id` properties; the
-    /// body is `prefix` followed by `payload`.
+    /// Appends one transient publish of `body` with `type`, `app_id` and `correlation_id` properties.
     mutating func append(exchange: UnsafeRawBufferPointer, routingKey: UnsafeRawBufferPointer, type: UInt8, appID: UnsafeRawBufferPointer,
-                         correlationID: UInt64, prefix: UnsafeRawBufferPointer, payload: UnsafeRawBufferPointer) {
+                         correlationID: UInt64, body: UnsafeRawBufferPointer) {
         // Method frame: basic.publish (60, 40).
         self.frame(type: 1) { b in
             b.u16(60); b.u16(40); b.u16(0)
             b.shortString(exchange); b.shortString(routingKey)
             b.bytes.append(0)  // mandatory = immediate = false
         }
-        let bodySize = prefix.count + payload.count
         // Content header: class 60, weight 0, body size, flags, then the flagged properties in order.
         self.frame(type: 2) { b in
-            b.u16(60); b.u16(0); b.u64(UInt64(bodySize))
+            b.u16(60); b.u16(0); b.u64(UInt64(body.count))
             b.u16(0x1000 | 0x0400 | 0x0020 | 0x0008)  // delivery_mode, correlation_id, type, app_id
             b.bytes.append(1)  // delivery_mode: transient
             var digits = [UInt8]()
@@ -54,22 +52,9 @@ struct PublishBatch {
         }
         // Body frames, each at most frame_max.
         var offset = 0
-        while offset < bodySize {
-            let chunk = min(self.maxBodyFrame, bodySize - offset)
-            self.frame(type: 3) { b in
-                var remaining = chunk
-                var at = offset
-                if at < prefix.count {
-                    let n = min(remaining, prefix.count - at)
-                    b.bytes.append(contentsOf: UnsafeRawBufferPointer(rebasing: prefix[at..<(at + n)]))
-                    remaining -= n
-                    at += n
-                }
-                if remaining > 0 {
-                    let p = at - prefix.count
-                    b.bytes.append(contentsOf: UnsafeRawBufferPointer(rebasing: payload[p..<(p + remaining)]))
-                }
-            }
+        while offset < body.count {
+            let chunk = min(self.maxBodyFrame, body.count - offset)
+            self.frame(type: 3) { b in b.bytes.append(contentsOf: UnsafeRawBufferPointer(rebasing: body[offset..<(offset + chunk)])) }
             offset += chunk
         }
         self.count += 1

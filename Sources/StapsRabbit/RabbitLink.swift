@@ -175,12 +175,19 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
         }
     }
 
-    private func takePending() -> Pending {
+    /// Drops what waits for the broker (it is down); returns how many messages that was.
+    private func dropPublishes() -> Int {
         self.lock.withLock {
-            let out = self.pending
-            self.pending = Pending()
-            return out
+            let n = self.pending.publishes.count
+            self.pending.publishes = []
+            self.pending.publishBytes = 0
+            return n
         }
+    }
+
+    /// Puts back commands that could not be carried out, ahead of newer ones.
+    private func requeue(_ commands: ArraySlice<Command>) {
+        self.lock.withLock { self.pending.commands = Array(commands) + self.pending.commands }
     }
 
     // MARK: - The owner thread
@@ -198,8 +205,6 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
         var queue: CString?
         let exchange: CString
         let nodeID: CString
-        let textType = CString("t")
-        let binaryType = CString("b")
         var keys: [String: CString] = [:]
 
         enum Want { case active, lingering(NIODeadline) }
@@ -240,10 +245,14 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
             while !self.link.stopped.load(ordering: .relaxed) {
                 if self.consumer == nil {
                     if NIODeadline.now() >= self.nextAttempt { self.connect() }
-                    // While down: answer subscriptions at once (serve locally), drop publishes.
-                    self.handlePending(connected: false)
-                    self.sleepUntilWoken(timeoutMillis: self.millisUntil(self.nextAttempt, cap: 100))
-                    continue
+                    if self.consumer == nil {
+                        // While down: subscriptions are answered at once (local service), publishes dropped.
+                        self.link.counters.droppedWhileDown.wrappingIncrement(by: self.link.dropPublishes(), ordering: .relaxed)
+                        try? self.handleCommands(self.link.take(publishes: false).commands)
+                        try? self.unbindExpired()
+                        self.sleepUntilWoken(timeoutMillis: self.millisUntil(self.nextAttempt, cap: 100))
+                        continue
+                    }
                 }
                 do {
                     try self.step()
@@ -282,13 +291,18 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
                     if fds[2].revents != 0 { try publisher.serviceWithoutBlocking("publish connection") }
                 }
             }
-            try self.handlePendingConnected()
-            if reading { try self.consume(consumer) }
             let now = NIODeadline.now()
+            let pending = self.link.take(publishes: now >= self.nextPublish)
+            try self.handleCommands(pending.commands)
+            if !pending.publishes.isEmpty {
+                self.nextPublish = now + self.config.settings.publishWindow
+                try self.publish(pending.publishes)
+            }
+            if reading { try self.consume(consumer) }
             if now >= self.nextHousekeeping {
                 self.nextHousekeeping = now + .milliseconds(100)
                 self.reportBufferDrops(now: now)
-                try self.unbindExpired(consumer)
+                try self.unbindExpired()
                 // Lets rabbitmq-c send heartbeats on the quiet publish connection and notice a close.
                 try publisher.serviceWithoutBlocking("publish connection")
             }
@@ -444,53 +458,25 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
             self.consumer = nil
             self.bound = []
             // What was waiting for the broker is dropped and counted.
-            let pending = self.link.takePending()
-            self.link.counters.droppedWhileDown.wrappingIncrement(by: pending.publishes.count, ordering: .relaxed)
-            self.link.lock.withLock { self.link.pending.commands = pending.commands + self.link.pending.commands }
+            self.link.counters.droppedWhileDown.wrappingIncrement(by: self.link.dropPublishes(), ordering: .relaxed)
         }
 
         // MARK: Work from the event loops
 
-        /// While down: subscriptions are answered at once and remembered for the rebind.
-        private func handlePending(connected: Bool) {
-            let pending = self.link.takePending()
-            self.link.counters.droppedWhileDown.wrappingIncrement(by: pending.publishes.count, ordering: .relaxed)
-            for command in pending.commands {
+        /// Subscriptions and unsubscriptions from the event loops. Connected: a new channel is
+        /// bound before its promise succeeds (joined means subscribed cluster-wide). Down: the
+        /// promise succeeds at once (local service) and the channel is bound on reconnection.
+        /// A failed bind puts the rest back for after the reconnect and throws.
+        private func handleCommands(_ commands: [Command]) throws(BrokerError) {
+            for (i, command) in commands.enumerated() {
                 switch command {
                 case .subscribe(let name, let promise):
                     self.wanted[name] = .active
-                    promise.succeed(())
-                case .unsubscribe(let name):
-                    self.wanted[name] = .lingering(NIODeadline.now() + self.config.settings.unbindLinger)
-                }
-            }
-            self.dropExpiredWhileDown()
-        }
-
-        private func dropExpiredWhileDown() {
-            let now = NIODeadline.now()
-            for (name, want) in self.wanted {
-                if case .lingering(let deadline) = want, deadline <= now { self.wanted[name] = nil }
-            }
-        }
-
-        private func handlePendingConnected() throws(BrokerError) {
-            let now = NIODeadline.now()
-            let publishDue = now >= self.nextPublish
-            let pending = self.link.take(publishes: publishDue)
-            for (i, command) in pending.commands.enumerated() {
-                switch command {
-                case .subscribe(let name, let promise):
-                    self.wanted[name] = .active
-                    if !self.bound.contains(name), let consumer = self.consumer {
+                    if let consumer = self.consumer, !self.bound.contains(name) {
                         do {
                             try self.bind(name, on: consumer)
                         } catch {
-                            // Put back what is not done; the reconnect rebinds and answers.
-                            self.link.lock.withLock {
-                                self.link.pending.commands = Array(pending.commands[i...]) + self.link.pending.commands
-                            }
-                            self.link.counters.droppedWhileDown.wrappingIncrement(by: pending.publishes.count, ordering: .relaxed)
+                            self.link.requeue(commands[i...])
                             throw error
                         }
                     }
@@ -498,10 +484,6 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
                 case .unsubscribe(let name):
                     self.wanted[name] = .lingering(NIODeadline.now() + self.config.settings.unbindLinger)
                 }
-            }
-            if !pending.publishes.isEmpty {
-                self.nextPublish = now + self.config.settings.publishWindow
-                try self.publish(pending.publishes)
             }
         }
 
@@ -530,8 +512,8 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
                 }
             }
             self.batch.removeAll()
-            let exchange = UnsafeRawBufferPointer(start: self.exchange.pointer, count: self.exchange.count)
-            let appID = UnsafeRawBufferPointer(start: self.nodeID.pointer, count: self.nodeID.count)
+            let exchange = self.exchange.rawBytes
+            let appID = self.nodeID.rawBytes
             for group in groups {
                 let routingKey = self.key(group.key.channel)
                 let nameBytes = group.key.channel.utf8
@@ -546,9 +528,8 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
                     payload.withUnsafeReadableBytes { self.body.append(contentsOf: $0) }
                 }
                 self.body.withUnsafeBytes { body in
-                    self.batch.append(exchange: exchange, routingKey: UnsafeRawBufferPointer(start: routingKey.pointer, count: routingKey.count),
-                                      type: group.isText ? UInt8(ascii: "t") : UInt8(ascii: "b"), appID: appID,
-                                      correlationID: group.key.connection, prefix: body, payload: UnsafeRawBufferPointer(start: nil, count: 0))
+                    self.batch.append(exchange: exchange, routingKey: routingKey.rawBytes, type: group.isText ? UInt8(ascii: "t") : UInt8(ascii: "b"),
+                                      appID: appID, correlationID: group.key.connection, body: body)
                 }
             }
             do {
@@ -622,12 +603,13 @@ public final class RabbitLink: ClusterLink, @unchecked Sendable {
             }
         }
 
-        private func unbindExpired(_ consumer: AMQPConnection) throws(BrokerError) {
+        /// Forgets channels whose linger has passed, unbinding those bound on this connection.
+        private func unbindExpired() throws(BrokerError) {
             let now = NIODeadline.now()
             for (name, want) in self.wanted {
                 guard case .lingering(let deadline) = want, deadline <= now else { continue }
                 self.wanted[name] = nil
-                if self.bound.remove(name) != nil {
+                if self.bound.remove(name) != nil, let consumer = self.consumer {
                     amqp_queue_unbind(consumer.state, 1, self.queue!.bytes, self.exchange.bytes, self.key(name).bytes, amqp_table_t(num_entries: 0, entries: nil))
                     try consumer.check(amqp_get_rpc_reply(consumer.state), "unbind channel")
                 }
