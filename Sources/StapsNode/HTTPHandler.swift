@@ -31,7 +31,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case idle
         case receivingBody(HTTPRequestHead, String, ByteBuffer)
         case discardingBody(HTTPRequestHead, status: HTTPResponseStatus, reason: String, extraHeaders: [(String, String)])
-        case ignoringBody(HTTPRequestHead)
+        case ignoringBody
         /// A valid upgrade request whose `.end` has not arrived yet.
         case awaitingUpgradeEnd(HTTPRequestHead, channel: String, key: String)
         case upgrading
@@ -72,7 +72,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case .body(let chunk):
             switch self.state {
             case .receivingBody(let head, let channel, var body):
-                self.state = .idle
+                self.state = .idle  // so `body` is uniquely referenced while it grows
                 if body.readableBytes + chunk.readableBytes > self.shared.limits.maxMessageSize {
                     self.state = .discardingBody(head, status: .payloadTooLarge, reason: "body larger than \(self.shared.limits.maxMessageSize) bytes", extraHeaders: [])
                 } else {
@@ -90,9 +90,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             case .discardingBody(let head, let status, let reason, let extra):
                 self.state = .idle
                 self.respond(context: context, head: head, status: status, text: reason, extraHeaders: extra)
-            case .ignoringBody(let head):
+            case .ignoringBody:
                 self.state = .idle
-                self.afterResponse(context: context, keepAlive: head.isKeepAlive)
             case .awaitingUpgradeEnd(let head, let channel, let key):
                 self.join(head, channel: channel, key: key, context: context)
             case .idle, .upgrading:
@@ -120,7 +119,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         switch head.method {
         case .GET, .HEAD:
             let page = Page.html(target: target, headers: head.headers)
-            self.state = .ignoringBody(head)
+            self.state = .ignoringBody
             self.writeResponse(context: context, head: head, status: .ok, contentType: "text/html; charset=utf-8", body: page, keepAlive: head.isKeepAlive, omitBody: head.method == .HEAD)
         case .POST:
             guard case .channel(let name) = target else {
@@ -142,16 +141,11 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// and drops the connection (the body is not worth reading).
     private func reject(_ head: HTTPRequestHead, _ status: HTTPResponseStatus, _ reason: String, close: Bool = false, extraHeaders: [(String, String)] = [], context: ChannelHandlerContext) {
         if close {
-            self.state = .ignoringBody(head)
-            self.respond(context: context, head: head, status: status, text: reason, extraHeaders: extraHeaders + [("Connection", "close")])
+            self.state = .ignoringBody
+            self.respond(context: context, head: head, status: status, text: reason, extraHeaders: extraHeaders, close: true)
         } else {
             self.state = .discardingBody(head, status: status, reason: reason, extraHeaders: extraHeaders)
         }
-    }
-
-    func channelReadComplete(context: ChannelHandlerContext) {
-        context.flush()
-        context.fireChannelReadComplete()
     }
 
     private func post(_ head: HTTPRequestHead, channel: String, body: ByteBuffer, context: ChannelHandlerContext) {
@@ -168,9 +162,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         self.writeResponse(context: context, head: head, status: .accepted, contentType: "application/json", body: json, keepAlive: head.isKeepAlive)
     }
 
-    private func respond(context: ChannelHandlerContext, head: HTTPRequestHead, status: HTTPResponseStatus, text: String, extraHeaders: [(String, String)] = []) {
-        let close = extraHeaders.contains { $0.0 == "Connection" && $0.1 == "close" }
-        self.writeResponse(context: context, head: head, status: status, contentType: "text/plain; charset=utf-8", body: text + "\n", keepAlive: head.isKeepAlive && !close, extraHeaders: extraHeaders.filter { $0.0 != "Connection" })
+    private func respond(context: ChannelHandlerContext, head: HTTPRequestHead, status: HTTPResponseStatus, text: String, extraHeaders: [(String, String)] = [], close: Bool = false) {
+        self.writeResponse(context: context, head: head, status: status, contentType: "text/plain; charset=utf-8", body: text + "\n", keepAlive: head.isKeepAlive && !close, extraHeaders: extraHeaders)
     }
 
     private func writeResponse(context: ChannelHandlerContext, head: HTTPRequestHead, status: HTTPResponseStatus, contentType: String, body: String, keepAlive: Bool, omitBody: Bool = false, extraHeaders: [(String, String)] = []) {
@@ -192,10 +185,6 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         } else {
             self.armHandshakeTimer(context: context)
         }
-    }
-
-    private func afterResponse(context: ChannelHandlerContext, keepAlive: Bool) {
-        if !keepAlive || self.shuttingDown { context.close(promise: nil) }
     }
 
     // MARK: Upgrade
@@ -245,7 +234,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                 hub.directory.leave(entry)
                 self.logger.warning("channel subscription failed", metadata: ["error": "\(error)"])
                 self.state = .idle
-                self.respond(context: context, head: head, status: .serviceUnavailable, text: "channel subscription failed: \(error)", extraHeaders: [("Connection", "close")])
+                self.respond(context: context, head: head, status: .serviceUnavailable, text: "channel subscription failed: \(error)", close: true)
             }
         }
     }

@@ -72,8 +72,6 @@ final class ChannelDirectory: Sendable {
     func entries<S: Sequence>(for names: S) -> [ChannelEntry?] where S.Element == String {
         self.table.withLockedValue { table in names.map { table[$0]?.entry } }
     }
-
-    var channelCount: Int { self.table.withLockedValue { $0.count } }
 }
 
 /// Counters a node keeps (exported as metrics by later work).
@@ -117,11 +115,10 @@ public final class Hub: Sendable, ClusterInbound {
         var index: [ObjectIdentifier: Int] = [:]
         for (i, loop) in eventLoops.enumerated() { index[ObjectIdentifier(loop)] = i }
         self.loopIndex = index
-        self.loops = eventLoops.enumerated().map { LoopHub(eventLoop: $1, index: $0, loopCount: eventLoops.count) }
-        for loop in self.loops {
-            loop.hub = self
-            loop.setClustered(link.isClustered)
+        self.loops = eventLoops.enumerated().map {
+            LoopHub(eventLoop: $1, index: $0, loopCount: eventLoops.count, clustered: link.isClustered)
         }
+        for loop in self.loops { loop.hub = self }
     }
 
     /// A batch for a loop that is too far behind was dropped: count it, warn at most every 10 s.
@@ -146,7 +143,6 @@ public final class Hub: Sendable, ClusterInbound {
     func publish(channel name: String, payload: ByteBuffer, isText: Bool, on eventLoop: EventLoop) -> Int {
         self.counters.messagesIn.wrappingIncrement(ordering: .relaxed)
         let loopHub = self.loopHub(for: eventLoop)
-        let frame = Framing.frame(opcode: isText ? Framing.opText : Framing.opBinary, payload: payload, allocator: loopHub.allocator)
         guard let (entry, clients) = self.directory.lookup(name) else {
             // Nobody here; other nodes may still have clients.
             if self.link.isClustered {
@@ -154,6 +150,7 @@ public final class Hub: Sendable, ClusterInbound {
             }
             return 0
         }
+        let frame = Framing.frame(opcode: isText ? Framing.opText : Framing.opBinary, payload: payload, allocator: loopHub.allocator)
         loopHub.publish(from: nil, entry: entry, frame: frame, headerLength: frame.readableBytes - payload.readableBytes, isText: isText)
         return clients
     }
@@ -192,12 +189,11 @@ final class LoopHub: @unchecked Sendable {
     // @unchecked: all mutable state is touched only on `eventLoop` (asserted in debug builds);
     // other loops reach it only through `eventLoop.execute`.
     let eventLoop: EventLoop
-    let index: Int
     let bit: UInt64
     let allocator = ByteBufferAllocator()
     unowned(unsafe) var hub: Hub!
-    /// Whether messages go to the cluster link: read per message, so cached here.
-    private(set) var clustered = false
+    /// Whether messages go to the cluster link: read per message, so kept here.
+    let clustered: Bool
 
     /// Bytes other loops have queued for this one and it has not delivered yet.
     let backlog = ManagedAtomic<Int>(0)
@@ -215,15 +211,13 @@ final class LoopHub: @unchecked Sendable {
         init(entry: ChannelEntry) { self.entry = entry }
     }
 
-    init(eventLoop: EventLoop, index: Int, loopCount: Int) {
+    init(eventLoop: EventLoop, index: Int, loopCount: Int, clustered: Bool) {
         self.eventLoop = eventLoop
-        self.index = index
+        self.clustered = clustered
         self.bit = 1 << UInt64(index)
         self.outgoing = Array(repeating: [], count: loopCount)
         self.outgoingBytes = Array(repeating: 0, count: loopCount)
     }
-
-    func setClustered(_ clustered: Bool) { self.clustered = clustered }
 
     /// Adds a connection to its channel on this loop. From now on it receives every message.
     func attach(_ connection: WebSocketHandler, to entry: ChannelEntry) {

@@ -65,9 +65,6 @@ public final class Node: Sendable {
         self.listeners.withLockedValue { $0.map(\.address) }
     }
 
-    /// Connections open right now.
-    public var connections: Int { self.connectionCount.load(ordering: .relaxed) }
-
     /// Binds every listener; on any failure, closes what was bound and throws.
     public func start() async throws {
         self.link.start(inbound: self.hub)

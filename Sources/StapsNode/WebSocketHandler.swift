@@ -82,8 +82,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
         let context = self.context!
         if !context.channel.isWritable {
             // Over the high watermark: a hard cap at twice the send buffer, and a grace timer.
-            let buffered = (try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0
-            if buffered + frame.readableBytes > 2 * self.limits.sendBuffer {
+            if Self.bufferedBytes(context.channel) + frame.readableBytes > 2 * self.limits.sendBuffer {
                 self.closeSlowConsumer()
                 return
             }
@@ -104,13 +103,17 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
         self.slowTimer = context.eventLoop.assumeIsolated().scheduleTask(in: self.limits.slowConsumerGrace) { [self] in
             self.slowTimer = nil
             guard self.state == .open, let channel = self.context?.channel, !channel.isWritable else { return }
-            let buffered = (try? channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0
-            if buffered > self.limits.sendBuffer {
+            if Self.bufferedBytes(channel) > self.limits.sendBuffer {
                 self.closeSlowConsumer()
             } else {
                 self.armSlowTimer(context: context)
             }
         }
+    }
+
+    /// Bytes written to the channel and not yet taken by the kernel.
+    private static func bufferedBytes(_ channel: Channel) -> Int {
+        (try? channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0
     }
 
     func flushPending() {
@@ -128,8 +131,9 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     private func closeSlowConsumer() {
         self.counters.slowConsumersClosed.wrappingIncrement(ordering: .relaxed)
-        let buffered = (try? self.context.channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? -1
-        self.logger.warning("closing slow consumer", metadata: ["send_buffer": "\(self.limits.sendBuffer)", "buffered": "\(buffered)"])
+        self.logger.warning("closing slow consumer", metadata: [
+            "send_buffer": "\(self.limits.sendBuffer)", "buffered": "\(Self.bufferedBytes(self.context.channel))",
+        ])
         self.close(code: 1008, reason: "slow consumer")
     }
 

@@ -123,8 +123,6 @@ public final class WebSocketClient: Sendable {
         self.send(opcode: .binary, self.channel.allocator.buffer(bytes: binary))
     }
 
-    public func flush() { self.channel.flush() }
-
     /// Sends a close frame; the server answers and drops the connection.
     public func close(code: UInt16 = 1000, reason: String = "") {
         var payload = self.channel.allocator.buffer(capacity: 2 + reason.utf8.count)
