@@ -61,7 +61,7 @@ import WebSocketClient
         let socket = dir.path + "/staps.sock"
         let (first, _) = try await Self.launch(["--socket", socket], waitFor: socket)
         // A second node on the same path refuses to start and leaves the first alone.
-        let (status, output) = try run(try stapsBinary(), ["--socket", socket])
+        let (status, output) = try run(try stapsBinary(), ["--config", "/dev/null", "--socket", socket])
         #expect(status != 0)
         #expect(output.contains("\(socket) is in use by another process"))
         let a = try await TestClient.connect(.unix(path: socket), "/still")
@@ -84,7 +84,7 @@ import WebSocketClient
         defer { dir.cleanup() }
         let path = dir.path + "/not-a-socket"
         #expect(FileManager.default.createFile(atPath: path, contents: Data("keep me".utf8)))
-        let (status, output) = try run(try stapsBinary(), ["--socket", path])
+        let (status, output) = try run(try stapsBinary(), ["--config", "/dev/null", "--socket", path])
         #expect(status != 0)
         #expect(output.contains("exists and is not a socket"))
         #expect(try String(contentsOfFile: path, encoding: .utf8) == "keep me")
@@ -98,10 +98,10 @@ import WebSocketClient
         let (status, output) = try run(try stapsBinary(), ["--config", conf])
         #expect(status == 1)
         #expect(output.contains("\(conf):3: max_message_size: 'huge' is not a size"))
-        let (status2, output2) = try run(try stapsBinary(), ["--port", "nope:x"])
+        let (status2, output2) = try run(try stapsBinary(), ["--config", "/dev/null", "--port", "nope:x"])
         #expect(status2 == 1)
         #expect(output2.contains("command line: --port: 'nope:x' has no valid port"))
-        let (status3, output3) = try run(try stapsBinary(), ["--log-level", "loud"])
+        let (status3, output3) = try run(try stapsBinary(), ["--config", "/dev/null", "--log-level", "loud"])
         #expect(status3 == 1)
         #expect(output3.contains("--log-level"))
     }

@@ -30,12 +30,8 @@ enum TestError: Error, CustomStringConvertible {
 
 func testLogger(_ label: String = "test") -> Logger {
     var logger = Logger(label: label)
-    logger.logLevel = ProcessInfoLite.env("STAPS_TEST_LOG").flatMap(Logger.Level.init(rawValue:)) ?? .critical
+    logger.logLevel = ProcessInfo.processInfo.environment["STAPS_TEST_LOG"].flatMap(Logger.Level.init(rawValue:)) ?? .critical
     return logger
-}
-
-enum ProcessInfoLite {
-    static func env(_ name: String) -> String? { ProcessInfo.processInfo.environment[name] }
 }
 
 /// A temporary directory removed by `cleanup()`.
@@ -146,8 +142,6 @@ final class TestClient: Sendable {
         return inbox.withLockedValue { $0.isEmpty }
     }
 
-    var pendingEvents: Int { inbox.withLockedValue { $0.count } }
-
     func send(_ text: String) { client.send(text: text) }
     func send(binary: [UInt8]) { client.send(binary: binary) }
     func close() async { await client.disconnect() }
@@ -214,7 +208,7 @@ func run(_ program: String, _ args: [String]) throws -> (Int32, String) {
 
 /// The `staps` executable built beside this test bundle.
 func stapsBinary() throws -> String {
-    if let path = ProcessInfoLite.env("STAPS_BIN") { return path }
+    if let path = ProcessInfo.processInfo.environment["STAPS_BIN"] { return path }
     var dir = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? ""
     while let slash = dir.lastIndex(of: "/"), !dir.hasSuffix("/debug") && !dir.hasSuffix("/release") && dir.count > 1 {
         dir = String(dir[..<slash])
