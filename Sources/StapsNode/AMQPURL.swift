@@ -70,6 +70,15 @@ public struct AMQPURL: Sendable, Equatable, CustomStringConvertible {
         self.host = host.isEmpty ? "localhost" : String(host)
     }
 
+    /// The URLs of a setting that lists one or more, separated by spaces or commas (empty: none).
+    public static func list(_ setting: String) throws(Failure) -> [AMQPURL] {
+        var out: [AMQPURL] = []
+        for word in setting.split(whereSeparator: { $0 == " " || $0 == "," || $0 == "\t" }) {
+            out.append(try AMQPURL(String(word)))
+        }
+        return out
+    }
+
     /// The URL with its password replaced by `***`, for logs and errors.
     public static func masked(_ url: String) -> String {
         let utf8 = Array(url.utf8)

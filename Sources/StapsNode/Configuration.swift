@@ -93,6 +93,9 @@ public struct ClusterSettings: Sendable, Equatable {
     public var heartbeat: TimeAmount
     /// Publishes go out at most once per window, so busy channels share AMQP messages.
     public var publishWindow: TimeAmount
+    /// CA certificates (PEM) that an `amqps://` broker's certificate must be signed by;
+    /// nil: the system bundle.
+    public var tlsCAFile: String?
 
     public init(
         exchange: String = "staps",
@@ -101,7 +104,8 @@ public struct ClusterSettings: Sendable, Equatable {
         unbindLinger: TimeAmount = .seconds(2),
         publishBuffer: Int = 64 << 20,
         heartbeat: TimeAmount = .seconds(10),
-        publishWindow: TimeAmount = .milliseconds(5)
+        publishWindow: TimeAmount = .milliseconds(5),
+        tlsCAFile: String? = nil
     ) {
         self.exchange = exchange
         self.queueMaxLength = queueMaxLength
@@ -110,6 +114,7 @@ public struct ClusterSettings: Sendable, Equatable {
         self.publishBuffer = publishBuffer
         self.heartbeat = heartbeat
         self.publishWindow = publishWindow
+        self.tlsCAFile = tlsCAFile
     }
 }
 
@@ -121,7 +126,8 @@ public struct NodeConfiguration: Sendable, Equatable {
     public var addresses: [BindAddress]
     /// File mode of created unix sockets.
     public var socketMode: UInt32
-    /// RabbitMQ URL; empty means standalone.
+    /// RabbitMQ URL, or several (nodes of one RabbitMQ cluster) separated by spaces or commas;
+    /// empty means standalone.
     public var amqpURL: String
     public var limits: Limits
     public var cluster: ClusterSettings

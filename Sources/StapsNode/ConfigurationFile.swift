@@ -122,6 +122,7 @@ public struct ConfigurationOverrides: Sendable, Equatable {
         public var publishBuffer: Int?
         public var heartbeat: TimeAmount?
         public var publishWindow: TimeAmount?
+        public var tlsCAFile: String?
     }
 
     /// Reads the settings of an INI text; every unknown section or key and every bad value is an error.
@@ -195,6 +196,8 @@ public struct ConfigurationOverrides: Sendable, Equatable {
                     do { out.cluster.publishWindow = try ValueParser.duration(v) } catch { throw fail(error.message) }
                 case "amqp_heartbeat":
                     do { out.cluster.heartbeat = try ValueParser.duration(v, positive: true) } catch { throw fail(error.message) }
+                case "amqp_tls_ca":
+                    do { out.cluster.tlsCAFile = try ValueParser.absolutePath(v) } catch { throw fail(error.message) }
                 default:
                     throw fail("unknown key in [staps]")
                 }
@@ -255,6 +258,7 @@ public struct ConfigurationOverrides: Sendable, Equatable {
         if let v = c.publishBuffer { config.cluster.publishBuffer = v }
         if let v = c.heartbeat { config.cluster.heartbeat = v }
         if let v = c.publishWindow { config.cluster.publishWindow = v }
+        if let v = c.tlsCAFile { config.cluster.tlsCAFile = v }
         config.daemon = self.daemon
         return config
     }
@@ -401,12 +405,9 @@ public enum ValueParser {
         return s
     }
 
-    /// `amqp://user:pass@host:port/vhost` or `amqps://…`; empty means standalone.
+    /// One or more `amqp://user:pass@host:port/vhost` or `amqps://…` URLs (nodes of one
+    /// RabbitMQ cluster), separated by spaces or commas; empty means standalone.
     public static func amqpURL(_ s: String) throws(Failure) {
-        if s.isEmpty { return }
-        guard s.hasPrefix("amqp://") || s.hasPrefix("amqps://") else {
-            throw Failure("'\(AMQPURL.masked(s))' is not an amqp:// or amqps:// URL")
-        }
-        do { _ = try AMQPURL(s) } catch { throw Failure(error.message) }
+        do { _ = try AMQPURL.list(s) } catch { throw Failure(error.message) }
     }
 }

@@ -33,6 +33,19 @@ final class CString {
     var rawBytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: self.pointer, count: self.count) }
 }
 
+/// What the broker told the link outside deliveries.
+enum BrokerEvent: Equatable {
+    case bindOK
+    case unbindOK
+    case ack(tag: UInt64, multiple: Bool)
+    case nack(tag: UInt64, multiple: Bool)
+    /// The broker cancelled the consumer (its queue was deleted).
+    case consumerCancelled
+    /// A memory or disk alarm: the broker stops reading this connection's publishes.
+    case blocked(reason: String)
+    case unblocked
+}
+
 /// One rabbitmq-c connection with channel 1 open. Owned by one thread; closed explicitly.
 final class AMQPConnection {
     let state: amqp_connection_state_t
@@ -40,7 +53,13 @@ final class AMQPConnection {
 
     /// Opens, logs in and opens channel 1. A half-opened connection is destroyed before throwing:
     /// once `state` is stored the object is whole, so a throw runs `deinit`, which frees it.
-    init(url: AMQPURL, heartbeatSeconds: Int32, connectTimeout: Int) throws(BrokerError) {
+    ///
+    /// `amqps://` verifies the broker's certificate against `caFile` (by default the system
+    /// bundle) and its host name against the URL's host; a mismatch is refused, never accepted.
+    /// The login announces the capabilities the link relies on: `consumer_cancel_notify`
+    /// (a deleted queue cancels the consumer instead of leaving it deaf) and `connection.blocked`
+    /// (a broker alarm is told, not just felt as a write that hangs).
+    init(url: AMQPURL, heartbeatSeconds: Int32, connectTimeout: Int, caFile: String? = nil) throws(BrokerError) {
         guard let state = amqp_new_connection() else {
             throw BrokerError(operation: "connect", reason: "out of memory")
         }
@@ -50,11 +69,13 @@ final class AMQPConnection {
             throw BrokerError(operation: "connect", reason: "cannot create a \(url.tls ? "TLS" : "TCP") socket")
         }
         if url.tls {
-            // rabbitmq-c verifies the peer by default but loads no CA certificates itself.
-            let bundle = "/etc/ssl/certs/ca-certificates.crt"
-            if access(bundle, R_OK) == 0, amqp_ssl_socket_set_cacert(socket, bundle) != AMQP_STATUS_OK.rawValue {
-                throw BrokerError(operation: "connect", reason: "cannot load CA certificates from \(bundle)")
+            // rabbitmq-c verifies the peer and its host name by default but loads no CA certificates itself.
+            let bundle = caFile ?? "/etc/ssl/certs/ca-certificates.crt"
+            guard access(bundle, R_OK) == 0, amqp_ssl_socket_set_cacert(socket, bundle) == AMQP_STATUS_OK.rawValue else {
+                throw BrokerError(operation: "connect to \(url.host):\(url.port)", reason: "cannot load CA certificates from \(bundle)")
             }
+            amqp_ssl_socket_set_verify_peer(socket, 1)
+            amqp_ssl_socket_set_verify_hostname(socket, 1)
         }
         var timeout = timeval(tv_sec: connectTimeout, tv_usec: 0)
         // No broker reply may hold the link's thread longer than this.
@@ -62,12 +83,52 @@ final class AMQPConnection {
         _ = amqp_set_rpc_timeout(state, &timeout)
         let status = amqp_socket_open_noblock(socket, url.host, Int32(url.port), &timeout)
         guard status == AMQP_STATUS_OK.rawValue else {
-            throw BrokerError(operation: "connect to \(url.host):\(url.port)", reason: String(cString: amqp_error_string2(status)))
+            throw BrokerError(operation: "connect to \(url.host):\(url.port)", reason: Self.openFailure(status, tls: url.tls))
         }
-        try Self.check(staps_amqp_login_plain(state, url.vhost, 0, 131_072, heartbeatSeconds, url.user, url.password),
-                       "log in to vhost '\(url.vhost)' as '\(url.user)'", state: state)
-        amqp_channel_open(state, 1)
-        try Self.check(amqp_get_rpc_reply(state), "open channel", state: state)
+        let capabilities = [CString("consumer_cancel_notify"), CString("connection.blocked")]
+        let capabilitiesKey = CString("capabilities")
+        var flags = capabilities.map { key -> amqp_table_entry_t in
+            var entry = amqp_table_entry_t()
+            entry.key = key.bytes
+            entry.value.kind = UInt8(AMQP_FIELD_KIND_BOOLEAN.rawValue)
+            entry.value.value.boolean = 1
+            return entry
+        }
+        let reply = flags.withUnsafeMutableBufferPointer { flagBuffer -> amqp_rpc_reply_t in
+            var entry = amqp_table_entry_t()
+            entry.key = capabilitiesKey.bytes
+            entry.value.kind = UInt8(AMQP_FIELD_KIND_TABLE.rawValue)
+            entry.value.value.table = amqp_table_t(num_entries: Int32(flagBuffer.count), entries: flagBuffer.baseAddress)
+            return withUnsafeMutablePointer(to: &entry) { entryPointer in
+                var properties = amqp_table_t(num_entries: 1, entries: entryPointer)
+                return withExtendedLifetime((capabilities, capabilitiesKey)) {
+                    staps_amqp_login_plain_with_properties(state, url.vhost, 0, 131_072, heartbeatSeconds, &properties, url.user, url.password)
+                }
+            }
+        }
+        try Self.check(reply, "log in to vhost '\(url.vhost)' as '\(url.user)'", state: state)
+        try self.openChannel(1)
+    }
+
+    /// Why opening the socket failed, in words an operator can act on.
+    private static func openFailure(_ status: Int32, tls: Bool) -> String {
+        let reason = String(cString: amqp_error_string2(status))
+        switch status {
+        case AMQP_STATUS_SSL_PEER_VERIFY_FAILED.rawValue:
+            return "\(reason): the broker's certificate is not signed by a trusted CA (see amqp_tls_ca)"
+        case AMQP_STATUS_SSL_HOSTNAME_VERIFY_FAILED.rawValue:
+            return "\(reason): the broker's certificate does not name this host"
+        case AMQP_STATUS_SSL_CONNECTION_FAILED.rawValue, AMQP_STATUS_SSL_ERROR.rawValue:
+            return "\(reason): TLS handshake failed (is this a TLS listener, and is its certificate trusted?)"
+        default:
+            return reason
+        }
+    }
+
+    /// Opens AMQP channel `number` (a blocking RPC: for connecting only).
+    func openChannel(_ number: amqp_channel_t) throws(BrokerError) {
+        amqp_channel_open(self.state, number)
+        try self.check(amqp_get_rpc_reply(self.state), "open AMQP channel \(number)")
     }
 
     var fileDescriptor: Int32 { amqp_get_sockfd(self.state) }
@@ -117,45 +178,108 @@ final class AMQPConnection {
         return String(decoding: UnsafeRawBufferPointer(start: p, count: bytes.len), as: UTF8.self)
     }
 
-    /// Reads and discards what the broker sent outside a consume (heartbeats are answered inside
-    /// rabbitmq-c); a close from the broker becomes an error.
-    func serviceWithoutBlocking(_ operation: String) throws(BrokerError) {
+    /// Reads every frame already available, without blocking, and hands each method the link
+    /// cares about to `handle`. Heartbeats are answered inside rabbitmq-c (it also sends ours
+    /// when due); a close from the broker becomes an error. Returns how many frames were read.
+    @discardableResult
+    func readEvents(_ operation: String, _ handle: (BrokerEvent) throws(BrokerError) -> Void) throws(BrokerError) -> Int {
         var frame = amqp_frame_t()
         var zero = timeval(tv_sec: 0, tv_usec: 0)
+        var frames = 0
         while true {
             let status = amqp_simple_wait_frame_noblock(self.state, &frame, &zero)
-            if status == AMQP_STATUS_TIMEOUT.rawValue { return }
+            if status == AMQP_STATUS_TIMEOUT.rawValue { return frames }
             guard status == AMQP_STATUS_OK.rawValue else {
                 self.isOpen = false
                 throw BrokerError(operation: operation, reason: String(cString: amqp_error_string2(status)))
             }
-            if frame.frame_type == UInt8(AMQP_FRAME_METHOD) {
-                let id = frame.payload.method.id
-                if id == staps_connection_close_method() || id == staps_channel_close_method() {
-                    self.isOpen = false
-                    var code: UInt16 = 0
-                    var text = ""
-                    if let decoded = frame.payload.method.decoded {
-                        if id == staps_connection_close_method() {
-                            let c = decoded.assumingMemoryBound(to: amqp_connection_close_t.self).pointee
-                            code = c.reply_code
-                            text = Self.string(c.reply_text)
-                        } else {
-                            let c = decoded.assumingMemoryBound(to: amqp_channel_close_t.self).pointee
-                            code = c.reply_code
-                            text = Self.string(c.reply_text)
-                        }
-                    }
-                    throw BrokerError(operation: operation, reason: text, replyCode: code)
-                }
-            }
+            frames += 1
+            guard frame.frame_type == UInt8(AMQP_FRAME_METHOD) else { continue }
+            try self.dispatch(frame.payload.method, channel: frame.channel, operation, handle)
         }
     }
+
+    /// One method frame read outside a consume, as an event (or an error for a close).
+    func dispatch(_ method: amqp_method_t, channel: amqp_channel_t, _ operation: String, _ handle: (BrokerEvent) throws(BrokerError) -> Void) throws(BrokerError) {
+        let id = method.id
+        switch id {
+        case staps_connection_close_method(), staps_channel_close_method():
+            self.isOpen = false
+            var code: UInt16 = 0
+            var text = ""
+            if let decoded = method.decoded {
+                if id == staps_connection_close_method() {
+                    let c = decoded.assumingMemoryBound(to: amqp_connection_close_t.self).pointee
+                    (code, text) = (c.reply_code, Self.string(c.reply_text))
+                } else {
+                    let c = decoded.assumingMemoryBound(to: amqp_channel_close_t.self).pointee
+                    (code, text) = (c.reply_code, Self.string(c.reply_text))
+                }
+            }
+            throw BrokerError(operation: operation, reason: "broker closed the \(id == staps_channel_close_method() ? "AMQP channel \(channel)" : "connection"): \(text)", replyCode: code)
+        case staps_queue_bind_ok_method():
+            try handle(.bindOK)
+        case staps_queue_unbind_ok_method():
+            try handle(.unbindOK)
+        case staps_basic_ack_method():
+            guard let decoded = method.decoded else { return }
+            let ack = decoded.assumingMemoryBound(to: amqp_basic_ack_t.self).pointee
+            try handle(.ack(tag: ack.delivery_tag, multiple: ack.multiple != 0))
+        case staps_basic_nack_method():
+            guard let decoded = method.decoded else { return }
+            let nack = decoded.assumingMemoryBound(to: amqp_basic_nack_t.self).pointee
+            try handle(.nack(tag: nack.delivery_tag, multiple: nack.multiple != 0))
+        case staps_basic_cancel_method():
+            try handle(.consumerCancelled)
+        case staps_connection_blocked_method():
+            var reason = ""
+            if let decoded = method.decoded {
+                reason = Self.string(decoded.assumingMemoryBound(to: amqp_connection_blocked_t.self).pointee.reason)
+            }
+            try handle(.blocked(reason: reason))
+        case staps_connection_unblocked_method():
+            try handle(.unblocked)
+        default:
+            break
+        }
+    }
+
+    /// Sends `queue.bind` or `queue.unbind` on `channel` without waiting for the answer.
+    func sendTopology(_ operation: Topology<Void>.Operation, queue: CString, exchange: CString, key: CString, channel: amqp_channel_t) throws(BrokerError) {
+        let empty = amqp_table_t(num_entries: 0, entries: nil)
+        var status: Int32
+        switch operation {
+        case .bind:
+            var method = amqp_queue_bind_t(ticket: 0, queue: queue.bytes, exchange: exchange.bytes, routing_key: key.bytes, nowait: 0, arguments: empty)
+            status = amqp_send_method(self.state, channel, staps_queue_bind_method(), &method)
+        case .unbind:
+            var method = amqp_queue_unbind_t(ticket: 0, queue: queue.bytes, exchange: exchange.bytes, routing_key: key.bytes, arguments: empty)
+            status = amqp_send_method(self.state, channel, staps_queue_unbind_method(), &method)
+        }
+        guard status == AMQP_STATUS_OK.rawValue else {
+            self.isOpen = false
+            throw BrokerError(operation: "send \(operation)", reason: String(cString: amqp_error_string2(status)))
+        }
+    }
+
+    /// Sends a heartbeat frame (for a connection whose input the link is not reading).
+    func sendHeartbeat() throws(BrokerError) {
+        var frame = amqp_frame_t()
+        frame.frame_type = UInt8(AMQP_FRAME_HEARTBEAT)
+        frame.channel = 0
+        let status = amqp_send_frame(self.state, &frame)
+        guard status == AMQP_STATUS_OK.rawValue else {
+            self.isOpen = false
+            throw BrokerError(operation: "send heartbeat", reason: String(cString: amqp_error_string2(status)))
+        }
+    }
+
+    /// Bytes the socket can take before a write would block (0 when the kernel does not say).
+    var sendRoom: Int { max(0, staps_socket_send_room(self.fileDescriptor)) }
 
     /// Best-effort polite close, then frees the connection.
     func close() {
         if self.isOpen {
-            _ = amqp_channel_close(self.state, 1, Int32(AMQP_REPLY_SUCCESS))
             _ = amqp_connection_close(self.state, Int32(AMQP_REPLY_SUCCESS))
         }
         self.isOpen = false

@@ -1,0 +1,185 @@
+import CRabbit
+import NIOCore
+import StapsNode
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Messages through the broker: publishing what local clients sent, consuming what other nodes did.
+extension LinkWorker {
+    /// Packs the batch into AMQP messages and writes them: with one `send` on a plain TCP
+    /// connection, through rabbitmq-c (so through TLS) on an `amqps` one.
+    ///
+    /// Consecutive messages from one sender on one channel with the same type share one AMQP
+    /// message (up to 256 KiB): the broker's cost is per AMQP message, so this is what lets a
+    /// busy channel go faster than the broker's message rate. Each AMQP message still carries
+    /// its node id, sender connection id and type in its properties, and per-sender order is
+    /// kept (a change of type starts a new group after the previous one). Each is tracked
+    /// until the broker confirms it.
+    func publish(_ messages: [ClusterMessage], on publisher: AMQPConnection) throws(BrokerError) {
+        let groups = PublishGroups.make(messages)
+        self.batch.removeAll()
+        let exchange = self.exchange.rawBytes
+        let appID = self.nodeID.rawBytes
+        let tls = self.broker.tls
+        for group in groups {
+            let routingKey = self.key(group.channel)
+            self.body.removeAll(keepingCapacity: true)
+            WireFormat.beginBody(channel: group.channel, into: &self.body)
+            for i in group.indices { WireFormat.append(payload: messages[i].payload, into: &self.body) }
+            let isText = group.isText
+            if tls {
+                try self.publishThroughLibrary(publisher, routingKey: routingKey, isText: isText, correlationID: group.connectionID)
+            } else {
+                self.body.withUnsafeBytes { body in
+                    self.batch.append(exchange: exchange, routingKey: routingKey.rawBytes, type: isText ? UInt8(ascii: "t") : UInt8(ascii: "b"),
+                                      appID: appID, correlationID: group.connectionID, body: body)
+                }
+            }
+            self.confirms.published(messages: group.indices.count)
+        }
+        if self.confirms.outstanding == groups.count { self.confirmProgress = .now() }
+        if !tls {
+            try self.batch.write(to: publisher.fileDescriptor, timeoutMillis: Int32(self.answerTimeout.nanoseconds / 1_000_000))
+        }
+    }
+
+    /// One `basic.publish` through rabbitmq-c (TLS): the same frames `PublishBatch` writes.
+    private func publishThroughLibrary(_ publisher: AMQPConnection, routingKey: CString, isText: Bool, correlationID: UInt64) throws(BrokerError) {
+        var properties = amqp_basic_properties_t()
+        properties._flags = staps_basic_delivery_mode_flag() | staps_basic_correlation_id_flag() | staps_basic_type_flag() | staps_basic_app_id_flag()
+        properties.delivery_mode = 1
+        let correlation = CString(String(correlationID))
+        let type = CString(isText ? "t" : "b")
+        properties.correlation_id = correlation.bytes
+        properties.type = type.bytes
+        properties.app_id = self.nodeID.bytes
+        let status = self.body.withUnsafeMutableBytes { body in
+            withExtendedLifetime((correlation, type)) {
+                amqp_basic_publish(publisher.state, 1, self.exchange.bytes, routingKey.bytes, 0, 0, &properties,
+                                   amqp_bytes_t(len: body.count, bytes: body.baseAddress))
+            }
+        }
+        guard status == AMQP_STATUS_OK.rawValue else {
+            throw BrokerError(operation: "publish", reason: String(cString: amqp_error_string2(status)))
+        }
+    }
+
+    /// Reads every delivery and answer already available (without blocking) and hands the
+    /// deliveries over in one batch.
+    func consume(_ consumer: AMQPConnection) throws(BrokerError) {
+        var batch: [ClusterMessage] = []
+        var zero = timeval(tv_sec: 0, tv_usec: 0)
+        var heard = false
+        defer {
+            if heard { self.lastHeardConsumer = .now() }
+            if !batch.isEmpty {
+                self.counters.received.wrappingIncrement(by: batch.count, ordering: .relaxed)
+                self.inbound.deliverFromCluster(batch)
+            }
+        }
+        amqp_maybe_release_buffers(consumer.state)
+        var frames = 0
+        while batch.count < 1024, frames < 4096 {
+            frames += 1
+            var envelope = amqp_envelope_t()
+            let reply = amqp_consume_message(consumer.state, &envelope, &zero, 0)
+            if reply.reply_type == AMQP_RESPONSE_NORMAL {
+                heard = true
+                self.decode(envelope, into: &batch)
+                amqp_destroy_envelope(&envelope)
+                continue
+            }
+            if reply.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION {
+                if reply.library_error == AMQP_STATUS_TIMEOUT.rawValue { return }
+                if reply.library_error == AMQP_STATUS_UNEXPECTED_STATE.rawValue {
+                    // A method other than a delivery (put back by rabbitmq-c): a bind-ok, a cancel, a close.
+                    heard = true
+                    try self.readOneEvent(consumer)
+                    continue
+                }
+            }
+            try consumer.check(reply, "consume")
+        }
+    }
+
+    private func readOneEvent(_ consumer: AMQPConnection) throws(BrokerError) {
+        var frame = amqp_frame_t()
+        var zero = timeval(tv_sec: 0, tv_usec: 0)
+        let status = amqp_simple_wait_frame_noblock(consumer.state, &frame, &zero)
+        if status == AMQP_STATUS_TIMEOUT.rawValue { return }
+        guard status == AMQP_STATUS_OK.rawValue else {
+            throw BrokerError(operation: "consume connection", reason: String(cString: amqp_error_string2(status)))
+        }
+        guard frame.frame_type == UInt8(AMQP_FRAME_METHOD) else { return }
+        try consumer.dispatch(frame.payload.method, channel: frame.channel, "consume connection") { event throws(BrokerError) in
+            switch event {
+            case .bindOK: try self.answered(.bind)
+            case .unbindOK: try self.answered(.unbind)
+            case .consumerCancelled:
+                throw BrokerError(operation: "consume", reason: "the broker cancelled this node's consumer (its queue was deleted?)")
+            default: break
+            }
+        }
+    }
+
+    /// Copies the messages out of a delivery (before its envelope is destroyed); nothing for this
+    /// node's own messages, and nothing of a malformed body (counted).
+    private func decode(_ envelope: amqp_envelope_t, into batch: inout [ClusterMessage]) {
+        let props = envelope.message.properties
+        if props._flags & staps_basic_app_id_flag() != 0, props.app_id.len == self.nodeID.count,
+            memcmp(props.app_id.bytes, self.nodeID.pointer, self.nodeID.count) == 0
+        {
+            return
+        }
+        var isText = false
+        if props._flags & staps_basic_type_flag() != 0, props.type.len == 1, let t = props.type.bytes {
+            isText = t.load(as: UInt8.self) == UInt8(ascii: "t")
+        }
+        let body = envelope.message.body
+        let raw = UnsafeRawBufferPointer(start: body.bytes, count: body.bytes == nil ? 0 : body.len)
+        do {
+            let (channel, payloads) = try WireFormat.decode(raw)
+            for range in payloads {
+                var payload = self.allocator.buffer(capacity: range.count)
+                payload.writeBytes(UnsafeRawBufferPointer(rebasing: raw[range]))
+                batch.append(ClusterMessage(channel: channel, payload: payload, isText: isText, connectionID: 0))
+            }
+        } catch {
+            self.counters.malformed.wrappingIncrement(ordering: .relaxed)
+        }
+    }
+}
+
+/// Consecutive messages from one sender on one channel with the same type, grouped into one
+/// AMQP message each (up to 256 KiB of payload), keeping per-sender order.
+enum PublishGroups {
+    struct Group: Equatable {
+        var channel: String
+        var connectionID: UInt64
+        var isText: Bool
+        var indices: [Int]
+        var bytes: Int
+    }
+
+    static let maxBytes = 256 << 10
+
+    static func make(_ messages: [ClusterMessage]) -> [Group] {
+        struct Key: Hashable { let channel: String; let connection: UInt64 }
+        var open: [Key: Int] = [:]
+        var groups: [Group] = []
+        for (i, message) in messages.enumerated() {
+            let key = Key(channel: message.channel, connection: message.connectionID)
+            let size = message.payload.readableBytes + 4
+            if let g = open[key], groups[g].isText == message.isText, groups[g].bytes + size <= Self.maxBytes {
+                groups[g].indices.append(i)
+                groups[g].bytes += size
+            } else {
+                open[key] = groups.count
+                groups.append(Group(channel: message.channel, connectionID: message.connectionID, isText: message.isText, indices: [i], bytes: size))
+            }
+        }
+        return groups
+    }
+}

@@ -1,0 +1,399 @@
+import CRabbit
+import Logging
+import NIOCore
+import StapsNode
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The link's owner thread: the poll loop and the reconnect loop. Everything here is touched
+/// only by that one thread; the event loops reach it through the `LinkInbox`.
+///
+/// Each round it polls the inbox's eventfd and both sockets (waking at least every 100 ms, so
+/// rabbitmq-c can send heartbeats), then sends what the event loops asked for: pipelined
+/// binds and unbinds (`Topology`), publishes (paced by `amqp_publish_window`, never more than
+/// the socket can take at once), and reads deliveries and the broker's answers.
+///
+/// A broker that goes silent is noticed by the link itself: no byte for two of its heartbeats
+/// (it sends one every `heartbeat/2` when idle), or requests outstanding (binds, publishes to
+/// confirm) with no answer for `answerTimeout`. Either drops the connections and reconnects.
+// @unchecked: created on start() and from then on used only by the link's one thread.
+final class LinkWorker: @unchecked Sendable {
+    let link: RabbitLink
+    let inbound: any ClusterInbound
+    let config: RabbitConfiguration
+    let settings: ClusterSettings
+    var logger: Logger
+    let inbox: LinkInbox
+    let counters: RabbitCounters
+
+    var publisher: AMQPConnection?
+    var consumer: AMQPConnection?
+    var queue: CString?
+    let exchange: CString
+    let nodeID: CString
+    var keys: [String: CString] = [:]
+    var topology: Topology<EventLoopPromise<Void>>
+    var confirms = Confirms()
+
+    /// The broker URL in use (index into `config.urls`); starts at a random one.
+    var brokerIndex: Int
+    var broker: AMQPURL { self.config.urls[self.brokerIndex] }
+
+    // Reconnection.
+    var nextAttempt = NIODeadline.now()
+    var backoff: TimeAmount = .milliseconds(100)
+    var downSince: NIODeadline? = NIODeadline.now()
+    var warnedThisOutage = false
+    var droppedAtOutageStart = 0
+    var connectedAt = NIODeadline.now()
+    var rebindReported = true
+
+    // Liveness of the current connections.
+    var lastHeardPublisher = NIODeadline.now()
+    var lastHeardConsumer = NIODeadline.now()
+    var lastHeartbeatToConsumer = NIODeadline.now()
+    /// When the broker last answered a bind/unbind (or one was first sent): for `answerTimeout`.
+    var topologyProgress = NIODeadline.now()
+    var confirmProgress = NIODeadline.now()
+    /// Set while the broker has blocked publishing (memory or disk alarm).
+    var blockedReason: String?
+
+    var nextHousekeeping = NIODeadline.now()
+    var nextDropReport = NIODeadline.now()
+    var reportedBufferDrops = 0
+    var reportedMalformed = 0
+    /// When the next publish may go out (see `ClusterSettings.publishWindow`).
+    var nextPublish = NIODeadline.now()
+    var body: [UInt8] = []
+    var batch = PublishBatch(frameMax: 131_072)
+    let allocator = ByteBufferAllocator()
+
+    /// Stop reading from the broker while the event loops hold this much undelivered.
+    let inboundBacklogLimit = 64 << 20
+    /// Pause publishing while this many AMQP messages await their confirms.
+    let maxUnconfirmed = 65_536
+    /// Requests outstanding and not one answer for this long: the broker is not answering.
+    var answerTimeout: TimeAmount { min(.seconds(2), self.settings.heartbeat) }
+    /// Publish only when the socket can take at least this much without blocking.
+    let minimumSendRoom = 16 << 10
+
+    init(link: RabbitLink, inbound: any ClusterInbound) {
+        self.link = link
+        self.inbound = inbound
+        self.config = link.configuration
+        self.settings = link.configuration.settings
+        self.logger = link.logger
+        self.inbox = link.inbox
+        self.counters = link.counters
+        self.exchange = CString(link.configuration.settings.exchange)
+        self.nodeID = CString(link.configuration.nodeID)
+        self.topology = Topology(linger: link.configuration.settings.unbindLinger)
+        self.brokerIndex = Int.random(in: 0..<link.configuration.urls.count)
+        self.logger[metadataKey: "broker"] = "\(self.broker)"
+    }
+
+    func run() {
+        while !self.link.stopped.load(ordering: .relaxed) {
+            if self.consumer == nil {
+                if NIODeadline.now() >= self.nextAttempt { self.connect() }
+                if self.consumer == nil {
+                    self.whileDown()
+                    continue
+                }
+            }
+            do {
+                try self.step()
+            } catch {
+                self.lost(error)
+            }
+        }
+        self.finish()
+    }
+
+    /// While down: joins proceed at once (local service, bound on reconnection), publishes are
+    /// dropped and counted.
+    private func whileDown() {
+        self.counters.droppedWhileDown.wrappingIncrement(by: self.inbox.dropPublishes(), ordering: .relaxed)
+        let taken = self.inbox.take(publishBytes: 0)
+        try? self.handle(taken.commands, on: nil)
+        _ = self.topology.expire(now: .now())
+        self.sleepUntilWoken(timeoutMillis: Self.millisUntil(self.nextAttempt, cap: 100))
+    }
+
+    static func millisUntil(_ deadline: NIODeadline, cap: Int) -> Int {
+        let ms = (deadline - NIODeadline.now()).nanoseconds / 1_000_000
+        return max(0, min(cap, Int(ms)))
+    }
+
+    /// One round while connected: wait for work or input, then do all of it.
+    private func step() throws(BrokerError) {
+        guard let consumer = self.consumer, let publisher = self.publisher else { return }
+        let reading = self.inbound.clusterBacklogBytes < self.inboundBacklogLimit
+        let mayPublish = self.blockedReason == nil && self.confirms.outstanding < self.maxUnconfirmed
+        var publishDue = mayPublish && NIODeadline.now() >= self.nextPublish
+        var room = 0
+        if publishDue {
+            room = publisher.sendRoom
+            if room < self.minimumSendRoom { publishDue = false }
+        }
+        if !(reading && consumer.hasBufferedInput) && !publisher.hasBufferedInput {
+            let waitForRoom = mayPublish && !publishDue && room > 0
+            var fds = [
+                pollfd(fd: self.inbox.wakeFD, events: Int16(POLLIN), revents: 0),
+                pollfd(fd: consumer.fileDescriptor, events: reading ? Int16(POLLIN) : 0, revents: 0),
+                pollfd(fd: publisher.fileDescriptor, events: Int16(POLLIN) | (waitForRoom ? Int16(POLLOUT) : 0), revents: 0),
+            ]
+            var timeout = reading ? Self.millisUntil(self.nextHousekeeping, cap: 100) + 1 : 5
+            if mayPublish && !publishDue && !waitForRoom { timeout = min(timeout, Self.millisUntil(self.nextPublish, cap: 5) + 1) }
+            self.inbox.sleeping.store(true, ordering: .sequentiallyConsistent)
+            if self.inbox.hasWork(publishes: publishDue) {
+                self.inbox.sleeping.store(false, ordering: .sequentiallyConsistent)
+            } else {
+                _ = poll(&fds, 3, Int32(timeout))
+                self.inbox.sleeping.store(false, ordering: .sequentiallyConsistent)
+                let now = NIODeadline.now()
+                if fds[0].revents != 0 { self.inbox.drainWakeFD() }
+                if fds[1].revents & Int16(POLLIN) != 0 { self.lastHeardConsumer = now }
+                if fds[2].revents & Int16(POLLIN) != 0 {
+                    self.lastHeardPublisher = now
+                    try self.readPublisher(publisher)
+                }
+            }
+        } else if publisher.hasBufferedInput {
+            try self.readPublisher(publisher)
+        }
+        let now = NIODeadline.now()
+        let taken = self.inbox.take(publishBytes: publishDue ? min(room / 2, 1 << 20) : 0)
+        try self.handle(taken.commands, on: consumer)
+        try self.send(self.topology.expire(now: now), on: consumer)
+        try self.send(self.topology.nextRebinds(), on: consumer)
+        if !taken.publishes.isEmpty {
+            self.nextPublish = now + self.settings.publishWindow
+            try self.publish(taken.publishes, on: publisher)
+        }
+        if reading {
+            try self.consume(consumer)
+        } else if now - self.lastHeartbeatToConsumer > .nanoseconds(self.settings.heartbeat.nanoseconds / 2) {
+            // Not reading: rabbitmq-c sends no heartbeats for us, so the broker would drop us.
+            try consumer.sendHeartbeat()
+            self.lastHeartbeatToConsumer = now
+            self.lastHeardConsumer = now  // its silence can't be judged while we don't read
+        }
+        if now >= self.nextHousekeeping {
+            self.nextHousekeeping = now + .milliseconds(100)
+            self.reportDrops(now: now)
+            self.reportRebind(now: now)
+            // Lets rabbitmq-c send heartbeats on the quiet publish connection and notice a close.
+            try self.readPublisher(publisher)
+            try self.checkLiveness(now: now, reading: reading)
+        }
+    }
+
+    private func readPublisher(_ publisher: AMQPConnection) throws(BrokerError) {
+        amqp_maybe_release_buffers(publisher.state)
+        if try publisher.readEvents("publish connection", { event throws(BrokerError) in try self.handle(event) }) > 0 {
+            self.lastHeardPublisher = .now()
+        }
+    }
+
+    /// A broker that stopped answering is as good as gone, even if its sockets are open.
+    private func checkLiveness(now: NIODeadline, reading: Bool) throws(BrokerError) {
+        let heartbeat = self.settings.heartbeat
+        let silentPublisher = now - self.lastHeardPublisher
+        let silentConsumer = reading ? now - self.lastHeardConsumer : .zero
+        let silent = max(silentPublisher, silentConsumer)
+        if silent > heartbeat {
+            throw BrokerError(operation: "heartbeat", reason: "no data from the broker for \(Self.seconds(silent)) s (two heartbeats)")
+        }
+        if self.topology.requestsInFlight > 0, reading, now - self.topologyProgress > self.answerTimeout, silentConsumer > self.answerTimeout {
+            throw BrokerError(operation: "bind channels", reason: "the broker answered none of \(self.topology.requestsInFlight) binds for \(Self.seconds(now - self.topologyProgress)) s")
+        }
+        if self.confirms.outstanding > 0, self.blockedReason == nil, now - self.confirmProgress > self.answerTimeout, silentPublisher > self.answerTimeout {
+            throw BrokerError(operation: "publish", reason: "the broker confirmed none of \(self.confirms.outstanding) publishes for \(Self.seconds(now - self.confirmProgress)) s")
+        }
+    }
+
+    static func seconds(_ t: TimeAmount) -> String { String(Double(t.nanoseconds / 100_000_000) / 10) }
+
+    /// Something the broker told the publish connection.
+    private func handle(_ event: BrokerEvent) throws(BrokerError) {
+        switch event {
+        case .ack(let tag, let multiple):
+            self.counters.published.wrappingIncrement(by: self.confirms.settle(tag: tag, multiple: multiple), ordering: .relaxed)
+            self.confirmProgress = .now()
+        case .nack(let tag, let multiple):
+            self.counters.rejected.wrappingIncrement(by: self.confirms.settle(tag: tag, multiple: multiple), ordering: .relaxed)
+            self.confirmProgress = .now()
+        case .blocked(let reason):
+            self.blockedReason = reason
+            self.logger.warning("broker blocked publishing (resource alarm); buffering up to amqp_buffer, then dropping", metadata: ["reason": "\(reason)"])
+        case .unblocked:
+            self.blockedReason = nil
+            self.confirmProgress = .now()
+            self.logger.notice("broker unblocked publishing")
+        case .consumerCancelled:
+            throw BrokerError(operation: "consume", reason: "the broker cancelled this node's consumer (its queue was deleted?)")
+        case .bindOK, .unbindOK:
+            throw BrokerError(operation: "publish connection", reason: "unexpected \(event)")
+        }
+    }
+
+    private func sleepUntilWoken(timeoutMillis: Int) {
+        var fds = [pollfd(fd: self.inbox.wakeFD, events: Int16(POLLIN), revents: 0)]
+        self.inbox.sleeping.store(true, ordering: .sequentiallyConsistent)
+        if !self.inbox.hasWork(publishes: true), poll(&fds, 1, Int32(timeoutMillis)) > 0 { self.inbox.drainWakeFD() }
+        self.inbox.sleeping.store(false, ordering: .sequentiallyConsistent)
+    }
+
+    // MARK: Connecting
+
+    private func connect() {
+        self.logger[metadataKey: "broker"] = "\(self.broker)"
+        do {
+            let heartbeat = Int32(max(1, self.settings.heartbeat.nanoseconds / 1_000_000_000))
+            let publisher = try AMQPConnection(url: self.broker, heartbeatSeconds: heartbeat, connectTimeout: 5, caFile: self.settings.tlsCAFile)
+            self.publisher = publisher
+            self.batch = PublishBatch(frameMax: Int(amqp_get_frame_max(publisher.state)))
+            try self.declareExchange(publisher)
+            amqp_confirm_select(publisher.state, 1)
+            try publisher.check(amqp_get_rpc_reply(publisher.state), "select publisher confirms")
+
+            let consumer = try AMQPConnection(url: self.broker, heartbeatSeconds: heartbeat, connectTimeout: 5, caFile: self.settings.tlsCAFile)
+            self.consumer = consumer
+            try self.declareQueue(consumer)
+            try consumer.openChannel(Self.topologyChannel)
+            try self.consumeQueue(consumer)
+        } catch {
+            self.failedAttempt(error)
+            return
+        }
+        let now = NIODeadline.now()
+        (self.lastHeardPublisher, self.lastHeardConsumer, self.lastHeartbeatToConsumer) = (now, now, now)
+        (self.topologyProgress, self.confirmProgress) = (now, now)
+        self.blockedReason = nil
+        self.topology.connected()
+        self.connectedAt = now
+        self.rebindReported = false
+        self.link.connectedFlag.store(true, ordering: .relaxed)
+        self.backoff = .milliseconds(100)
+        let dropped = self.counters.droppedWhileDown.load(ordering: .relaxed) - self.droppedAtOutageStart
+        if self.warnedThisOutage, let since = self.downSince {
+            self.logger.warning("broker link restored; publishing again, rebinding channels", metadata: [
+                "down.seconds": "\(Self.seconds(now - since))", "dropped.while_down": "\(dropped)", "channels.to_rebind": "\(self.topology.rebindsLeft)",
+            ])
+            self.counters.reconnects.wrappingIncrement(ordering: .relaxed)
+        } else {
+            self.logger.notice("broker link up", metadata: ["queue": "\(self.queueName)", "exchange": "\(self.settings.exchange)"])
+        }
+        self.downSince = nil
+        self.warnedThisOutage = false
+    }
+
+    /// Once every wanted channel is bound again after a reconnection: one line, with how long it took.
+    private func reportRebind(now: NIODeadline) {
+        guard !self.rebindReported, self.topology.rebindsLeft == 0 else { return }
+        self.rebindReported = true
+        guard self.counters.reconnects.load(ordering: .relaxed) > 0 else { return }
+        self.logger.notice("channels rebound", metadata: [
+            "channels": "\(self.topology.bound.count)", "seconds": "\(Double((now - self.connectedAt).nanoseconds / 1_000_000) / 1000)",
+        ])
+    }
+
+    private func failedAttempt(_ error: BrokerError) {
+        self.disconnect(polite: false)
+        self.scheduleRetry()
+        if !self.warnedThisOutage {
+            self.warnedThisOutage = true
+            self.droppedAtOutageStart = self.counters.droppedWhileDown.load(ordering: .relaxed)
+            self.logger.warning("broker unreachable; serving local clients only and retrying", metadata: ["error": "\(error)"])
+        } else {
+            self.logger.debug("broker still unreachable", metadata: ["error": "\(error)", "retry.in.ms": "\(self.backoff.nanoseconds / 1_000_000)"])
+        }
+        self.nextBroker()
+    }
+
+    /// Several broker URLs: try the next one.
+    private func nextBroker() {
+        guard self.config.urls.count > 1 else { return }
+        self.brokerIndex = (self.brokerIndex + 1) % self.config.urls.count
+        self.logger[metadataKey: "broker"] = "\(self.broker)"
+    }
+
+    /// Jittered exponential backoff, capped at 1 s so a returning broker is used within 2 s.
+    private func scheduleRetry() {
+        let jittered = Int64(Double(self.backoff.nanoseconds) * Double.random(in: 0.5...1.0))
+        self.nextAttempt = NIODeadline.now() + .nanoseconds(jittered)
+        self.backoff = min(self.backoff * 2, .seconds(1))
+    }
+
+    private func lost(_ error: BrokerError) {
+        self.downSince = NIODeadline.now()
+        self.droppedAtOutageStart = self.counters.droppedWhileDown.load(ordering: .relaxed)
+        self.warnedThisOutage = true
+        self.logger.warning("broker link lost; serving local clients only and reconnecting", metadata: ["error": "\(error)"])
+        self.disconnect(polite: false)
+        self.backoff = .milliseconds(50)
+        self.scheduleRetry()
+        self.nextBroker()
+    }
+
+    /// Drops both connections. After a failure rabbitmq-c's state may be broken, so only a
+    /// clean shutdown closes politely; otherwise the connections are just destroyed. Joins
+    /// waiting for a bind proceed (local service; bound on reconnection); what waited for the
+    /// broker, or was written but never confirmed, is counted as dropped.
+    private func disconnect(polite: Bool) {
+        self.link.connectedFlag.store(false, ordering: .relaxed)
+        if polite {
+            self.publisher?.close()
+            self.consumer?.close()
+        }
+        self.publisher = nil
+        self.consumer = nil
+        self.counters.channelsBound.store(0, ordering: .relaxed)
+        for waiter in self.topology.disconnected() { waiter.succeed(()) }
+        let lost = self.confirms.reset() + self.inbox.dropPublishes()
+        self.counters.droppedWhileDown.wrappingIncrement(by: lost, ordering: .relaxed)
+    }
+
+    /// The link stops: close politely, fail every join still waiting, close the inbox.
+    private func finish() {
+        self.link.connectedFlag.store(false, ordering: .relaxed)
+        self.publisher?.close()
+        self.consumer?.close()
+        self.publisher = nil
+        self.consumer = nil
+        for waiter in self.topology.disconnected() { waiter.fail(LinkStopped()) }
+        self.counters.droppedWhileDown.wrappingIncrement(by: self.confirms.reset(), ordering: .relaxed)
+        Self.failAll(self.inbox.close(), counters: self.counters)
+    }
+
+    /// What the inbox still held when the link stopped: joins fail, publishes count as dropped.
+    static func failAll(_ taken: LinkInbox.Taken, counters: RabbitCounters) {
+        for command in taken.commands {
+            if case .subscribe(_, let promise) = command { promise.fail(LinkStopped()) }
+        }
+        counters.droppedWhileDown.wrappingIncrement(by: taken.publishes.count, ordering: .relaxed)
+    }
+
+    /// Messages dropped because the outbound buffer was full, or malformed bodies: one warning
+    /// per 10 s at most.
+    private func reportDrops(now: NIODeadline) {
+        guard now >= self.nextDropReport else { return }
+        let dropped = self.counters.droppedBufferFull.load(ordering: .relaxed)
+        let malformed = self.counters.malformed.load(ordering: .relaxed)
+        if dropped > self.reportedBufferDrops {
+            self.logger.warning("broker slower than the clients: dropped messages for other nodes", metadata: [
+                "dropped": "\(dropped - self.reportedBufferDrops)", "amqp_buffer": "\(self.settings.publishBuffer)",
+            ])
+            self.reportedBufferDrops = dropped
+            self.nextDropReport = now + .seconds(10)
+        }
+        if malformed > self.reportedMalformed {
+            self.logger.warning("ignored malformed messages from the exchange (not from a staps node?)", metadata: ["count": "\(malformed - self.reportedMalformed)"])
+            self.reportedMalformed = malformed
+            self.nextDropReport = now + .seconds(10)
+        }
+    }
+}

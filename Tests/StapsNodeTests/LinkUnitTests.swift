@@ -1,0 +1,149 @@
+import NIOCore
+import StapsNode
+@testable import StapsRabbit
+import Testing
+
+/// The link's pure parts, in memory: the wire format, the topology state machine, confirms.
+@Suite struct WireFormatTests {
+    static func body(_ name: String, _ payloads: [String]) -> [UInt8] {
+        var body: [UInt8] = []
+        WireFormat.beginBody(channel: name, into: &body)
+        for p in payloads { WireFormat.append(payload: ByteBuffer(string: p), into: &body) }
+        return body
+    }
+
+    static func decode(_ bytes: [UInt8]) throws -> (String, [String]) {
+        let result = try bytes.withUnsafeBytes { raw in try WireFormat.decode(raw) }
+        return (result.channel, result.payloads.map { String(decoding: bytes[$0], as: UTF8.self) })
+    }
+
+    @Test func roundTrip() throws {
+        let bytes = Self.body("room.ü", ["a", "bc", String(repeating: "x", count: 70_000)])
+        #expect(bytes.count == WireFormat.size(name: "room.ü", payloadBytes: 70_003, count: 3))
+        let (name, payloads) = try Self.decode(bytes)
+        #expect(name == "room.ü")
+        #expect(payloads == ["a", "bc", String(repeating: "x", count: 70_000)])
+    }
+
+    @Test func malformedBodiesAreRefusedWhole() {
+        let good = Self.body("r", ["hello", "world"])
+        #expect(throws: WireFormat.Malformed.tooShort) { try Self.decode([]) }
+        #expect(throws: WireFormat.Malformed.tooShort) { try Self.decode([0]) }
+        #expect(throws: WireFormat.Malformed.nameTruncated) { try Self.decode([0, 5, 0x61]) }
+        #expect(throws: WireFormat.Malformed.badName) { try Self.decode([0, 0, 0, 0, 0, 1, 0x61]) }
+        #expect(throws: WireFormat.Malformed.badName) { try Self.decode([0, 1, 0xFF, 0, 0, 0, 1, 0x61]) }
+        #expect(throws: WireFormat.Malformed.badName) { try Self.decode([0, 2, 0x61, 0, 0, 0, 0, 1, 0x61]) }
+        #expect(throws: WireFormat.Malformed.noMessages) { try Self.decode([0, 1, 0x61]) }
+        // Cut anywhere inside the second message: nothing is delivered, not even the first.
+        for cut in (good.count - 8)..<good.count {
+            #expect(throws: WireFormat.Malformed.self) { try Self.decode(Array(good[..<cut])) }
+        }
+        #expect(throws: WireFormat.Malformed.payloadTruncated(at: 3)) { try Self.decode([0, 1, 0x61, 0xFF, 0xFF, 0xFF, 0xFF, 0x61]) }
+        #expect(throws: WireFormat.Malformed.emptyPayload(at: 3)) { try Self.decode([0, 1, 0x61, 0, 0, 0, 0]) }
+    }
+
+    @Test func groupsKeepPerSenderOrderAndSplitOnTypeAndSize() {
+        func m(_ channel: String, _ connection: UInt64, _ text: Bool, _ size: Int = 1) -> ClusterMessage {
+            ClusterMessage(channel: channel, payload: ByteBuffer(repeating: 0x61, count: size), isText: text, connectionID: connection)
+        }
+        let groups = PublishGroups.make([m("a", 1, true), m("b", 1, true), m("a", 1, true), m("a", 2, true), m("a", 1, false), m("a", 1, true)])
+        #expect(groups.map(\.indices) == [[0, 2], [1], [3], [4], [5]])
+        let big = PublishGroups.make([m("a", 1, false, 200 << 10), m("a", 1, false, 100 << 10)])
+        #expect(big.map(\.indices) == [[0], [1]])
+    }
+}
+
+@Suite struct TopologyTests {
+    typealias T = Topology<Int>
+    let t0 = NIODeadline.uptimeNanoseconds(1_000_000_000)
+
+    @Test func joinsWaitForTheirOwnBindOKAndArePipelined() throws {
+        var t = T(linger: .seconds(2))
+        t.connected()
+        var sends: [T.Request] = []
+        for i in 0..<100 {
+            let (ready, send) = t.subscribe("c\(i)", i)
+            #expect(ready == nil)
+            sends.append(send!)
+        }
+        // A second join of a channel being bound waits for the same bind-ok.
+        let again = t.subscribe("c5", 1005)
+        #expect(again.ready == nil && again.send == nil)
+        #expect(t.requestsInFlight == 100)
+        #expect(sends.allSatisfy { $0.operation == .bind })
+        for i in 0..<100 {
+            let ready = try t.answered(.bind)
+            #expect(ready == (i == 5 ? [5, 1005] : [i]))
+        }
+        #expect(t.bound.count == 100)
+        // Bound: a join proceeds at once.
+        #expect(t.subscribe("c1", 7).ready == 7)
+    }
+
+    @Test func downMeansJoinsProceedAndRebindAfterwards() throws {
+        var t = T(linger: .seconds(2), rebindWindow: 3)
+        #expect(t.subscribe("early", 1).ready == 1)
+        t.connected()
+        _ = t.subscribe("a", 2)
+        _ = t.subscribe("b", 3)
+        // Lost with binds in flight: their joins proceed (local service).
+        #expect(Set(t.disconnected()) == [2, 3])
+        #expect(t.bound.isEmpty && t.requestsInFlight == 0)
+        t.connected()
+        var rebinds = t.nextRebinds()
+        #expect(rebinds.count == 3 && Set(rebinds.map(\.channel)) == ["early", "a", "b"])
+        #expect(t.nextRebinds().isEmpty, "window of 3 is full")
+        // A join during the rebind is sent at once, not behind the window.
+        let join = t.subscribe("new", 4)
+        #expect(join.send == T.Request(operation: .bind, channel: "new"))
+        for _ in 0..<3 { #expect(try t.answered(.bind).isEmpty) }
+        #expect(try t.answered(.bind) == [4])
+        rebinds = t.nextRebinds()
+        #expect(rebinds.isEmpty && t.rebindsLeft == 0 && t.bound.count == 4)
+    }
+
+    @Test func lingerUnbindsOnlyWhatIsStillUnwanted() throws {
+        var t = T(linger: .seconds(2))
+        t.connected()
+        _ = t.subscribe("x", 1)
+        _ = try t.answered(.bind)
+        t.unsubscribe("x", now: t0)
+        #expect(t.expire(now: t0 + .seconds(1)).isEmpty)
+        // Rejoined within the linger: never unbound.
+        #expect(t.subscribe("x", 2).ready == 2)
+        #expect(t.expire(now: t0 + .seconds(3)).isEmpty)
+        t.unsubscribe("x", now: t0 + .seconds(3))
+        #expect(t.expire(now: t0 + .seconds(5)) == [T.Request(operation: .unbind, channel: "x")])
+        #expect(t.wanted["x"] == nil)
+        // A join while the unbind is in flight binds again after it, and waits for that bind.
+        let join = t.subscribe("x", 3)
+        #expect(join.ready == nil && join.send == T.Request(operation: .bind, channel: "x"))
+        #expect(try t.answered(.unbind).isEmpty)
+        #expect(!t.bound.contains("x"))
+        #expect(try t.answered(.bind) == [3])
+        #expect(t.bound.contains("x"))
+    }
+
+    @Test func answersOutOfOrderAreAnError() {
+        var t = T(linger: .seconds(2))
+        t.connected()
+        #expect(throws: T.OutOfOrder.self) { try t.answered(.bind) }
+        _ = t.subscribe("x", 1)
+        #expect(throws: T.OutOfOrder.self) { try t.answered(.unbind) }
+    }
+}
+
+@Suite struct ConfirmsTests {
+    @Test func acksSettleInOrderAndLossCountsTheRest() {
+        var c = Confirms()
+        for n in 1...5 { c.published(messages: n) }
+        #expect(c.messages == 15 && c.outstanding == 5)
+        #expect(c.settle(tag: 2, multiple: true) == 3)
+        #expect(c.settle(tag: 4, multiple: false) == 4)
+        #expect(c.settle(tag: 4, multiple: false) == 0, "settled once")
+        #expect(c.outstanding == 3)
+        #expect(c.settle(tag: 3, multiple: false) == 3)
+        #expect(c.reset() == 5, "tag 5 was written and never confirmed")
+        #expect(c.nextTag == 1 && c.messages == 0)
+    }
+}
