@@ -6,9 +6,9 @@ import NIOWebSocket
 
 /// Serves one connection's HTTP: the page, POST publishing, and the websocket upgrade.
 ///
-/// The upgrade is done here rather than by NIO's upgrade handler so that joining the channel,
-/// swapping the pipeline and writing the 101 happen in one event-loop step: a client is in its
-/// channel before it can see its handshake complete.
+/// The upgrade is done here rather than by NIO's upgrade handler so that attaching the client to
+/// its staps channel, swapping the pipeline and writing the 101 happen in one event-loop step:
+/// a client receives its channel's messages before it can see its handshake complete.
 final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
@@ -207,12 +207,12 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         self.state = .awaitingUpgradeEnd(head, channel: name, key: key)
     }
 
-    /// Joins the channel (cluster-wide when clustered), then upgrades. Runs on the request's `.end`,
-    /// so the HTTP decoder has nothing more to hand on when the pipeline changes.
+    /// Joins the staps channel (cluster-wide when clustered), then upgrades. Runs on the
+    /// request's `.end`, so the HTTP decoder has nothing more to hand on when the pipeline changes.
+    /// Until the websocket handler holds the membership, every path that gives up leaves it.
     private func join(_ head: HTTPRequestHead, channel name: String, key: String, context: ChannelHandlerContext) {
         self.state = .upgrading
-        let hub = self.shared.hub
-        let (entry, ready) = hub.directory.join(name, on: context.eventLoop)
+        let (membership, ready) = self.shared.hub.join(name, on: context.eventLoop)
         let id = self.shared.connectionIDs.wrappingIncrementThenLoad(ordering: .relaxed)
         self.logger[metadataKey: "connection.id"] = "\(id)"
         self.logger[metadataKey: "channel"] = "\(name)"
@@ -220,18 +220,18 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             switch result {
             case .success:
                 guard context.channel.isActive, !self.shuttingDown else {
-                    hub.directory.leave(entry)
+                    membership.leave()
                     return
                 }
                 do {
-                    try self.completeUpgrade(context: context, head: head, key: key, entry: entry, id: id)
+                    try self.completeUpgrade(context: context, head: head, key: key, membership: membership, id: id)
                 } catch {
-                    hub.directory.leave(entry)
+                    membership.leave()
                     self.logger.warning("upgrade failed", metadata: ["error": "\(error)"])
                     context.close(promise: nil)
                 }
             case .failure(let error):
-                hub.directory.leave(entry)
+                membership.leave()
                 self.logger.warning("channel subscription failed", metadata: ["error": "\(error)"])
                 self.state = .idle
                 self.respond(context: context, head: head, status: .serviceUnavailable, text: "channel subscription failed: \(error)", close: true)
@@ -239,18 +239,19 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
-    /// Joins, swaps the pipeline and answers 101, all in this one event-loop step.
-    private func completeUpgrade(context: ChannelHandlerContext, head: HTTPRequestHead, key: String, entry: ChannelEntry, id: UInt64) throws {
-        let loopHub = self.shared.hub.loopHub(for: context.eventLoop)
+    /// Attaches, swaps the pipeline and answers 101, all in this one event-loop step.
+    private func completeUpgrade(context: ChannelHandlerContext, head: HTTPRequestHead, key: String, membership: Membership, id: UInt64) throws {
         let limits = self.shared.limits
         let ops = context.pipeline.syncOperations
-        let websocket = WebSocketHandler(id: id, entry: entry, loopHub: loopHub, limits: limits, counters: self.shared.counters, logger: self.logger)
+        let websocket = WebSocketHandler(id: id, membership: membership, limits: limits, counters: self.shared.counters, logger: self.logger)
         // Headroom for the frame header over the largest message.
         try ops.addHandler(ByteToMessageHandler(WebSocketFrameDecoder(maxFrameSize: limits.maxMessageSize)), position: .after(self))
         let frameDecoder = try ops.context(handlerType: ByteToMessageHandler<WebSocketFrameDecoder>.self)
         try ops.addHandler(IdleStateHandler(readTimeout: limits.pingInterval), position: .after(frameDecoder.handler))
         let idle = try ops.context(handlerType: IdleStateHandler.self)
-        // The directory already counts this client; the handler's attach makes it receive.
+        // The directory already counts this client; adding the handler attaches its membership,
+        // so it receives from here on, and the handler leaves it when removed (`leave()` is
+        // idempotent, so the catch in `join` may leave it too).
         try ops.addHandler(websocket, position: .after(idle.handler))
 
         var headers = HTTPHeaders()

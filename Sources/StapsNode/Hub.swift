@@ -3,7 +3,7 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 
-/// One channel, shared by every event loop that has clients on it.
+/// One staps channel (a pub/sub path), shared by every event loop that has clients on it.
 ///
 /// Its identity (not its name) keys the per-loop tables, so a message queued for a channel that
 /// has since emptied and been re-created never reaches the new one's clients by mistake.
@@ -16,8 +16,9 @@ final class ChannelEntry: Sendable {
     init(name: String) { self.name = name }
 }
 
-/// The node-wide table of channels: touched only when clients join or leave (the cold path),
-/// never per message. It alone talks to the cluster link about subscriptions.
+/// The node-wide table of staps channels: touched only when clients join or leave (the cold
+/// path), never per message. It alone talks to the cluster link about subscriptions; only
+/// `Hub.join` and `Membership.leave()` count clients in and out.
 final class ChannelDirectory: Sendable {
     private struct State {
         var entry: ChannelEntry
@@ -32,7 +33,7 @@ final class ChannelDirectory: Sendable {
 
     /// Counts one more client on `name`; the future succeeds when the channel is subscribed
     /// cluster-wide (at once when standalone).
-    func join(_ name: String, on eventLoop: EventLoop) -> (ChannelEntry, EventLoopFuture<Void>) {
+    fileprivate func join(_ name: String, on eventLoop: EventLoop) -> (ChannelEntry, EventLoopFuture<Void>) {
         let (entry, ready) = self.table.withLockedValue { table -> (ChannelEntry, EventLoopFuture<Void>) in
             if var state = table[name] {
                 state.clients += 1
@@ -50,7 +51,7 @@ final class ChannelDirectory: Sendable {
     }
 
     /// Counts one client less; the last one out forgets the channel and unsubscribes it.
-    func leave(_ entry: ChannelEntry) {
+    fileprivate func leave(_ entry: ChannelEntry) {
         self.table.withLockedValue { table in
             guard var state = table[entry.name], state.entry === entry else { return }
             state.clients -= 1
@@ -84,11 +85,14 @@ public final class NodeCounters: Sendable {
     public let connectionsRefused = ManagedAtomic<Int>(0)
     /// Messages between event loops dropped because the target loop was too far behind.
     public let crossLoopDropped = ManagedAtomic<Int>(0)
+    /// Messages from other nodes for channels with no client here: what a shared (bucket)
+    /// binding brings a node that it then ignores.
+    public let clusterUnmatched = ManagedAtomic<Int>(0)
 
     public init() {}
 }
 
-/// The channel tables of all event loops, plus the node-wide directory.
+/// The staps channel tables of all event loops, plus the node-wide directory.
 public final class Hub: Sendable, ClusterInbound {
     let directory: ChannelDirectory
     let loops: [LoopHub]
@@ -119,6 +123,18 @@ public final class Hub: Sendable, ClusterInbound {
             LoopHub(eventLoop: $1, index: $0, loopCount: eventLoops.count, clustered: link.isClustered)
         }
         for loop in self.loops { loop.hub = self }
+    }
+
+    /// Joins one client to the staps channel `name` on `eventLoop`, the client's event loop.
+    ///
+    /// The client is counted in the directory at once (the node's first client on `name`
+    /// subscribes it cluster-wide); it receives messages only once `Membership.attach(_:)` runs.
+    /// The future succeeds on `eventLoop` when the channel is subscribed (at once when
+    /// standalone). Whatever it completes with, the caller owns the membership and must
+    /// `leave()` it on every path that ends the client.
+    func join(_ name: String, on eventLoop: EventLoop) -> (Membership, EventLoopFuture<Void>) {
+        let (entry, ready) = self.directory.join(name, on: eventLoop)
+        return (Membership(entry: entry, loopHub: self.loopHub(for: eventLoop), directory: self.directory), ready)
     }
 
     /// A batch for a loop that is too far behind was dropped: count it, warn at most every 10 s.
@@ -162,10 +178,18 @@ public final class Hub: Sendable, ClusterInbound {
         var perLoop = [[(ChannelEntry, ByteBuffer)]](repeating: [], count: self.loops.count)
         var perLoopBytes = [Int](repeating: 0, count: self.loops.count)
         let allocator = ByteBufferAllocator()
+        var unmatched = 0
+        defer { if unmatched > 0 { self.counters.clusterUnmatched.wrappingIncrement(by: unmatched, ordering: .relaxed) } }
         for (message, entry) in zip(batch, entries) {
-            guard let entry else { continue }
+            guard let entry else {
+                unmatched += 1
+                continue
+            }
             var mask = entry.loopMask.load(ordering: .acquiring)
-            guard mask != 0 else { continue }
+            guard mask != 0 else {
+                unmatched += 1
+                continue
+            }
             let frame = Framing.frame(opcode: message.isText ? Framing.opText : Framing.opBinary, payload: message.payload, allocator: allocator)
             while mask != 0 {
                 let i = mask.trailingZeroBitCount
@@ -184,14 +208,17 @@ public final class Hub: Sendable, ClusterInbound {
     }
 }
 
-/// The channel table of one event loop. Confined to that loop: every method runs on it.
+/// The staps channel table of one event loop. Confined to that loop: every method runs on it.
 final class LoopHub: @unchecked Sendable {
-    // @unchecked: all mutable state is touched only on `eventLoop` (asserted in debug builds);
-    // other loops reach it only through `eventLoop.execute`.
+    // @unchecked: all mutable state is touched only on `eventLoop` (asserted in debug builds),
+    // other loops reach it only through `eventLoop.execute`, and `hub` is set once by
+    // `Hub.init` before any loop can reach this one.
     let eventLoop: EventLoop
     let bit: UInt64
     let allocator = ByteBufferAllocator()
-    unowned(unsafe) var hub: Hub!
+    /// The hub that owns this loop hub (weak: the hub holds its loop hubs). Read once per
+    /// `endTick`, never per message.
+    weak var hub: Hub?
     /// Whether messages go to the cluster link: read per message, so kept here.
     let clustered: Bool
 
@@ -219,8 +246,9 @@ final class LoopHub: @unchecked Sendable {
         self.outgoingBytes = Array(repeating: 0, count: loopCount)
     }
 
-    /// Adds a connection to its channel on this loop. From now on it receives every message.
-    func attach(_ connection: WebSocketHandler, to entry: ChannelEntry) {
+    /// Adds `member` to the members of `entry` on this loop (for `Membership.attach(_:)`).
+    /// From now on it receives every message; returns its list and its slot in it.
+    fileprivate func add(_ member: WebSocketHandler, to entry: ChannelEntry) -> (LocalChannel, slot: Int) {
         self.eventLoop.assertInEventLoop()
         let key = ObjectIdentifier(entry)
         let local: LocalChannel
@@ -231,29 +259,25 @@ final class LoopHub: @unchecked Sendable {
             self.channels[key] = local
             _ = entry.loopMask.loadThenBitwiseOr(with: self.bit, ordering: .sequentiallyConsistent)
         }
-        connection.memberSlot = local.members.count
-        local.members.append(connection)
-        connection.localChannel = local
+        local.members.append(member)
+        return (local, local.members.count - 1)
     }
 
-    /// Removes a connection from its channel; the last one out of the node forgets the channel.
-    func detach(_ connection: WebSocketHandler) {
+    /// Removes the member at `slot` of `local` (for `Membership.leave()`): the last member
+    /// moves into its place, and the loop's last member clears the loop's bit.
+    fileprivate func remove(slot: Int, from local: LocalChannel) {
         self.eventLoop.assertInEventLoop()
-        guard let local = connection.localChannel else { return }
-        connection.localChannel = nil
-        let slot = connection.memberSlot
         let last = local.members.count - 1
         if slot != last {
             let moved = local.members[last]
             local.members[slot] = moved
-            moved.memberSlot = slot
+            moved.membership.slot = slot
         }
         local.members.removeLast()
         if local.members.isEmpty {
             self.channels[ObjectIdentifier(local.entry)] = nil
             _ = local.entry.loopMask.loadThenBitwiseAnd(with: ~self.bit, ordering: .sequentiallyConsistent)
         }
-        self.hub.directory.leave(local.entry)
     }
 
     /// The hot path: hands one framed message to every receiver on this loop but the sender,
@@ -303,15 +327,17 @@ final class LoopHub: @unchecked Sendable {
     private func endTick() {
         self.tickScheduled = false
         self.flushDirty()
+        // Nil only once the node has let go of its hub: nobody is left to hand batches to.
+        guard let hub = self.hub else { return self.discardOutgoing() }
         for i in self.outgoing.indices where !self.outgoing[i].isEmpty {
             let batch = self.outgoing[i]
             let bytes = self.outgoingBytes[i]
             self.outgoing[i].removeAll(keepingCapacity: true)
             self.outgoingBytes[i] = 0
-            let target = self.hub.loops[i]
+            let target = hub.loops[i]
             if target.backlog.loadThenWrappingIncrement(by: bytes, ordering: .relaxed) > Hub.crossLoopBacklogLimit {
                 target.backlog.wrappingDecrement(by: bytes, ordering: .relaxed)
-                self.hub.droppedCrossLoopBatch(messages: batch.count)
+                hub.droppedCrossLoopBatch(messages: batch.count)
                 continue
             }
             target.eventLoop.execute { target.deliver(batch, backlog: target.backlog, bytes: bytes) }
@@ -319,8 +345,16 @@ final class LoopHub: @unchecked Sendable {
         if !self.clusterOutgoing.isEmpty {
             let batch = self.clusterOutgoing
             self.clusterOutgoing.removeAll(keepingCapacity: true)
-            self.hub.link.publish(batch)
+            hub.link.publish(batch)
         }
+    }
+
+    private func discardOutgoing() {
+        for i in self.outgoing.indices {
+            self.outgoing[i].removeAll(keepingCapacity: true)
+            self.outgoingBytes[i] = 0
+        }
+        self.clusterOutgoing.removeAll(keepingCapacity: true)
     }
 
     private func flushDirty() {
@@ -337,5 +371,71 @@ final class LoopHub: @unchecked Sendable {
         }
         backlog.wrappingDecrement(by: bytes, ordering: .relaxed)
         self.flushDirty()
+    }
+}
+
+/// One client's membership in one staps channel, from `Hub.join` until `leave()`.
+///
+/// Joining counts the client in the node's directory; `attach(_:)` then makes its websocket
+/// handler receive the channel's messages on its event loop. `leave()` undoes whichever of the
+/// two has happened, once: every path that ends the client (a failed upgrade, a close, an
+/// inactive or removed handler) calls it, and only the first call does anything. The last
+/// client out of the node unsubscribes the channel from the cluster link.
+///
+/// Confined to the client's event loop, like the websocket handler that holds it.
+final class Membership {
+    /// The staps channel joined.
+    let entry: ChannelEntry
+    /// The staps channel table of the client's event loop.
+    let loopHub: LoopHub
+    private let directory: ChannelDirectory
+
+    private enum State {
+        /// Counted in the directory, receiving nothing yet.
+        case joined
+        /// Counted, and a member of its channel on its loop.
+        case attached(LoopHub.LocalChannel)
+        case left
+    }
+    private var state = State.joined
+    /// Where the member sits in its local channel's member list while attached (kept by the loop hub).
+    fileprivate var slot = 0
+
+    fileprivate init(entry: ChannelEntry, loopHub: LoopHub, directory: ChannelDirectory) {
+        self.entry = entry
+        self.loopHub = loopHub
+        self.directory = directory
+    }
+
+    /// Makes `member`, whose membership this is, receive every message on the channel from now
+    /// on. After `leave()` it does nothing: a client that left receives nothing.
+    func attach(_ member: WebSocketHandler) {
+        self.loopHub.eventLoop.assertInEventLoop()
+        assert(member.membership === self, "attach the handler that holds this membership")
+        switch self.state {
+        case .joined:
+            let (local, slot) = self.loopHub.add(member, to: self.entry)
+            self.slot = slot
+            self.state = .attached(local)
+        case .attached:
+            assertionFailure("a membership is attached once")
+        case .left:
+            break
+        }
+    }
+
+    /// Stops receiving (if attached) and counts the client out of the directory. Idempotent.
+    func leave() {
+        self.loopHub.eventLoop.assertInEventLoop()
+        switch self.state {
+        case .left:
+            return
+        case .attached(let local):
+            self.loopHub.remove(slot: self.slot, from: local)
+        case .joined:
+            break
+        }
+        self.state = .left
+        self.directory.leave(self.entry)
     }
 }

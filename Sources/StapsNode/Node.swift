@@ -32,10 +32,10 @@ public final class Node: Sendable {
     private let link: any ClusterLink
     private let connectionCount = ManagedAtomic<Int>(0)
     private let connectionIDs = ManagedAtomic<UInt64>(0)
-    private let openChannels = NIOLockedValueBox<[ObjectIdentifier: Channel]>([:])
+    private let openConnections = NIOLockedValueBox<[ObjectIdentifier: Channel]>([:])
 
     private struct Listener: Sendable {
-        var channel: Channel
+        var serverChannel: Channel
         var address: BindAddress
         /// The socket file's inode, so shutdown removes only the file this node made.
         var inode: UInt64?
@@ -90,27 +90,27 @@ public final class Node: Sendable {
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.writeBufferWaterMark, value: .init(low: limits.sendBuffer / 2, high: limits.sendBuffer))
             .childChannelOption(.maxMessagesPerRead, value: 16)
-            .childChannelInitializer { [self] channel in
+            .childChannelInitializer { [self] connection in
                 let count = self.connectionCount.wrappingIncrementThenLoad(ordering: .relaxed)
-                let key = ObjectIdentifier(channel)
-                self.openChannels.withLockedValue { $0[key] = channel }
-                channel.closeFuture.whenComplete { _ in
+                let key = ObjectIdentifier(connection)
+                self.openConnections.withLockedValue { $0[key] = connection }
+                connection.closeFuture.whenComplete { _ in
                     self.connectionCount.wrappingDecrement(ordering: .relaxed)
-                    self.openChannels.withLockedValue { $0[key] = nil }
+                    self.openConnections.withLockedValue { $0[key] = nil }
                 }
                 var connectionLogger = logger
-                if let remote = channel.remoteAddress { connectionLogger[metadataKey: "remote"] = "\(remote)" }
+                if let remote = connection.remoteAddress { connectionLogger[metadataKey: "remote"] = "\(remote)" }
                 do {
                     let encoder = HTTPResponseEncoder()
                     let decoder = ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes))
-                    let ops = channel.pipeline.syncOperations
+                    let ops = connection.pipeline.syncOperations
                     try ops.addHandler(encoder)
                     try ops.addHandler(decoder)
                     try ops.addHandler(HTTPServerProtocolErrorHandler())
                     try ops.addHandler(HTTPHandler(shared: shared, overConnectionLimit: count > limits.maxConnections, encoder: encoder, decoder: decoder, logger: connectionLogger))
-                    return channel.eventLoop.makeSucceededVoidFuture()
+                    return connection.eventLoop.makeSucceededVoidFuture()
                 } catch {
-                    return channel.eventLoop.makeFailedFuture(error)
+                    return connection.eventLoop.makeFailedFuture(error)
                 }
             }
     }
@@ -118,28 +118,28 @@ public final class Node: Sendable {
     private func bind(_ address: BindAddress) async throws -> Listener {
         switch address {
         case .hostname(let host, let port):
-            let channel: Channel
+            let serverChannel: Channel
             do {
-                channel = try await self.bootstrap().bind(host: host, port: port).get()
+                serverChannel = try await self.bootstrap().bind(host: host, port: port).get()
             } catch {
                 throw NodeStartError(message: "cannot listen on \(address): \(error)")
             }
-            let bound = channel.localAddress?.port.map { BindAddress.hostname(host, port: $0) } ?? address
-            return Listener(channel: channel, address: bound, inode: nil)
+            let bound = serverChannel.localAddress?.port.map { BindAddress.hostname(host, port: $0) } ?? address
+            return Listener(serverChannel: serverChannel, address: bound, inode: nil)
         case .unixDomainSocket(let path):
             try UnixSocketFile.prepare(path)
-            let channel: Channel
+            let serverChannel: Channel
             do {
-                channel = try await self.bootstrap().bind(unixDomainSocketPath: path).get()
+                serverChannel = try await self.bootstrap().bind(unixDomainSocketPath: path).get()
             } catch {
                 throw NodeStartError(message: "cannot listen on \(path): \(error)")
             }
             guard chmod(path, mode_t(self.configuration.socketMode)) == 0 else {
                 let reason = String(cString: strerror(errno))
-                try? await channel.close()
+                try? await serverChannel.close()
                 throw NodeStartError(message: "cannot set mode \(String(self.configuration.socketMode, radix: 8)) on \(path): \(reason)")
             }
-            return Listener(channel: channel, address: address, inode: UnixSocketFile.inode(path))
+            return Listener(serverChannel: serverChannel, address: address, inode: UnixSocketFile.inode(path))
         }
     }
 
@@ -150,7 +150,7 @@ public final class Node: Sendable {
             return out
         }
         for listener in listeners {
-            try? await listener.channel.close()
+            try? await listener.serverChannel.close()
             if case .unixDomainSocket(let path) = listener.address, let inode = listener.inode, UnixSocketFile.inode(path) == inode {
                 unlink(path)
             }
@@ -162,21 +162,23 @@ public final class Node: Sendable {
     public func shutdown() async {
         self.logger.notice("shutting down")
         await self.closeListeners()
-        for channel in self.openChannels.withLockedValue({ Array($0.values) }) {
-            channel.pipeline.fireUserInboundEventTriggered(ShutdownEvent())
+        for connection in self.openConnections.withLockedValue({ Array($0.values) }) {
+            connection.pipeline.fireUserInboundEventTriggered(ShutdownEvent())
         }
         let deadline = NIODeadline.now() + self.configuration.limits.shutdownTimeout
         while self.connectionCount.load(ordering: .relaxed) > 0, NIODeadline.now() < deadline {
             try? await Task.sleep(nanoseconds: 10_000_000)
         }
-        let remaining = self.openChannels.withLockedValue { Array($0.values) }
+        let remaining = self.openConnections.withLockedValue { Array($0.values) }
         if !remaining.isEmpty {
             self.logger.notice("dropping connections that did not close in time", metadata: ["count": "\(remaining.count)"])
-            for channel in remaining { try? await channel.close() }
+            for connection in remaining { try? await connection.close() }
         }
         await self.link.shutdown()
         if self.ownsGroup { try? await self.group.shutdownGracefully() }
-        self.logger.notice("stopped")
+        var totals: Logger.Metadata = ["messages.in": "\(self.counters.messagesIn.load(ordering: .relaxed))"]
+        if self.link.isClustered { totals["cluster.unmatched"] = "\(self.counters.clusterUnmatched.load(ordering: .relaxed))" }
+        self.logger.notice("stopped", metadata: totals)
     }
 }
 

@@ -7,20 +7,22 @@ struct ShutdownEvent: Sendable {}
 
 /// One websocket client: reassembles and validates its messages, relays them through the hub,
 /// and writes what others send it, bounded by its send buffer.
+///
+/// It owns the client's `Membership` in its staps channel: attached when the handler is added
+/// (in the event-loop step that writes the 101), left on close, inactive or removal.
 final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = WebSocketFrame
     typealias OutboundOut = ByteBuffer
 
     let id: UInt64
+    /// This client's place in its staps channel; the loop hub also keeps its member slot here.
+    let membership: Membership
+    // The membership's, copied so the hot path reaches them without a hop.
     private let entry: ChannelEntry
     private let loopHub: LoopHub
     private let limits: Limits
     private let counters: NodeCounters
     private var logger: Logger
-
-    /// Set by the loop hub: where this connection sits in its channel's member list.
-    var localChannel: LoopHub.LocalChannel?
-    var memberSlot = 0
 
     private var context: ChannelHandlerContext!
     private enum State { case open, closing, closed }
@@ -35,14 +37,15 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var awaitingPong = false
     private var pongTimer: Scheduled<Void>?
 
-    // Slow-consumer accounting: armed while the channel is over its high watermark.
+    // Slow-consumer accounting: armed while the connection is over its high watermark.
     private var slowTimer: Scheduled<Void>?
     private var closeTimer: Scheduled<Void>?
 
-    init(id: UInt64, entry: ChannelEntry, loopHub: LoopHub, limits: Limits, counters: NodeCounters, logger: Logger) {
+    init(id: UInt64, membership: Membership, limits: Limits, counters: NodeCounters, logger: Logger) {
         self.id = id
-        self.entry = entry
-        self.loopHub = loopHub
+        self.membership = membership
+        self.entry = membership.entry
+        self.loopHub = membership.loopHub
         self.limits = limits
         self.counters = counters
         self.logger = logger
@@ -50,7 +53,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
-        self.loopHub.attach(self, to: self.entry)
+        self.membership.attach(self)
         self.logger.debug("websocket open")
     }
 
@@ -66,11 +69,12 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
         context.fireChannelInactive()
     }
 
+    /// Stops the timers and leaves the staps channel (both idempotent).
     private func leave() {
         self.pongTimer?.cancel()
         self.slowTimer?.cancel()
         self.closeTimer?.cancel()
-        if self.localChannel != nil { self.loopHub.detach(self) }
+        self.membership.leave()
     }
 
     // MARK: Outbound (called by the loop hub)
@@ -102,8 +106,8 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
     private func armSlowTimer(context: ChannelHandlerContext) {
         self.slowTimer = context.eventLoop.assumeIsolated().scheduleTask(in: self.limits.slowConsumerGrace) { [self] in
             self.slowTimer = nil
-            guard self.state == .open, let channel = self.context?.channel, !channel.isWritable else { return }
-            if Self.bufferedBytes(channel) > self.limits.sendBuffer {
+            guard self.state == .open, let connection = self.context?.channel, !connection.isWritable else { return }
+            if Self.bufferedBytes(connection) > self.limits.sendBuffer {
                 self.closeSlowConsumer()
             } else {
                 self.armSlowTimer(context: context)
@@ -111,9 +115,9 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
-    /// Bytes written to the channel and not yet taken by the kernel.
-    private static func bufferedBytes(_ channel: Channel) -> Int {
-        (try? channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0
+    /// Bytes written to the connection and not yet taken by the kernel.
+    private static func bufferedBytes(_ connection: Channel) -> Int {
+        (try? connection.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0
     }
 
     func flushPending() {

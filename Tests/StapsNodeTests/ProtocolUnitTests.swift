@@ -1,4 +1,5 @@
 import NIOCore
+import NIOEmbedded
 import NIOWebSocket
 @testable import StapsNode
 import Testing
@@ -105,5 +106,67 @@ import Testing
         #expect(bytes[0] == 0x88)
         #expect(Int(bytes[1]) <= 125)
         #expect(String(validating: bytes[4...], as: UTF8.self) != nil)
+    }
+}
+
+/// Joining and leaving a staps channel through `Membership`, on an embedded event loop.
+@Suite struct MembershipTests {
+    /// A link that records what the directory asks of it.
+    final class RecordingLink: ClusterLink, @unchecked Sendable {
+        // @unchecked: only touched on the test's thread (the embedded loop runs everything there).
+        var subscribed: [String] = []
+        var unsubscribed: [String] = []
+        var isClustered: Bool { false }
+        func start(inbound: any ClusterInbound) {}
+        func subscribe(channel: String, promise: EventLoopPromise<Void>) {
+            self.subscribed.append(channel)
+            promise.succeed(())
+        }
+        func unsubscribe(channel: String) { self.unsubscribed.append(channel) }
+        func publish(_ batch: [ClusterMessage]) {}
+        func shutdown() async {}
+    }
+
+    @Test func leaveCountsOutOnceAndTheLastOneOutUnsubscribes() throws {
+        let loop = EmbeddedEventLoop()
+        let link = RecordingLink()
+        let hub = Hub(eventLoops: [loop], link: link, counters: NodeCounters(), logger: testLogger())
+        let (first, _) = hub.join("room", on: loop)
+        let (second, ready) = hub.join("room", on: loop)
+        try ready.wait()
+        #expect(link.subscribed == ["room"])
+        first.leave()
+        first.leave()
+        #expect(link.unsubscribed.isEmpty)
+        #expect(hub.directory.lookup("room")?.1 == 1)
+        second.leave()
+        #expect(link.unsubscribed == ["room"])
+        #expect(hub.directory.lookup("room") == nil)
+    }
+
+    @Test func anAttachedClientReceivesUntilItLeaves() throws {
+        let loop = EmbeddedEventLoop()
+        let hub = Hub(eventLoops: [loop], link: StandaloneLink(), counters: NodeCounters(), logger: testLogger())
+        let (other, _) = hub.join("room", on: loop)
+        let (membership, _) = hub.join("room", on: loop)
+        let connection = EmbeddedChannel(loop: loop)
+        try connection.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        let handler = WebSocketHandler(id: 1, membership: membership, limits: Limits(), counters: NodeCounters(), logger: testLogger())
+        try connection.pipeline.syncOperations.addHandler(handler)  // attaches
+        #expect(membership.entry.loopMask.load(ordering: .relaxed) == 1)
+
+        #expect(hub.publish(channel: "room", payload: ByteBuffer(string: "hi"), isText: true, on: loop) == 2)
+        loop.run()
+        #expect(try connection.readOutbound(as: ByteBuffer.self).map { Array($0.readableBytesView) } == [0x81, 2] + Array("hi".utf8))
+
+        // A failure path leaving first, then the handler's own leave on close: counted out once.
+        membership.leave()
+        #expect(membership.entry.loopMask.load(ordering: .relaxed) == 0)
+        #expect(hub.directory.lookup("room")?.1 == 1)
+        _ = try connection.finish()
+        #expect(hub.directory.lookup("room")?.1 == 1)
+        #expect(hub.publish(channel: "room", payload: ByteBuffer(string: "hi"), isText: true, on: loop) == 1)
+        other.leave()
+        #expect(hub.directory.lookup("room") == nil)
     }
 }
