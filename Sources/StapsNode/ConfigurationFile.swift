@@ -123,6 +123,7 @@ public struct ConfigurationOverrides: Sendable, Equatable {
         public var heartbeat: TimeAmount?
         public var publishWindow: TimeAmount?
         public var tlsCAFile: String?
+        public var bindingBuckets: Int?
     }
 
     /// Reads the settings of an INI text; every unknown section or key and every bad value is an error.
@@ -196,6 +197,9 @@ public struct ConfigurationOverrides: Sendable, Equatable {
                     do { out.cluster.publishWindow = try ValueParser.duration(v) } catch { throw fail(error.message) }
                 case "amqp_heartbeat":
                     do { out.cluster.heartbeat = try ValueParser.duration(v, positive: true) } catch { throw fail(error.message) }
+                case "amqp_binding_buckets":
+                    guard let n = Int(v), [0, 16, 256, 4096].contains(n) else { throw fail("'\(v)' is not one of 0 (a binding per channel), 16, 256, 4096") }
+                    out.cluster.bindingBuckets = n
                 case "amqp_tls_ca":
                     do { out.cluster.tlsCAFile = try ValueParser.absolutePath(v) } catch { throw fail(error.message) }
                 default:
@@ -259,6 +263,7 @@ public struct ConfigurationOverrides: Sendable, Equatable {
         if let v = c.heartbeat { config.cluster.heartbeat = v }
         if let v = c.publishWindow { config.cluster.publishWindow = v }
         if let v = c.tlsCAFile { config.cluster.tlsCAFile = v }
+        if let v = c.bindingBuckets { config.cluster.bindingBuckets = v }
         config.daemon = self.daemon
         return config
     }

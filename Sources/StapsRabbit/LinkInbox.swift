@@ -8,16 +8,30 @@ import StapsNode
 import Glibc
 #endif
 
-/// The queue the event loops write to and the link's thread takes from.
+/// The queue the event loops write to and the link's thread takes from, and the binding keys
+/// both sides must agree on.
 ///
 /// Event loops only take a short lock to append, and write the eventfd only when the thread
-/// sleeps (or is about to): they never wait on the broker. Publishes are bounded in bytes
-/// (`amqp_buffer`); beyond it they are dropped and counted. Once closed (the link stopped),
-/// a subscription fails at once instead of waiting for a thread that is gone.
+/// sleeps (or is about to) and has something urgent: they never wait on the broker. Publishes
+/// are bounded in bytes (`amqp_buffer`); beyond it they are dropped and counted. Once closed
+/// (the link stopped), a subscription fails at once instead of waiting for a thread that is gone.
+///
+/// Channels map to binding keys (`RoutingKey.binding`: one per channel, or one per bucket).
+/// The inbox counts the channels with local clients per key, and knows which keys the broker
+/// has confirmed bound: a join on a bound key proceeds at once, without a round trip to the
+/// link's thread. The thread hears of a key only when its first channel comes or its last one
+/// goes, and releases a key (to unbind it) only under the same lock, only when no channel
+/// wants it: so no join can proceed on a binding an unbind in flight is about to remove.
 final class LinkInbox: Sendable {
+    /// About binding keys. A subscribe's promise is nil when its join already proceeded.
     enum Command {
-        case subscribe(String, EventLoopPromise<Void>)
+        case subscribe(String, EventLoopPromise<Void>?)
         case unsubscribe(String)
+    }
+
+    private struct Binding {
+        var channels = 0
+        var bound = false
     }
 
     struct Taken {
@@ -30,17 +44,20 @@ final class LinkInbox: Sendable {
         var publishes: [ClusterMessage] = []
         var publishBytes = 0
         var closed = false
+        var bindings: [String: Binding] = [:]
     }
 
     let wakeFD: Int32
     let capacity: Int
+    let buckets: Int
     /// True while the link's thread is (about to be) blocked in poll: only then is a wake-up
     /// write needed. A busy thread picks up new work on its next round without one.
     let sleeping = ManagedAtomic<Bool>(false)
     private let state = NIOLockedValueBox(State())
 
-    init(capacity: Int) {
+    init(capacity: Int, buckets: Int) {
         self.capacity = capacity
+        self.buckets = buckets
         self.wakeFD = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
     }
 
@@ -48,15 +65,66 @@ final class LinkInbox: Sendable {
 
     static func bytes(of message: ClusterMessage) -> Int { message.payload.readableBytes + message.channel.utf8.count }
 
-    /// Queues a command; false when the inbox is closed (the caller fails the promise).
-    func add(_ command: Command) -> Bool {
-        let added = self.state.withLockedValue { state -> Bool in
-            guard !state.closed else { return false }
-            state.commands.append(command)
+    /// A channel got its first local client: the promise succeeds at once when its binding key
+    /// is bound, later (from the link's thread) otherwise, and fails when the link stopped.
+    func subscribe(channel: String, promise: EventLoopPromise<Void>) {
+        let key = RoutingKey.binding(forChannel: channel, buckets: self.buckets)
+        enum Outcome { case ready, waiting, stopped }
+        let outcome = self.state.withLockedValue { state -> Outcome in
+            guard !state.closed else { return .stopped }
+            var binding = state.bindings[key] ?? Binding()
+            binding.channels += 1
+            state.bindings[key] = binding
+            if binding.bound {
+                // The thread still learns that the key is wanted again; no hurry.
+                if binding.channels == 1 { state.commands.append(.subscribe(key, nil)) }
+                return .ready
+            }
+            state.commands.append(.subscribe(key, promise))
+            return .waiting
+        }
+        switch outcome {
+        case .ready: promise.succeed(())
+        case .waiting: self.wake()
+        case .stopped: promise.fail(LinkStopped())
+        }
+    }
+
+    /// A channel's last local client left. The thread hears of it (no hurry: the binding
+    /// lingers) when it was the key's last channel.
+    func unsubscribe(channel: String) {
+        let key = RoutingKey.binding(forChannel: channel, buckets: self.buckets)
+        self.state.withLockedValue { state in
+            guard !state.closed, var binding = state.bindings[key] else { return }
+            binding.channels -= 1
+            state.bindings[key] = binding
+            if binding.channels == 0 { state.commands.append(.unsubscribe(key)) }
+        }
+    }
+
+    /// The broker confirmed `key` bound (and nothing in flight undoes it): joins on it may
+    /// proceed at once from now on.
+    func markBound(_ key: String) {
+        self.state.withLockedValue { state in
+            if state.bindings[key] != nil { state.bindings[key]!.bound = true }
+        }
+    }
+
+    /// The link's thread is about to unbind `key`: true (and joins on it wait again) when no
+    /// channel wants it; false when one came back meanwhile (keep the binding).
+    func release(_ key: String) -> Bool {
+        self.state.withLockedValue { state in
+            guard (state.bindings[key]?.channels ?? 0) == 0 else { return false }
+            state.bindings[key] = nil
             return true
         }
-        if added { self.wake() }
-        return added
+    }
+
+    /// The connection is gone: nothing is bound any more.
+    func markAllUnbound() {
+        self.state.withLockedValue { state in
+            for key in state.bindings.keys { state.bindings[key]!.bound = false }
+        }
     }
 
     /// Queues publishes; false when they don't fit (the caller drops and counts them).

@@ -55,43 +55,46 @@ extension LinkWorker {
         return k
     }
 
-    /// Joins and leaves from the event loops. Connected: a new channel's join proceeds on its
-    /// `bind-ok`. Down (`consumer` nil): at once (local service); bound on reconnection.
+    /// A binding key's first channel came, or its last one went (see `LinkInbox`). Connected:
+    /// a waiting join proceeds on the key's `bind-ok`. Down (`consumer` nil): at once (local
+    /// service); bound on reconnection.
     func handle(_ commands: [LinkInbox.Command], on consumer: AMQPConnection?) throws(BrokerError) {
-        var requests: [Topology<EventLoopPromise<Void>>.Request] = []
+        var requests: [Topology<EventLoopPromise<Void>?>.Request] = []
         let now = NIODeadline.now()
         for command in commands {
             switch command {
-            case .subscribe(let name, let promise):
-                let (ready, send) = self.topology.subscribe(name, promise)
-                ready?.succeed(())
+            case .subscribe(let key, let promise):
+                let (ready, send) = self.topology.subscribe(key, promise)
+                ready??.succeed(())
                 if let send { requests.append(send) }
-            case .unsubscribe(let name):
-                self.topology.unsubscribe(name, now: now)
+            case .unsubscribe(let key):
+                self.topology.unsubscribe(key, now: now)
             }
         }
         if let consumer { try self.send(requests, on: consumer) }
     }
 
-    func send(_ requests: [Topology<EventLoopPromise<Void>>.Request], on consumer: AMQPConnection) throws(BrokerError) {
+    func send(_ requests: [Topology<EventLoopPromise<Void>?>.Request], on consumer: AMQPConnection) throws(BrokerError) {
         guard !requests.isEmpty else { return }
         if self.topology.requestsInFlight == requests.count { self.topologyProgress = .now() }
         for request in requests {
             let operation: Topology<Void>.Operation = request.operation == .bind ? .bind : .unbind
-            try consumer.sendTopology(operation, queue: self.queue!, exchange: self.exchange, key: self.key(request.channel), channel: Self.topologyChannel)
+            try consumer.sendTopology(operation, queue: self.queue!, exchange: self.exchange, key: CString(request.channel), channel: Self.topologyChannel)
         }
     }
 
     /// The broker answered the oldest bind or unbind.
-    func answered(_ operation: Topology<EventLoopPromise<Void>>.Operation) throws(BrokerError) {
-        let waiters: [EventLoopPromise<Void>]
+    func answered(_ operation: Topology<EventLoopPromise<Void>?>.Operation) throws(BrokerError) {
+        let waiters: [EventLoopPromise<Void>?]
+        let key: String
         do {
-            waiters = try self.topology.answered(operation)
+            (key, waiters) = try self.topology.answered(operation)
         } catch {
             throw BrokerError(operation: "bind channels", reason: "\(error)")
         }
         self.topologyProgress = .now()
+        if self.topology.isSettled(key) { self.inbox.markBound(key) }
         self.counters.channelsBound.store(self.topology.bound.count, ordering: .relaxed)
-        for waiter in waiters { waiter.succeed(()) }
+        for waiter in waiters { waiter?.succeed(()) }
     }
 }

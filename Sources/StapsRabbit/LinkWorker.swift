@@ -34,7 +34,8 @@ final class LinkWorker: @unchecked Sendable {
     let exchange: CString
     let nodeID: CString
     var keys: [String: CString] = [:]
-    var topology: Topology<EventLoopPromise<Void>>
+    /// Binding keys (see `RoutingKey.binding`) this node wants bound.
+    var topology: Topology<EventLoopPromise<Void>?>
     var confirms = Confirms()
 
     /// The broker URL in use (index into `config.urls`); starts at a random one.
@@ -118,7 +119,7 @@ final class LinkWorker: @unchecked Sendable {
         self.counters.droppedWhileDown.wrappingIncrement(by: self.inbox.dropPublishes(), ordering: .relaxed)
         let taken = self.inbox.take(publishBytes: 0)
         try? self.handle(taken.commands, on: nil)
-        _ = self.topology.expire(now: .now())
+        _ = self.topology.expire(now: .now()) { !self.inbox.release($0) }
         self.sleepUntilWoken(timeoutMillis: Self.millisUntil(self.nextAttempt, cap: 100))
     }
 
@@ -167,7 +168,7 @@ final class LinkWorker: @unchecked Sendable {
         let now = NIODeadline.now()
         let taken = self.inbox.take(publishBytes: publishDue ? min(room / 2, 1 << 20) : 0)
         try self.handle(taken.commands, on: consumer)
-        try self.send(self.topology.expire(now: now), on: consumer)
+        try self.send(self.topology.expire(now: now) { !self.inbox.release($0) }, on: consumer)
         try self.send(self.topology.nextRebinds(), on: consumer)
         if !taken.publishes.isEmpty {
             self.nextPublish = now + self.settings.publishWindow
@@ -352,7 +353,8 @@ final class LinkWorker: @unchecked Sendable {
         self.publisher = nil
         self.consumer = nil
         self.counters.channelsBound.store(0, ordering: .relaxed)
-        for waiter in self.topology.disconnected() { waiter.succeed(()) }
+        self.inbox.markAllUnbound()
+        for waiter in self.topology.disconnected() { waiter?.succeed(()) }
         let lost = self.confirms.reset() + self.inbox.dropPublishes()
         self.counters.droppedWhileDown.wrappingIncrement(by: lost, ordering: .relaxed)
     }
@@ -364,15 +366,22 @@ final class LinkWorker: @unchecked Sendable {
         self.consumer?.close()
         self.publisher = nil
         self.consumer = nil
-        for waiter in self.topology.disconnected() { waiter.fail(LinkStopped()) }
+        for waiter in self.topology.disconnected() { waiter?.fail(LinkStopped()) }
         self.counters.droppedWhileDown.wrappingIncrement(by: self.confirms.reset(), ordering: .relaxed)
         Self.failAll(self.inbox.close(), counters: self.counters)
+        let c = self.counters
+        self.logger.notice("broker link totals", metadata: [
+            "published": "\(c.published.load(ordering: .relaxed))", "received": "\(c.received.load(ordering: .relaxed))",
+            "dropped.while_down": "\(c.droppedWhileDown.load(ordering: .relaxed))", "dropped.buffer_full": "\(c.droppedBufferFull.load(ordering: .relaxed))",
+            "rejected": "\(c.rejected.load(ordering: .relaxed))", "malformed": "\(c.malformed.load(ordering: .relaxed))",
+            "reconnects": "\(c.reconnects.load(ordering: .relaxed))",
+        ])
     }
 
     /// What the inbox still held when the link stopped: joins fail, publishes count as dropped.
     static func failAll(_ taken: LinkInbox.Taken, counters: RabbitCounters) {
         for command in taken.commands {
-            if case .subscribe(_, let promise) = command { promise.fail(LinkStopped()) }
+            if case .subscribe(_, let promise) = command { promise?.fail(LinkStopped()) }
         }
         counters.droppedWhileDown.wrappingIncrement(by: taken.publishes.count, ordering: .relaxed)
     }

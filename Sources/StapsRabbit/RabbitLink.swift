@@ -88,7 +88,7 @@ public final class RabbitLink: ClusterLink, Sendable {
     public init(configuration: RabbitConfiguration, logger: Logger) {
         self.configuration = configuration
         self.logger = logger
-        self.inbox = LinkInbox(capacity: configuration.settings.publishBuffer)
+        self.inbox = LinkInbox(capacity: configuration.settings.publishBuffer, buckets: configuration.settings.bindingBuckets)
         self.finished = self.finishLoop.next().makePromise()
     }
 
@@ -109,11 +109,11 @@ public final class RabbitLink: ClusterLink, Sendable {
     }
 
     public func subscribe(channel: String, promise: EventLoopPromise<Void>) {
-        if !self.inbox.add(.subscribe(channel, promise)) { promise.fail(LinkStopped()) }
+        self.inbox.subscribe(channel: channel, promise: promise)
     }
 
     public func unsubscribe(channel: String) {
-        _ = self.inbox.add(.unsubscribe(channel))
+        self.inbox.unsubscribe(channel: channel)
     }
 
     public func publish(_ batch: [ClusterMessage]) {

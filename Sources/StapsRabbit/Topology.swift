@@ -1,6 +1,7 @@
 import NIOCore
 
-/// Which channels this node's queue is bound for, as a pure state machine: no I/O, so it is
+/// Which binding keys this node's queue is bound with (one per channel, or one per bucket of
+/// channels: `RoutingKey.binding`; called channels below), as a pure state machine: no I/O, so it is
 /// tested in memory. The link's thread feeds it what the event loops asked for and what the
 /// broker answered, and carries out the `Request`s it returns.
 ///
@@ -97,14 +98,20 @@ struct Topology<Waiter> {
         self.lingerQueue.append((channel, until))
     }
 
-    /// Unbinds for channels whose linger has passed.
-    mutating func expire(now: NIODeadline) -> [Request] {
+    /// Unbinds for channels whose linger has passed. `keep` is asked last (it may be a
+    /// commitment: the link's inbox releases the key when it answers false); true makes the
+    /// channel active again instead.
+    mutating func expire(now: NIODeadline, keep: (String) -> Bool = { _ in false }) -> [Request] {
         var out: [Request] = []
         while self.lingerHead < self.lingerQueue.count, self.lingerQueue[self.lingerHead].until <= now {
             let (channel, until) = self.lingerQueue[self.lingerHead]
             self.lingerHead += 1
             // Rejoined since (active) or lingering again with a later deadline: not yet.
             guard self.wanted[channel] == .lingering(until: until) else { continue }
+            if keep(channel) {
+                self.wanted[channel] = .active
+                continue
+            }
             self.wanted[channel] = nil
             guard self.isUp else { continue }
             let bindInFlight = self.newest[channel].map { self.inFlight[$0 - self.firstSeq].request.operation == .bind } ?? false
@@ -137,8 +144,13 @@ struct Topology<Waiter> {
         return out
     }
 
-    /// The broker answered the oldest request: returns the joins it lets proceed.
-    mutating func answered(_ operation: Operation) throws(OutOfOrder) -> [Waiter] {
+    /// True when `channel` is bound and nothing in flight may change that.
+    func isSettled(_ channel: String) -> Bool {
+        self.newest[channel] == nil && self.bound.contains(channel)
+    }
+
+    /// The broker answered the oldest request: returns its channel and the joins it lets proceed.
+    mutating func answered(_ operation: Operation) throws(OutOfOrder) -> (channel: String, waiters: [Waiter]) {
         guard self.head < self.inFlight.count else { throw OutOfOrder(expected: nil, got: operation) }
         let entry = self.inFlight[self.head]
         guard entry.request.operation == operation else { throw OutOfOrder(expected: entry.request.operation, got: operation) }
@@ -162,7 +174,7 @@ struct Topology<Waiter> {
             self.inFlight.removeFirst(self.head)
             self.head = 0
         }
-        return entry.waiters
+        return (channel, entry.waiters)
     }
 
     /// A new connection is up (queue declared and consumed): every wanted channel is to be rebound.

@@ -18,12 +18,36 @@ import WebSocketClient
         for key in keys {
             #expect(key.utf8.count <= 255)
             let words = key.split(separator: ".", omittingEmptySubsequences: false)
-            #expect(words.count == 2, "exactly a prefix word and one name word: \(key)")
-            #expect(words[0] == "c" || words[0] == "h")
-            #expect(!words[1].isEmpty && !words[1].contains("*") && !words[1].contains("#"))
+            #expect(words.count == 5, "a prefix word, three bucket digits and one name word: \(key)")
+            #expect(words[0] == "c" && words[1...3].allSatisfy { $0.count == 1 && $0.allSatisfy(\.isHexDigit) })
+            #expect(!words[4].isEmpty && !words[4].contains("*") && !words[4].contains("#"))
         }
-        #expect(RoutingKey.forChannel("a.b") == "c.a~2Eb")
-        #expect(RoutingKey.forChannel("a~2Eb") == "c.a~7E2Eb")
+        #expect(RoutingKey.forChannel("a.b").hasSuffix(".a~2Eb"))
+        #expect(RoutingKey.forChannel("a~2Eb").hasSuffix(".a~7E2Eb"))
+        #expect(RoutingKey.forChannel(String(repeating: "#", count: 84)).split(separator: ".")[4].hasPrefix("~~"), "too long: hashed")
+    }
+
+    /// Topic matching for keys without `#`: `*` is exactly one word.
+    static func matches(_ binding: String, _ key: String) -> Bool {
+        let b = binding.split(separator: ".", omittingEmptySubsequences: false)
+        let k = key.split(separator: ".", omittingEmptySubsequences: false)
+        return b.count == k.count && zip(b, k).allSatisfy { $0 == "*" || $0 == $1 }
+    }
+
+    @Test func bindingKeysMatchTheirOwnChannelsOnly() {
+        let keys = Self.names.map(RoutingKey.forChannel)
+        for buckets in RoutingKey.bucketChoices {
+            for (i, name) in Self.names.enumerated() {
+                let binding = RoutingKey.binding(forChannel: name, buckets: buckets)
+                #expect(Self.matches(binding, keys[i]), "\(binding) must match its own channel's key \(keys[i])")
+                if buckets == 0 {
+                    #expect(binding == keys[i])
+                    #expect(keys.indices.filter { Self.matches(binding, keys[$0]) } == [i], "an exact binding matches no other channel")
+                } else {
+                    #expect(binding.split(separator: ".").filter { $0 == "*" }.count == 4 - [16: 1, 256: 2, 4096: 3][buckets]!)
+                }
+            }
+        }
     }
 }
 
@@ -60,8 +84,10 @@ import WebSocketClient
         await stopAll(nodes)
     }
 
-    @Test func wildcardAndInjectionNamesNeverCrossChannels() async throws {
-        let nodes = try await startClusterNodes(2)
+    /// Exact bindings, and buckets that put many of these channels on one binding: either way
+    /// a node delivers only to the exact channel named in the body.
+    @Test(arguments: [0, 16]) func wildcardAndInjectionNamesNeverCrossChannels(buckets: Int) async throws {
+        let nodes = try await startClusterNodes(2, buckets: buckets)
         let names = RoutingKeyTests.names
         var receivers: [TestClient] = []
         var senders: [TestClient] = []
@@ -242,7 +268,7 @@ import WebSocketClient
         let exchange = Broker.freshExchange()
         // rabbitmqctl needs about 0.6 s per call, so the linger is long enough to look inside it.
         let nodes = try await startClusterNodes(1, exchange: exchange, linger: .seconds(3))
-        let key = RoutingKey.forChannel("linger.room")
+        let key = RoutingKey.binding(forChannel: "linger.room", buckets: ClusterSettings().bindingBuckets)
         let first = try await TestClient.connect(nodes[0].0.tcp, "/linger.room")
         let bound = try Self.bindings(of: exchange)
         #expect(bound == [key], "bound before the handshake completed: \(bound)")

@@ -72,8 +72,8 @@ import Testing
         #expect(t.requestsInFlight == 100)
         #expect(sends.allSatisfy { $0.operation == .bind })
         for i in 0..<100 {
-            let ready = try t.answered(.bind)
-            #expect(ready == (i == 5 ? [5, 1005] : [i]))
+            let (channel, ready) = try t.answered(.bind)
+            #expect(channel == "c\(i)" && ready == (i == 5 ? [5, 1005] : [i]))
         }
         #expect(t.bound.count == 100)
         // Bound: a join proceeds at once.
@@ -96,8 +96,8 @@ import Testing
         // A join during the rebind is sent at once, not behind the window.
         let join = t.subscribe("new", 4)
         #expect(join.send == T.Request(operation: .bind, channel: "new"))
-        for _ in 0..<3 { #expect(try t.answered(.bind).isEmpty) }
-        #expect(try t.answered(.bind) == [4])
+        for _ in 0..<3 { #expect(try t.answered(.bind).waiters.isEmpty) }
+        #expect(try t.answered(.bind).waiters == [4])
         rebinds = t.nextRebinds()
         #expect(rebinds.isEmpty && t.rebindsLeft == 0 && t.bound.count == 4)
     }
@@ -107,6 +107,7 @@ import Testing
         t.connected()
         _ = t.subscribe("x", 1)
         _ = try t.answered(.bind)
+        #expect(t.isSettled("x"))
         t.unsubscribe("x", now: t0)
         #expect(t.expire(now: t0 + .seconds(1)).isEmpty)
         // Rejoined within the linger: never unbound.
@@ -118,10 +119,14 @@ import Testing
         // A join while the unbind is in flight binds again after it, and waits for that bind.
         let join = t.subscribe("x", 3)
         #expect(join.ready == nil && join.send == T.Request(operation: .bind, channel: "x"))
-        #expect(try t.answered(.unbind).isEmpty)
+        #expect(try t.answered(.unbind).waiters.isEmpty)
         #expect(!t.bound.contains("x"))
-        #expect(try t.answered(.bind) == [3])
+        #expect(try t.answered(.bind).waiters == [3])
         #expect(t.bound.contains("x"))
+        // Asked to keep it at the deadline (a channel came back meanwhile): active, not unbound.
+        t.unsubscribe("x", now: t0 + .seconds(10))
+        #expect(t.expire(now: t0 + .seconds(13)) { $0 == "x" }.isEmpty)
+        #expect(t.wanted["x"] == .active)
     }
 
     @Test func answersOutOfOrderAreAnError() {
