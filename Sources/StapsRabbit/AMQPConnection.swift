@@ -277,9 +277,12 @@ final class AMQPConnection {
     /// Bytes the socket can take before a write would block (0 when the kernel does not say).
     var sendRoom: Int { max(0, staps_socket_send_room(self.fileDescriptor)) }
 
-    /// Best-effort polite close, then frees the connection.
+    /// Best-effort polite close (waiting at most a second for the broker's close-ok), then
+    /// frees the connection.
     func close() {
         if self.isOpen {
+            var second = timeval(tv_sec: 1, tv_usec: 0)
+            _ = amqp_set_rpc_timeout(self.state, &second)
             _ = amqp_connection_close(self.state, Int32(AMQP_REPLY_SUCCESS))
         }
         self.isOpen = false

@@ -277,6 +277,8 @@ final class LinkWorker: @unchecked Sendable {
         self.topology.connected()
         self.connectedAt = now
         self.rebindReported = false
+        let status = (self.broker, self.queueName)
+        self.link.status.withLockedValue { $0 = status }
         self.link.connectedFlag.store(true, ordering: .relaxed)
         self.backoff = .milliseconds(100)
         let dropped = self.counters.droppedWhileDown.load(ordering: .relaxed) - self.droppedAtOutageStart
@@ -346,6 +348,7 @@ final class LinkWorker: @unchecked Sendable {
     /// broker, or was written but never confirmed, is counted as dropped.
     private func disconnect(polite: Bool) {
         self.link.connectedFlag.store(false, ordering: .relaxed)
+        self.link.status.withLockedValue { $0 = nil }
         if polite {
             self.publisher?.close()
             self.consumer?.close()
@@ -362,6 +365,7 @@ final class LinkWorker: @unchecked Sendable {
     /// The link stops: close politely, fail every join still waiting, close the inbox.
     private func finish() {
         self.link.connectedFlag.store(false, ordering: .relaxed)
+        self.link.status.withLockedValue { $0 = nil }
         self.publisher?.close()
         self.consumer?.close()
         self.publisher = nil

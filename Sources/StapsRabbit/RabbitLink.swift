@@ -1,5 +1,6 @@
 import Atomics
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import StapsNode
@@ -80,6 +81,8 @@ public final class RabbitLink: ClusterLink, Sendable {
     let inbox: LinkInbox
     private let thread = NIOThreadPool(numberOfThreads: 1)
     let connectedFlag = ManagedAtomic<Bool>(false)
+    /// The broker and queue of the current connection (nil while down), set by the worker.
+    let status = NIOLockedValueBox<(broker: AMQPURL, queue: String)?>(nil)
     let stopped = ManagedAtomic<Bool>(false)
     private let started = ManagedAtomic<Bool>(false)
     private let finished: EventLoopPromise<Void>
@@ -97,6 +100,12 @@ public final class RabbitLink: ClusterLink, Sendable {
     public var isConnected: Bool { self.connectedFlag.load(ordering: .relaxed) }
 
     public var isClustered: Bool { true }
+
+    /// The broker this node is on, while connected.
+    public var currentBroker: AMQPURL? { self.status.withLockedValue { $0?.broker } }
+
+    /// This node's queue on the broker, while connected.
+    public var queueName: String? { self.status.withLockedValue { $0?.queue } }
 
     public func start(inbound: any ClusterInbound) {
         guard !self.started.exchange(true, ordering: .relaxed) else { return }

@@ -22,10 +22,38 @@ enum Broker {
         }
     }
 
-    /// Runs `scripts/rabbitmq ARGS`.
-    static func control(_ args: String...) throws {
-        let (status, output) = try run(repositoryRoot + "/scripts/rabbitmq", args)
+    /// Runs `scripts/rabbitmq ARGS` (for the second broker with `secondEnvironment`).
+    static func control(environment: [String: String] = [:], _ args: String...) throws {
+        _ = try self.run(environment: environment, args)
+    }
+
+    /// What `scripts/rabbitmq ARGS` prints (a URL, a path, a pid), trimmed.
+    static func output(_ args: String...) throws -> String {
+        try self.run(environment: [:], args).trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    private static func run(environment: [String: String], _ args: [String]) throws -> String {
+        let env = environment.map { "\($0.key)=\($0.value)" }
+        let (status, output) = try StapsNodeTests.run("/usr/bin/env", env + [repositoryRoot + "/scripts/rabbitmq"] + args)
         guard status == 0 else { throw TestError.unexpected("scripts/rabbitmq \(args.joined(separator: " ")) failed: \(output)") }
+        return output
+    }
+
+    /// The second private broker (another RabbitMQ, as another node of a cluster would be),
+    /// which `scripts/test` starts beside the first.
+    static let secondPort = 25683
+    static var secondEnvironment: [String: String] {
+        ["STAPS_RABBITMQ_PORT": "\(secondPort)", "STAPS_RABBITMQ_DIR": repositoryRoot + "/.build/rabbitmq-2"]
+    }
+
+    static func requireSecond() async throws -> String {
+        do {
+            _ = try await rawExchange(.tcp(host: "127.0.0.1", port: secondPort), Array("AMQP\u{0}\u{0}\u{9}\u{1}".utf8), timeout: 0.3)
+            return "amqp://guest:guest@127.0.0.1:\(secondPort)/"
+        } catch {
+            let ci = ProcessInfo.processInfo.environment["CI"] == "true" ? " (CI=true: the broker is required)" : ""
+            throw TestError.unexpected("The second RabbitMQ is not reachable on 127.0.0.1:\(secondPort)\(ci). Start it with `STAPS_RABBITMQ_PORT=\(secondPort) STAPS_RABBITMQ_DIR=.build/rabbitmq-2 scripts/rabbitmq start` (scripts/test does this).")
+        }
     }
 
     /// A fresh exchange name, so tests never see each other's messages.
