@@ -170,6 +170,7 @@ final class LinkWorker: @unchecked Sendable {
         try self.handle(taken.commands, on: consumer)
         try self.send(self.topology.expire(now: now) { !self.inbox.release($0) }, on: consumer)
         try self.send(self.topology.nextRebinds(), on: consumer)
+        self.counters.rebindsLeft.store(self.topology.rebindsLeft, ordering: .relaxed)
         if !taken.publishes.isEmpty {
             self.nextPublish = now + self.settings.publishWindow
             try self.publish(taken.publishes, on: publisher)
@@ -275,6 +276,7 @@ final class LinkWorker: @unchecked Sendable {
         (self.topologyProgress, self.confirmProgress) = (now, now)
         self.blockedReason = nil
         self.topology.connected()
+        self.counters.rebindsLeft.store(self.topology.rebindsLeft, ordering: .relaxed)
         self.connectedAt = now
         self.rebindReported = false
         let status = (self.broker, self.queueName)
@@ -300,7 +302,7 @@ final class LinkWorker: @unchecked Sendable {
         self.rebindReported = true
         guard self.counters.reconnects.load(ordering: .relaxed) > 0 else { return }
         self.logger.notice("channels rebound", metadata: [
-            "channels": "\(self.topology.bound.count)", "seconds": "\(Double((now - self.connectedAt).nanoseconds / 1_000_000) / 1000)",
+            "bindings": "\(self.topology.bound.count)", "seconds.since.link.up": "\(Double((now - self.connectedAt).nanoseconds / 1_000_000) / 1000)",
         ])
     }
 
@@ -362,8 +364,24 @@ final class LinkWorker: @unchecked Sendable {
         self.counters.droppedWhileDown.wrappingIncrement(by: lost, ordering: .relaxed)
     }
 
-    /// The link stops: close politely, fail every join still waiting, close the inbox.
+    /// The link stops: what the event loops handed over still goes out and the broker gets up
+    /// to two seconds to confirm it; then close politely, fail every join still waiting, and
+    /// close the inbox.
     private func finish() {
+        if let publisher = self.publisher, self.consumer != nil {
+            let deadline = NIODeadline.now() + .seconds(2)
+            do {
+                let rest = self.inbox.take(publishBytes: .max).publishes
+                if !rest.isEmpty, self.blockedReason == nil { try self.publish(rest, on: publisher) }
+                while self.confirms.outstanding > 0, self.blockedReason == nil, NIODeadline.now() < deadline {
+                    var pfd = pollfd(fd: publisher.fileDescriptor, events: Int16(POLLIN), revents: 0)
+                    if !publisher.hasBufferedInput { _ = poll(&pfd, 1, 10) }
+                    try self.readPublisher(publisher)
+                }
+            } catch {
+                self.logger.debug("broker error while stopping", metadata: ["error": "\(error)"])
+            }
+        }
         self.link.connectedFlag.store(false, ordering: .relaxed)
         self.link.status.withLockedValue { $0 = nil }
         self.publisher?.close()

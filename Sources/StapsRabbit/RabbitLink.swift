@@ -58,8 +58,10 @@ public final class RabbitCounters: Sendable {
     /// Bodies from other nodes that were not in the wire format (nothing of them is delivered).
     public let malformed = ManagedAtomic<Int>(0)
     public let reconnects = ManagedAtomic<Int>(0)
-    /// Channels bound for this node's queue on the current connection (`bind-ok` received).
+    /// Binding keys bound for this node's queue on the current connection (`bind-ok` received).
     public let channelsBound = ManagedAtomic<Int>(0)
+    /// Binding keys still to rebind after a reconnection (0 once all are back).
+    public let rebindsLeft = ManagedAtomic<Int>(0)
     public init() {}
 }
 
