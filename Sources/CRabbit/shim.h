@@ -16,7 +16,6 @@
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
-#include <sys/socket.h>
 #include <sys/time.h>
 
 // amqp_login is variadic: Swift can't call it.
@@ -35,14 +34,12 @@ static inline amqp_rpc_reply_t staps_amqp_login_plain_with_properties(amqp_conne
                                       AMQP_SASL_METHOD_PLAIN, user, password);
 }
 
-// Bytes a socket may still take before a write would block: its send buffer less what is
-// queued in it (SIOCOUTQ). -1 when the kernel does not say.
-static inline long staps_socket_send_room(int fd) {
-    int size = 0, queued = 0;
-    socklen_t len = sizeof(size);
-    if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, &len) != 0) return -1;
+// Bytes written to a socket and not yet acknowledged by the peer (SIOCOUTQ); -1 when the
+// kernel does not say.
+static inline long staps_socket_unacked(int fd) {
+    int queued = 0;
     if (ioctl(fd, SIOCOUTQ, &queued) != 0) return -1;
-    return (long)size - (long)queued;
+    return (long)queued;
 }
 
 // Method ids Swift sees only as macros with casts.

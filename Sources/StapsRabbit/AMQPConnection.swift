@@ -274,8 +274,9 @@ final class AMQPConnection {
         }
     }
 
-    /// Bytes the socket can take before a write would block (0 when the kernel does not say).
-    var sendRoom: Int { max(0, staps_socket_send_room(self.fileDescriptor)) }
+    /// Bytes written to the socket that the broker has not acknowledged yet (0 when the kernel
+    /// does not say): a live broker keeps this small, a frozen one lets it grow.
+    var unackedBytes: Int { max(0, staps_socket_unacked(self.fileDescriptor)) }
 
     /// Best-effort polite close (waiting at most a second for the broker's close-ok), then
     /// frees the connection.

@@ -77,8 +77,11 @@ final class LinkWorker: @unchecked Sendable {
     let maxUnconfirmed = 65_536
     /// Requests outstanding and not one answer for this long: the broker is not answering.
     var answerTimeout: TimeAmount { min(.seconds(2), self.settings.heartbeat) }
-    /// Publish only when the socket can take at least this much without blocking.
-    let minimumSendRoom = 16 << 10
+    /// Publish only while less than this is written and not acknowledged by the broker's TCP,
+    /// at most `maxPublishBytes` at a time: a broker that stops reading (frozen, or blocked
+    /// before it says so) stops the publishing, not the link's thread.
+    let maxUnackedBytes = 1 << 20
+    let maxPublishBytes = 1 << 20
 
     init(link: RabbitLink, inbound: any ClusterInbound) {
         self.link = link
@@ -134,20 +137,24 @@ final class LinkWorker: @unchecked Sendable {
         let reading = self.inbound.clusterBacklogBytes < self.inboundBacklogLimit
         let mayPublish = self.blockedReason == nil && self.confirms.outstanding < self.maxUnconfirmed
         var publishDue = mayPublish && NIODeadline.now() >= self.nextPublish
-        var room = 0
-        if publishDue {
-            room = publisher.sendRoom
-            if room < self.minimumSendRoom { publishDue = false }
+        var waitForRoom = false
+        if publishDue, publisher.unackedBytes >= self.maxUnackedBytes {
+            publishDue = false
+            waitForRoom = true
         }
         if !(reading && consumer.hasBufferedInput) && !publisher.hasBufferedInput {
-            let waitForRoom = mayPublish && !publishDue && room > 0
+            // The publish connection carries confirms, heartbeats and rare notices: read every
+            // 100 ms (housekeeping), not woken for each ack, which measured here cost the event
+            // loops latency on two cores; woken only when many publishes await their confirms.
+            let urgentAcks = self.confirms.outstanding > self.maxUnconfirmed / 2
             var fds = [
                 pollfd(fd: self.inbox.wakeFD, events: Int16(POLLIN), revents: 0),
                 pollfd(fd: consumer.fileDescriptor, events: reading ? Int16(POLLIN) : 0, revents: 0),
-                pollfd(fd: publisher.fileDescriptor, events: Int16(POLLIN) | (waitForRoom ? Int16(POLLOUT) : 0), revents: 0),
+                pollfd(fd: publisher.fileDescriptor, events: urgentAcks ? Int16(POLLIN) : 0, revents: 0),
             ]
             var timeout = reading ? Self.millisUntil(self.nextHousekeeping, cap: 100) + 1 : 5
-            if mayPublish && !publishDue && !waitForRoom { timeout = min(timeout, Self.millisUntil(self.nextPublish, cap: 5) + 1) }
+            // Waiting for the broker to take what was written, or for the publish window.
+            if mayPublish && !publishDue { timeout = min(timeout, waitForRoom ? 5 : Self.millisUntil(self.nextPublish, cap: 5) + 1) }
             self.inbox.sleeping.store(true, ordering: .sequentiallyConsistent)
             if self.inbox.hasWork(publishes: publishDue) {
                 self.inbox.sleeping.store(false, ordering: .sequentiallyConsistent)
@@ -166,7 +173,7 @@ final class LinkWorker: @unchecked Sendable {
             try self.readPublisher(publisher)
         }
         let now = NIODeadline.now()
-        let taken = self.inbox.take(publishBytes: publishDue ? min(room / 2, 1 << 20) : 0)
+        let taken = self.inbox.take(publishBytes: publishDue ? self.maxPublishBytes : 0)
         try self.handle(taken.commands, on: consumer)
         try self.send(self.topology.expire(now: now) { !self.inbox.release($0) }, on: consumer)
         try self.send(self.topology.nextRebinds(), on: consumer)
