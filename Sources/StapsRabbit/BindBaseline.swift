@@ -18,17 +18,10 @@ public enum BindBaseline {
     }
 
     public static func run(url: AMQPURL, cycles: Int, window: Int) throws -> Result {
-        let exchange = CString("staps-binds-" + String(UUID4.make().prefix(8)))
         let connection = try AMQPConnection(url: url, heartbeatSeconds: 0, connectTimeout: 5)
-        let empty = amqp_table_t(num_entries: 0, entries: nil)
         // Not auto-delete: that would delete the exchange at the first unbind.
-        amqp_exchange_declare(connection.state, 1, exchange.bytes, amqp_cstring_bytes("topic"), 0, 0, 0, 0, empty)
-        try connection.check(amqp_get_rpc_reply(connection.state), "declare exchange")
-        guard let ok = amqp_queue_declare(connection.state, 1, amqp_bytes_t(len: 0, bytes: nil), 0, 0, 1, 1, empty) else {
-            try connection.check(amqp_get_rpc_reply(connection.state), "declare queue")
-            throw BrokerError(operation: "declare queue", reason: "no reply")
-        }
-        let queue = CString(AMQPConnection.string(ok.pointee.queue))
+        let exchange = try connection.declareScratchExchange("staps-binds-", autoDelete: false)
+        let queue = try connection.declareScratchQueue()
         try connection.openChannel(2)
         defer {
             amqp_exchange_delete(connection.state, 1, exchange.bytes, 0)

@@ -21,18 +21,12 @@ public enum BrokerBaseline {
     }
 
     public static func run(url: AMQPURL, messages: Int, size: Int) async throws -> Result {
-        let exchange = CString("staps-baseline-" + String(UUID4.make().prefix(8)))
         let key = CString("c.baseline")
         let consumer = try AMQPConnection(url: url, heartbeatSeconds: 0, connectTimeout: 5)
         let publisher = try AMQPConnection(url: url, heartbeatSeconds: 0, connectTimeout: 5)
         let empty = amqp_table_t(num_entries: 0, entries: nil)
-        amqp_exchange_declare(publisher.state, 1, exchange.bytes, amqp_cstring_bytes("topic"), 0, 0, 1, 0, empty)
-        try publisher.check(amqp_get_rpc_reply(publisher.state), "declare exchange")
-        guard let ok = amqp_queue_declare(consumer.state, 1, amqp_bytes_t(len: 0, bytes: nil), 0, 0, 1, 1, empty) else {
-            try consumer.check(amqp_get_rpc_reply(consumer.state), "declare queue")
-            throw BrokerError(operation: "declare queue", reason: "no reply")
-        }
-        let queue = CString(AMQPConnection.string(ok.pointee.queue))
+        let exchange = try publisher.declareScratchExchange("staps-baseline-", autoDelete: true)
+        let queue = try consumer.declareScratchQueue()
         amqp_queue_bind(consumer.state, 1, queue.bytes, exchange.bytes, key.bytes, empty)
         try consumer.check(amqp_get_rpc_reply(consumer.state), "bind")
         amqp_basic_consume(consumer.state, 1, queue.bytes, amqp_bytes_t(len: 0, bytes: nil), 0, 1, 1, empty)
@@ -90,4 +84,23 @@ public enum BrokerBaseline {
 struct Unchecked<T>: @unchecked Sendable {
     let value: T
     init(_ value: T) { self.value = value }
+}
+
+extension AMQPConnection {
+    /// A fresh, non-durable topic exchange for a benchmark (auto-delete: gone with its last binding).
+    func declareScratchExchange(_ prefix: String, autoDelete: Bool) throws(BrokerError) -> CString {
+        let exchange = CString(prefix + String(UUID4.make().prefix(8)))
+        amqp_exchange_declare(self.state, 1, exchange.bytes, amqp_cstring_bytes("topic"), 0, 0, autoDelete ? 1 : 0, 0, amqp_table_t(num_entries: 0, entries: nil))
+        try self.check(amqp_get_rpc_reply(self.state), "declare exchange")
+        return exchange
+    }
+
+    /// A server-named, exclusive, auto-delete queue for a benchmark.
+    func declareScratchQueue() throws(BrokerError) -> CString {
+        guard let ok = amqp_queue_declare(self.state, 1, amqp_bytes_t(len: 0, bytes: nil), 0, 0, 1, 1, amqp_table_t(num_entries: 0, entries: nil)) else {
+            try self.check(amqp_get_rpc_reply(self.state), "declare queue")
+            throw BrokerError(operation: "declare queue", reason: "no reply")
+        }
+        return CString(AMQPConnection.string(ok.pointee.queue))
+    }
 }

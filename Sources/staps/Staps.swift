@@ -31,7 +31,7 @@ struct Staps: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("TCP host:port to listen on (repeatable); a bare port means 127.0.0.1.", valueName: "host:port"))
     var port: [String] = []
 
-    @Option(name: .long, help: ArgumentHelp("RabbitMQ URL amqp://user:pass@host:port/vhost; empty for standalone.", valueName: "url"))
+    @Option(name: .long, help: ArgumentHelp("RabbitMQ URL amqp://user:pass@host:port/vhost (or amqps://), or several separated by commas; empty for standalone.", valueName: "url"))
     var amqp: String?
 
     @Option(name: .long, help: ArgumentHelp("Configuration file to read instead of the default locations.", valueName: "path"))

@@ -13,7 +13,9 @@ import Testing
             mode = 0600
             port = 8081
             port = 0.0.0.0:9000 [::1]:9001
-            amqp = amqp://u:p@broker:5673/v
+            amqp = amqp://u:p@broker:5673/v, amqps://u:p@broker2/v
+            amqp_binding_buckets = 16
+            amqp_tls_ca = /etc/staps/ca.pem
             amqp_exchange = pubsub
             amqp_queue_max_length = 500
             amqp_queue_ttl = 3s
@@ -43,7 +45,8 @@ import Testing
             .hostname("127.0.0.1", port: 8081), .hostname("0.0.0.0", port: 9000), .hostname("::1", port: 9001),
         ])
         #expect(config.socketMode == 0o600)
-        #expect(config.amqpURL == "amqp://u:p@broker:5673/v")
+        #expect(config.amqpURL == "amqp://u:p@broker:5673/v, amqps://u:p@broker2/v")
+        #expect(try AMQPURL.list(config.amqpURL).map(\.description) == ["amqp://u:***@broker:5673/v", "amqps://u:***@broker2:5671/v"])
         #expect(config.limits.maxMessageSize == 65536)
         #expect(config.limits.sendBuffer == 2 << 20)
         #expect(config.limits.slowConsumerGrace == .milliseconds(250))
@@ -53,7 +56,8 @@ import Testing
         #expect(config.limits.pongTimeout == .seconds(7))
         #expect(config.limits.shutdownTimeout == .seconds(0))
         #expect(config.cluster == ClusterSettings(exchange: "pubsub", queueMaxLength: 500, queueMessageTTL: .seconds(3), unbindLinger: .seconds(0),
-                                                  publishBuffer: 8 << 20, heartbeat: .seconds(30), publishWindow: .seconds(0)))
+                                                  publishBuffer: 8 << 20, heartbeat: .seconds(30), publishWindow: .seconds(0),
+                                                  bindingBuckets: 16, tlsCAFile: "/etc/staps/ca.pem"))
         #expect(config.daemon == DaemonSettings(user: "staps", group: "www-data", directory: "/var/lib/staps", pidFile: "/run/staps/staps.pid", umask: 0o027))
     }
 
@@ -96,6 +100,9 @@ import Testing
         ("[daemon]\nshell = /bin/sh\n", "t.conf:2: shell: unknown key in [daemon]"),
         ("[staps]\namqp_exchange = amq.topic\n", "t.conf:2: amqp_exchange: 'amq.topic' is not a usable exchange name (1-127 bytes, not starting with amq.)"),
         ("[staps]\namqp_queue_ttl = 0\n", "t.conf:2: amqp_queue_ttl: '0' is not a duration (e.g. 500ms, 10s, 2m)"),
+        ("[staps]\namqp = amqp://a/ amqp://u:secret@h:0/\n", "t.conf:2: amqp: bad port in 'amqp://u:***@h:0/'"),
+        ("[staps]\namqp_binding_buckets = 100\n", "t.conf:2: amqp_binding_buckets: '100' is not one of 0 (a binding per channel), 16, 256, 4096"),
+        ("[staps]\namqp_tls_ca = ca.pem\n", "t.conf:2: amqp_tls_ca: 'ca.pem' is not an absolute path"),
     ])
     func errorsNameFileLineAndKey(text: String, expected: String) {
         #expect(throws: ConfigurationError.self) { try ConfigurationOverrides.parse(text, file: "t.conf") }
