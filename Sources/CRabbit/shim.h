@@ -16,6 +16,7 @@
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/time.h>
 
 // amqp_login is variadic: Swift can't call it.
@@ -40,6 +41,16 @@ static inline long staps_socket_unacked(int fd) {
     int queued = 0;
     if (ioctl(fd, SIOCOUTQ, &queued) != 0) return -1;
     return (long)queued;
+}
+
+// Asks for a send buffer of `bytes` (the kernel caps it at net.core.wmem_max, doubled) and
+// returns what the socket has; -1 when the kernel does not say.
+static inline long staps_socket_set_send_buffer(int fd, int bytes) {
+    int size = 0;
+    socklen_t len = sizeof(size);
+    (void)setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof(bytes));
+    if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, &len) != 0) return -1;
+    return (long)size;
 }
 
 // Method ids Swift sees only as macros with casts.

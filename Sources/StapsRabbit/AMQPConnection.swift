@@ -108,7 +108,19 @@ final class AMQPConnection {
         }
         try Self.check(reply, "log in to vhost '\(url.vhost)' as '\(url.user)'", state: state)
         try self.openChannel(1)
+        if url.tls {
+            // rabbitmq-c writes TLS with no deadline, so the link writes only what fits in a
+            // known send buffer (see `sendRoom`).
+            self.sendBufferSize = max(0, staps_socket_set_send_buffer(amqp_get_sockfd(state), 4 << 20))
+        }
     }
+
+    /// The socket's send buffer, for TLS connections (0 otherwise: not fixed, not needed).
+    private(set) var sendBufferSize = 0
+
+    /// Bytes a TLS connection's socket takes without blocking (its fixed send buffer less
+    /// what the broker has not acknowledged).
+    var sendRoom: Int { max(0, self.sendBufferSize - self.unackedBytes) }
 
     /// Why opening the socket failed, in words an operator can act on.
     private static func openFailure(_ status: Int32, tls: Bool) -> String {

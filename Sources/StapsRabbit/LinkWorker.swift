@@ -138,9 +138,13 @@ final class LinkWorker: @unchecked Sendable {
         let mayPublish = self.blockedReason == nil && self.confirms.outstanding < self.maxUnconfirmed
         var publishDue = mayPublish && NIODeadline.now() >= self.nextPublish
         var waitForRoom = false
-        if publishDue, publisher.unackedBytes >= self.maxUnackedBytes {
-            publishDue = false
-            waitForRoom = true
+        var budget = 0
+        if publishDue {
+            budget = self.publishBudget(publisher)
+            if budget == 0 {
+                publishDue = false
+                waitForRoom = true
+            }
         }
         if !(reading && consumer.hasBufferedInput) && !publisher.hasBufferedInput {
             // The publish connection carries confirms, heartbeats and rare notices: read every
@@ -173,7 +177,7 @@ final class LinkWorker: @unchecked Sendable {
             try self.readPublisher(publisher)
         }
         let now = NIODeadline.now()
-        let taken = self.inbox.take(publishBytes: publishDue ? self.maxPublishBytes : 0)
+        let taken = self.inbox.take(publishBytes: publishDue ? budget : 0)
         try self.handle(taken.commands, on: consumer)
         try self.send(self.topology.expire(now: now) { !self.inbox.release($0) }, on: consumer)
         try self.send(self.topology.nextRebinds(), on: consumer)
@@ -198,6 +202,18 @@ final class LinkWorker: @unchecked Sendable {
             try self.readPublisher(publisher)
             try self.checkLiveness(now: now, reading: reading)
         }
+    }
+
+    /// Payload bytes this round may publish; 0 while the broker is not taking what was written.
+    /// Plain TCP: up to `maxPublishBytes` while less than `maxUnackedBytes` is unacknowledged
+    /// (a raw write waits at most `answerTimeout` for the rest). TLS: half of what the fixed
+    /// send buffer can still take, since rabbitmq-c would wait for the rest without a deadline.
+    private func publishBudget(_ publisher: AMQPConnection) -> Int {
+        if self.broker.tls {
+            let room = publisher.sendRoom / 2
+            return room >= 16 << 10 ? min(room, self.maxPublishBytes) : 0
+        }
+        return publisher.unackedBytes < self.maxUnackedBytes ? self.maxPublishBytes : 0
     }
 
     private func readPublisher(_ publisher: AMQPConnection) throws(BrokerError) {
@@ -378,7 +394,7 @@ final class LinkWorker: @unchecked Sendable {
         if let publisher = self.publisher, self.consumer != nil {
             let deadline = NIODeadline.now() + .seconds(2)
             do {
-                let rest = self.inbox.take(publishBytes: .max).publishes
+                let rest = self.inbox.take(publishBytes: self.broker.tls ? self.publishBudget(publisher) : .max).publishes
                 if !rest.isEmpty, self.blockedReason == nil { try self.publish(rest, on: publisher) }
                 while self.confirms.outstanding > 0, self.blockedReason == nil, NIODeadline.now() < deadline {
                     var pfd = pollfd(fd: publisher.fileDescriptor, events: Int16(POLLIN), revents: 0)
