@@ -46,6 +46,12 @@ public protocol ClusterLink: AnyObject, Sendable {
     /// anywhere in the cluster from now on reach this node (its binding is confirmed).
     func subscribe(channel: String, promise: EventLoopPromise<Void>)
 
+    /// Another client joined a channel that has local clients already: succeed `promise` once
+    /// the channel's binding is confirmed on the current connection (at once when it is, or
+    /// when the broker is unreachable). After a reconnection a channel is bound again only in
+    /// the background, so a join must not take the first client's word for it.
+    func awaitBinding(channel: String, promise: EventLoopPromise<Void>)
+
     /// The channel's last local client left.
     func unsubscribe(channel: String)
 
@@ -63,6 +69,7 @@ public final class StandaloneLink: ClusterLink {
     public var isClustered: Bool { false }
     public func start(inbound: any ClusterInbound) {}
     public func subscribe(channel: String, promise: EventLoopPromise<Void>) { promise.succeed(()) }
+    public func awaitBinding(channel: String, promise: EventLoopPromise<Void>) { promise.succeed(()) }
     public func unsubscribe(channel: String) {}
     public func publish(_ batch: [ClusterMessage]) {}
     public func shutdown() async {}

@@ -221,6 +221,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             case .success:
                 guard context.channel.isActive, !self.shuttingDown else {
                     membership.leave()
+                    context.close(promise: nil)
                     return
                 }
                 do {

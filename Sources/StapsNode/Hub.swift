@@ -38,7 +38,11 @@ final class ChannelDirectory: Sendable {
             if var state = table[name] {
                 state.clients += 1
                 table[name] = state
-                return (state.entry, state.ready)
+                guard self.link.isClustered else { return (state.entry, state.ready) }
+                // Not the first client's future: the binding may have to be made again since.
+                let promise = eventLoop.makePromise(of: Void.self)
+                self.link.awaitBinding(channel: name, promise: promise)
+                return (state.entry, promise.futureResult)
             }
             let entry = ChannelEntry(name: name)
             let promise = eventLoop.makePromise(of: Void.self)

@@ -290,10 +290,27 @@ final class AMQPConnection {
     /// does not say): a live broker keeps this small, a frozen one lets it grow.
     var unackedBytes: Int { max(0, staps_socket_unacked(self.fileDescriptor)) }
 
-    /// Best-effort polite close (waiting at most a second for the broker's close-ok), then
-    /// frees the connection.
+    /// True when a write of a few bytes would not block now (rabbitmq-c writes with no deadline).
+    var canWrite: Bool {
+        var pfd = pollfd(fd: self.fileDescriptor, events: Int16(POLLOUT), revents: 0)
+        return poll(&pfd, 1, 0) == 1 && pfd.revents & Int16(POLLOUT) != 0
+    }
+
+    /// True when the broker sent something not read yet (a heartbeat counts: rabbitmq-c
+    /// consumes those itself and never returns them).
+    var hasInput: Bool {
+        if self.hasBufferedInput { return true }
+        var pfd = pollfd(fd: self.fileDescriptor, events: Int16(POLLIN), revents: 0)
+        return poll(&pfd, 1, 0) == 1 && pfd.revents & Int16(POLLIN) != 0
+    }
+
+    /// A write failed or timed out part-way: nothing more may be written, not even a close.
+    func markBroken() { self.isOpen = false }
+
+    /// Best-effort polite close (only when the socket takes it without waiting, and waiting at
+    /// most a second for the broker's close-ok), then frees the connection.
     func close() {
-        if self.isOpen {
+        if self.isOpen, self.canWrite {
             var second = timeval(tv_sec: 1, tv_usec: 0)
             _ = amqp_set_rpc_timeout(self.state, &second)
             _ = amqp_connection_close(self.state, Int32(AMQP_REPLY_SUCCESS))

@@ -9,13 +9,15 @@ struct Confirms {
     /// Messages (websocket messages, not AMQP messages) awaiting confirmation.
     private(set) var messages = 0
 
-    var outstanding: Int { self.entries.count - self.head }
+    /// AMQP messages not settled yet.
+    private(set) var outstanding = 0
 
     /// Records one AMQP message carrying `messages` websocket messages.
     mutating func published(messages: Int) {
         self.entries.append((self.nextTag, messages))
         self.nextTag += 1
         self.messages += messages
+        self.outstanding += 1
     }
 
     /// The broker settled `tag` (and every earlier one when `multiple`); returns how many
@@ -24,11 +26,13 @@ struct Confirms {
         var settled = 0
         if multiple {
             while self.head < self.entries.count, self.entries[self.head].tag <= tag {
+                if self.entries[self.head].messages > 0 { self.outstanding -= 1 }
                 settled += self.entries[self.head].messages
                 self.head += 1
             }
-        } else if let i = self.entries[self.head...].firstIndex(where: { $0.tag == tag }) {
+        } else if let i = self.entries[self.head...].firstIndex(where: { $0.tag == tag }), self.entries[i].messages > 0 {
             settled = self.entries[i].messages
+            self.outstanding -= 1
             if i == self.head {
                 self.head += 1
             } else {
@@ -36,6 +40,8 @@ struct Confirms {
             }
         }
         self.messages -= settled
+        // Entries settled out of order ahead of the head are holes (0 messages): skip them.
+        while self.head < self.entries.count, self.entries[self.head].messages == 0 { self.head += 1 }
         if self.head == self.entries.count {
             self.entries.removeAll(keepingCapacity: true)
             self.head = 0

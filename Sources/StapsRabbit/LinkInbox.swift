@@ -26,6 +26,8 @@ final class LinkInbox: Sendable {
     /// About binding keys. A subscribe's promise is nil when its join already proceeded.
     enum Command {
         case subscribe(String, EventLoopPromise<Void>?)
+        /// A later client on a key with channels already: wait for the key's binding, count nothing.
+        case awaitBinding(String, EventLoopPromise<Void>)
         case unsubscribe(String)
     }
 
@@ -53,6 +55,9 @@ final class LinkInbox: Sendable {
     /// True while the link's thread is (about to be) blocked in poll: only then is a wake-up
     /// write needed. A busy thread picks up new work on its next round without one.
     let sleeping = ManagedAtomic<Bool>(false)
+    /// True while the link is connected (set by its thread). While it is not, joins proceed at
+    /// once (local service; bound on reconnection) without waiting for a connect attempt.
+    let connected = ManagedAtomic<Bool>(false)
     private let state = NIOLockedValueBox(State())
 
     init(capacity: Int, buckets: Int) {
@@ -70,17 +75,37 @@ final class LinkInbox: Sendable {
     func subscribe(channel: String, promise: EventLoopPromise<Void>) {
         let key = RoutingKey.binding(forChannel: channel, buckets: self.buckets)
         enum Outcome { case ready, waiting, stopped }
+        let down = !self.connected.load(ordering: .relaxed)
         let outcome = self.state.withLockedValue { state -> Outcome in
             guard !state.closed else { return .stopped }
             var binding = state.bindings[key] ?? Binding()
             binding.channels += 1
             state.bindings[key] = binding
-            if binding.bound {
+            if binding.bound || down {
                 // The thread still learns that the key is wanted again; no hurry.
                 if binding.channels == 1 { state.commands.append(.subscribe(key, nil)) }
                 return .ready
             }
             state.commands.append(.subscribe(key, promise))
+            return .waiting
+        }
+        switch outcome {
+        case .ready: promise.succeed(())
+        case .waiting: self.wake()
+        case .stopped: promise.fail(LinkStopped())
+        }
+    }
+
+    /// Another client joined a channel with local clients: the promise succeeds once the
+    /// channel's binding key is bound (at once when it is, or while the link is down).
+    func awaitBinding(channel: String, promise: EventLoopPromise<Void>) {
+        let key = RoutingKey.binding(forChannel: channel, buckets: self.buckets)
+        let down = !self.connected.load(ordering: .relaxed)
+        enum Outcome { case ready, waiting, stopped }
+        let outcome = self.state.withLockedValue { state -> Outcome in
+            guard !state.closed else { return .stopped }
+            if down || state.bindings[key]?.bound == true { return .ready }
+            state.commands.append(.awaitBinding(key, promise))
             return .waiting
         }
         switch outcome {
@@ -154,21 +179,25 @@ final class LinkInbox: Sendable {
         self.state.withLockedValue { !$0.commands.isEmpty || (publishes && !$0.publishes.isEmpty) }
     }
 
-    /// Takes every command, and publishes up to `publishBytes` bytes (whole messages, oldest first).
-    func take(publishBytes limit: Int) -> Taken {
+    /// Takes every command, and publishes up to `publishBytes` bytes (whole messages, oldest
+    /// first), counting `overhead` more per message for what the wire adds. The first message
+    /// is taken even when it alone is over the limit only if `oversizeFirst`.
+    func take(publishBytes limit: Int, overhead: Int = 0, oversizeFirst: Bool = true) -> Taken {
         self.state.withLockedValue { state in
             var out = Taken()
             swap(&out.commands, &state.commands)
             guard limit > 0, !state.publishes.isEmpty else { return out }
-            if state.publishBytes <= limit {
+            if overhead == 0, state.publishBytes <= limit {
                 swap(&out.publishes, &state.publishes)
                 state.publishBytes = 0
                 return out
             }
             var bytes = 0
             var n = 0
-            while n < state.publishes.count, bytes < limit {
-                bytes += Self.bytes(of: state.publishes[n])
+            while n < state.publishes.count {
+                let size = Self.bytes(of: state.publishes[n])
+                guard bytes + size + overhead <= limit || (n == 0 && oversizeFirst) else { break }
+                bytes += size
                 n += 1
             }
             out.publishes = Array(state.publishes[..<n])

@@ -18,19 +18,29 @@ extension LinkWorker {
     /// kept (a change of type starts a new group after the previous one). Each is tracked
     /// until the broker confirms it.
     func publish(_ messages: [ClusterMessage], on publisher: AMQPConnection) throws(BrokerError) {
+        guard !messages.isEmpty else { return }
         let groups = PublishGroups.make(messages)
         self.batch.removeAll()
         let exchange = self.exchange.rawBytes
         let appID = self.nodeID.rawBytes
         let tls = self.broker.tls
-        for group in groups {
+        for (g, group) in groups.enumerated() {
             let routingKey = self.key(group.channel)
             self.body.removeAll(keepingCapacity: true)
             WireFormat.beginBody(channel: group.channel, into: &self.body)
             for i in group.indices { WireFormat.append(payload: messages[i].payload, into: &self.body) }
             let isText = group.isText
             if tls {
-                try self.publishThroughLibrary(publisher, routingKey: routingKey, isText: isText, correlationID: group.connectionID)
+                do {
+                    try self.publishThroughLibrary(publisher, routingKey: routingKey, isText: isText, correlationID: group.connectionID)
+                } catch {
+                    // This group and the ones after it were never written: count them here
+                    // (the ones before are in `confirms`, counted when the connection goes).
+                    let unsent = groups[g...].reduce(0) { $0 + $1.indices.count }
+                    self.counters.droppedWhileDown.wrappingIncrement(by: unsent, ordering: .relaxed)
+                    publisher.markBroken()
+                    throw error
+                }
             } else {
                 self.body.withUnsafeBytes { body in
                     self.batch.append(exchange: exchange, routingKey: routingKey.rawBytes, type: isText ? UInt8(ascii: "t") : UInt8(ascii: "b"),
@@ -41,7 +51,12 @@ extension LinkWorker {
         }
         if self.confirms.outstanding == groups.count { self.confirmProgress = .now() }
         if !tls {
-            try self.batch.write(to: publisher.fileDescriptor, timeoutMillis: Int32(self.answerTimeout.nanoseconds / 1_000_000))
+            do {
+                try self.batch.write(to: publisher.fileDescriptor, timeoutMillis: Int32(self.answerTimeout.nanoseconds / 1_000_000))
+            } catch {
+                publisher.markBroken()  // a frame may be half written: nothing more on this socket
+                throw error
+            }
         }
     }
 

@@ -67,6 +67,10 @@ extension LinkWorker {
                 let (ready, send) = self.topology.subscribe(key, promise)
                 ready??.succeed(())
                 if let send { requests.append(send) }
+            case .awaitBinding(let key, let promise):
+                let (ready, send) = self.topology.subscribe(key, promise)
+                ready??.succeed(())
+                if let send { requests.append(send) }
             case .unsubscribe(let key):
                 self.topology.unsubscribe(key, now: now)
             }
@@ -74,12 +78,29 @@ extension LinkWorker {
         if let consumer { try self.send(requests, on: consumer) }
     }
 
+    /// Queues requests the topology counts as in flight, and sends what the socket takes.
     func send(_ requests: [Topology<EventLoopPromise<Void>?>.Request], on consumer: AMQPConnection) throws(BrokerError) {
-        guard !requests.isEmpty else { return }
+        guard !requests.isEmpty else { return try self.flushTopology(consumer) }
         if self.topology.requestsInFlight == requests.count { self.topologyProgress = .now() }
-        for request in requests {
+        self.topologyOutbox.append(contentsOf: requests)
+        try self.flushTopology(consumer)
+    }
+
+    /// Sends queued binds and unbinds while the socket takes them without waiting (rabbitmq-c
+    /// writes with no deadline, and a frozen broker stops reading): 64 between checks.
+    func flushTopology(_ consumer: AMQPConnection) throws(BrokerError) {
+        var sent = 0
+        while self.topologyOutboxHead < self.topologyOutbox.count {
+            if sent % 64 == 0, !consumer.canWrite { break }
+            let request = self.topologyOutbox[self.topologyOutboxHead]
+            self.topologyOutboxHead += 1
+            sent += 1
             let operation: Topology<Void>.Operation = request.operation == .bind ? .bind : .unbind
             try consumer.sendTopology(operation, queue: self.queue!, exchange: self.exchange, key: CString(request.channel), channel: Self.topologyChannel)
+        }
+        if self.topologyOutboxHead == self.topologyOutbox.count {
+            self.topologyOutbox.removeAll(keepingCapacity: true)
+            self.topologyOutboxHead = 0
         }
     }
 

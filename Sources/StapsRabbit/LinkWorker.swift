@@ -36,6 +36,9 @@ final class LinkWorker: @unchecked Sendable {
     var keys: [String: CString] = [:]
     /// Binding keys (see `RoutingKey.binding`) this node wants bound.
     var topology: Topology<EventLoopPromise<Void>?>
+    /// Requests the topology counts as in flight that the socket has not taken yet.
+    var topologyOutbox: [Topology<EventLoopPromise<Void>?>.Request] = []
+    var topologyOutboxHead = 0
     var confirms = Confirms()
 
     /// The broker URL in use (index into `config.urls`); starts at a random one.
@@ -177,10 +180,18 @@ final class LinkWorker: @unchecked Sendable {
             try self.readPublisher(publisher)
         }
         let now = NIODeadline.now()
-        let taken = self.inbox.take(publishBytes: publishDue ? budget : 0)
-        try self.handle(taken.commands, on: consumer)
-        try self.send(self.topology.expire(now: now) { !self.inbox.release($0) }, on: consumer)
-        try self.send(self.topology.nextRebinds(), on: consumer)
+        let tls = self.broker.tls
+        let taken = self.inbox.take(publishBytes: publishDue ? budget : 0, overhead: tls ? Self.wireOverhead : 0,
+                                    oversizeFirst: !tls || publisher.unackedBytes == 0)
+        do {
+            try self.handle(taken.commands, on: consumer)
+            try self.send(self.topology.expire(now: now) { !self.inbox.release($0) }, on: consumer)
+            try self.send(self.topology.nextRebinds(), on: consumer)
+        } catch {
+            // Taken, never published: not lost without a count.
+            self.counters.droppedWhileDown.wrappingIncrement(by: taken.publishes.count, ordering: .relaxed)
+            throw error
+        }
         self.counters.rebindsLeft.store(self.topology.rebindsLeft, ordering: .relaxed)
         if !taken.publishes.isEmpty {
             self.nextPublish = now + self.settings.publishWindow
@@ -188,7 +199,7 @@ final class LinkWorker: @unchecked Sendable {
         }
         if reading {
             try self.consume(consumer)
-        } else if now - self.lastHeartbeatToConsumer > .nanoseconds(self.settings.heartbeat.nanoseconds / 2) {
+        } else if now - self.lastHeartbeatToConsumer > .nanoseconds(self.settings.heartbeat.nanoseconds / 2), consumer.canWrite {
             // Not reading: rabbitmq-c sends no heartbeats for us, so the broker would drop us.
             try consumer.sendHeartbeat()
             self.lastHeartbeatToConsumer = now
@@ -199,10 +210,15 @@ final class LinkWorker: @unchecked Sendable {
             self.reportDrops(now: now)
             self.reportRebind(now: now)
             // Lets rabbitmq-c send heartbeats on the quiet publish connection and notice a close.
+            // Bytes waiting count as heard: rabbitmq-c swallows the broker's heartbeats.
+            if publisher.hasInput { self.lastHeardPublisher = now }
             try self.readPublisher(publisher)
             try self.checkLiveness(now: now, reading: reading)
         }
     }
+
+    /// What the wire adds to a message's payload and channel name at most (routing key, properties, frames).
+    static let wireOverhead = 512
 
     /// Payload bytes this round may publish; 0 while the broker is not taking what was written.
     /// Plain TCP: up to `maxPublishBytes` while less than `maxUnackedBytes` is unacknowledged
@@ -374,6 +390,8 @@ final class LinkWorker: @unchecked Sendable {
     private func disconnect(polite: Bool) {
         self.link.connectedFlag.store(false, ordering: .relaxed)
         self.link.status.withLockedValue { $0 = nil }
+        self.topologyOutbox = []
+        self.topologyOutboxHead = 0
         if polite {
             self.publisher?.close()
             self.consumer?.close()
@@ -394,8 +412,14 @@ final class LinkWorker: @unchecked Sendable {
         if let publisher = self.publisher, self.consumer != nil {
             let deadline = NIODeadline.now() + .seconds(2)
             do {
-                let rest = self.inbox.take(publishBytes: self.broker.tls ? self.publishBudget(publisher) : .max).publishes
-                if !rest.isEmpty, self.blockedReason == nil { try self.publish(rest, on: publisher) }
+                let tls = self.broker.tls
+                let rest = self.inbox.take(publishBytes: tls ? self.publishBudget(publisher) : .max, overhead: tls ? Self.wireOverhead : 0, oversizeFirst: !tls)
+                Self.failAll(LinkInbox.Taken(commands: rest.commands), counters: self.counters)
+                if self.blockedReason == nil {
+                    try self.publish(rest.publishes, on: publisher)
+                } else {
+                    self.counters.droppedWhileDown.wrappingIncrement(by: rest.publishes.count, ordering: .relaxed)
+                }
                 while self.confirms.outstanding > 0, self.blockedReason == nil, NIODeadline.now() < deadline {
                     var pfd = pollfd(fd: publisher.fileDescriptor, events: Int16(POLLIN), revents: 0)
                     if !publisher.hasBufferedInput { _ = poll(&pfd, 1, 10) }
@@ -426,7 +450,11 @@ final class LinkWorker: @unchecked Sendable {
     /// What the inbox still held when the link stopped: joins fail, publishes count as dropped.
     static func failAll(_ taken: LinkInbox.Taken, counters: RabbitCounters) {
         for command in taken.commands {
-            if case .subscribe(_, let promise) = command { promise?.fail(LinkStopped()) }
+            switch command {
+            case .subscribe(_, let promise): promise?.fail(LinkStopped())
+            case .awaitBinding(_, let promise): promise.fail(LinkStopped())
+            case .unsubscribe: break
+            }
         }
         counters.droppedWhileDown.wrappingIncrement(by: taken.publishes.count, ordering: .relaxed)
     }

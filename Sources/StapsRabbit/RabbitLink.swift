@@ -82,7 +82,7 @@ public final class RabbitLink: ClusterLink, Sendable {
     let logger: Logger
     let inbox: LinkInbox
     private let thread = NIOThreadPool(numberOfThreads: 1)
-    let connectedFlag = ManagedAtomic<Bool>(false)
+    var connectedFlag: ManagedAtomic<Bool> { self.inbox.connected }
     /// The broker and queue of the current connection (nil while down), set by the worker.
     let status = NIOLockedValueBox<(broker: AMQPURL, queue: String)?>(nil)
     let stopped = ManagedAtomic<Bool>(false)
@@ -121,6 +121,10 @@ public final class RabbitLink: ClusterLink, Sendable {
 
     public func subscribe(channel: String, promise: EventLoopPromise<Void>) {
         self.inbox.subscribe(channel: channel, promise: promise)
+    }
+
+    public func awaitBinding(channel: String, promise: EventLoopPromise<Void>) {
+        self.inbox.awaitBinding(channel: channel, promise: promise)
     }
 
     public func unsubscribe(channel: String) {

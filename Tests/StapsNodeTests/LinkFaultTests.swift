@@ -194,6 +194,43 @@ import Glibc
         await node.stop()
     }
 
+    /// rabbitmq-c swallows the broker's heartbeats; they must still count as hearing from it.
+    @Test func anIdleLinkStaysUpPastItsHeartbeats() async throws {
+        let url = try await Broker.require()
+        let link = try Self.link([url], ClusterSettings(exchange: Broker.freshExchange(), heartbeat: .seconds(1)))
+        let node = try await TestNode.start(link: link)
+        try await eventually("link up") { link.isConnected }
+        try await Task.sleep(nanoseconds: 3_500_000_000)
+        #expect(link.isConnected && link.counters.reconnects.load(ordering: .relaxed) == 0, "three heartbeat periods of silence from the clients")
+        await node.stop()
+    }
+
+    /// A "broker" that accepts TCP and never answers: the link's connect attempt waits for its
+    /// timeout, and joins meanwhile are answered at once (local service), not after it.
+    @Test func joinsDoNotWaitForAConnectAttempt() async throws {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) } }
+        listen(fd, 16)
+        _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } }
+        let port = Int(UInt16(bigEndian: addr.sin_port))
+        let link = try Self.link(["amqp://guest:guest@127.0.0.1:\(port)/"], ClusterSettings(exchange: Broker.freshExchange()))
+        let node = try await TestNode.start(link: link)
+        try await Task.sleep(nanoseconds: 300_000_000)  // the link is inside its connect attempt now
+        let start = Date()
+        let a = try await TestClient.connect(node.tcp, "/mute-broker")
+        let b = try await TestClient.connect(node.tcp, "/mute-broker")
+        #expect(Date().timeIntervalSince(start) < 1, "joined after \(Date().timeIntervalSince(start)) s")
+        a.send("local")
+        #expect(try await b.nextText() == "local")
+        #expect(!link.isConnected)
+        await node.stop()
+    }
+
     // MARK: Life cycle
 
     /// Every client that got its 101 receives what is sent after it, whichever node it is on,

@@ -146,9 +146,19 @@ import Testing
         #expect(c.settle(tag: 2, multiple: true) == 3)
         #expect(c.settle(tag: 4, multiple: false) == 4)
         #expect(c.settle(tag: 4, multiple: false) == 0, "settled once")
-        #expect(c.outstanding == 3)
+        #expect(c.outstanding == 2, "tags 3 and 5")
         #expect(c.settle(tag: 3, multiple: false) == 3)
         #expect(c.reset() == 5, "tag 5 was written and never confirmed")
         #expect(c.nextTag == 1 && c.messages == 0)
+    }
+
+    @Test func aLaterTagAckedFirstLeavesNothingOutstanding() {
+        var c = Confirms()
+        c.published(messages: 1)
+        c.published(messages: 2)
+        #expect(c.settle(tag: 2, multiple: false) == 2)
+        #expect(c.outstanding == 1)
+        #expect(c.settle(tag: 1, multiple: true) == 1)
+        #expect(c.outstanding == 0 && c.messages == 0, "the hole tag 2 left is skipped")
     }
 }

@@ -122,6 +122,7 @@ import Testing
             self.subscribed.append(channel)
             promise.succeed(())
         }
+        func awaitBinding(channel: String, promise: EventLoopPromise<Void>) { promise.succeed(()) }
         func unsubscribe(channel: String) { self.unsubscribed.append(channel) }
         func publish(_ batch: [ClusterMessage]) {}
         func shutdown() async {}
