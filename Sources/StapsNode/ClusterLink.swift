@@ -61,6 +61,9 @@ public protocol ClusterLink: AnyObject, Sendable {
 
     /// Stops the link and releases its resources.
     func shutdown() async
+
+    /// A few words on the link's state, for the service manager's status line.
+    var statusDescription: String { get }
 }
 
 /// The link of a node without a broker: nothing leaves the node.
@@ -73,4 +76,5 @@ public final class StandaloneLink: ClusterLink {
     public func unsubscribe(channel: String) {}
     public func publish(_ batch: [ClusterMessage]) {}
     public func shutdown() async {}
+    public var statusDescription: String { "none (standalone)" }
 }

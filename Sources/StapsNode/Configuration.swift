@@ -139,6 +139,16 @@ public struct NodeConfiguration: Sendable, Equatable {
     public var daemon: DaemonSettings
     /// The file the configuration came from, if any (for messages).
     public var sourceFile: String?
+    /// Where each `section.key` of the file was set (its line), for errors found later.
+    public var lines = SourceLines()
+    /// Log to this file instead of stderr (reopened on SIGHUP); nil: stderr.
+    public var logFile: String?
+
+    /// `file:line: key` of a setting, for an error about it.
+    public func location(of section: String, _ key: String) -> String {
+        guard let file = self.sourceFile, let line = self.lines.map["\(section).\(key)"] else { return key }
+        return "\(file):\(line): \(key)"
+    }
 
     public init(
         addresses: [BindAddress] = [NodeConfiguration.defaultAddress],
@@ -157,4 +167,12 @@ public struct NodeConfiguration: Sendable, Equatable {
         self.daemon = daemon
         self.sourceFile = sourceFile
     }
+}
+
+/// The line each `section.key` of a file was set on. Where a setting came from is not part of
+/// what the configuration is: two configurations are equal whatever their lines.
+public struct SourceLines: Sendable, Equatable {
+    public var map: [String: Int]
+    public init(_ map: [String: Int] = [:]) { self.map = map }
+    public static func == (lhs: SourceLines, rhs: SourceLines) -> Bool { true }
 }

@@ -97,9 +97,13 @@ public struct ConfigurationOverrides: Sendable, Equatable {
     public var ports: [BindAddress]?
     public var mode: UInt32?
     public var amqp: String?
+    public var logFile: String?
     public var limits = LimitOverrides()
     public var cluster = ClusterOverrides()
     public var daemon = DaemonSettings()
+    /// The line each `section.key` was set on, for errors found after parsing (a user that
+    /// does not exist, say).
+    public var lines: [String: Int] = [:]
 
     public init() {}
 
@@ -140,6 +144,7 @@ public struct ConfigurationOverrides: Sendable, Equatable {
                 throw fail("set twice (first on line \(first))")
             }
             seen[name] = entry.line
+            out.lines[name] = entry.line
             let v = entry.value
             switch entry.section {
             case "staps":
@@ -197,6 +202,8 @@ public struct ConfigurationOverrides: Sendable, Equatable {
                     do { out.cluster.publishWindow = try ValueParser.duration(v) } catch { throw fail(error.message) }
                 case "amqp_heartbeat":
                     do { out.cluster.heartbeat = try ValueParser.duration(v, positive: true) } catch { throw fail(error.message) }
+                case "log_file":
+                    do { out.logFile = try ValueParser.absolutePath(v) } catch { throw fail(error.message) }
                 case "amqp_binding_buckets":
                     guard let n = Int(v), [0, 16, 256, 4096].contains(n) else { throw fail("'\(v)' is not one of 0 (a binding per channel), 16, 256, 4096") }
                     out.cluster.bindingBuckets = n
@@ -264,7 +271,9 @@ public struct ConfigurationOverrides: Sendable, Equatable {
         if let v = c.publishWindow { config.cluster.publishWindow = v }
         if let v = c.tlsCAFile { config.cluster.tlsCAFile = v }
         if let v = c.bindingBuckets { config.cluster.bindingBuckets = v }
+        if let v = self.logFile { config.logFile = v }
         config.daemon = self.daemon
+        config.lines = SourceLines(self.lines)
         return config
     }
 }

@@ -39,6 +39,10 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var state = State.idle
     private var handshakeTimer: Scheduled<Void>?
     private var shuttingDown = false
+    /// Responses written on this connection: one that has none yet is answered (with
+    /// `Connection: close`) even when shutdown begins, so a restart drops no request that
+    /// was already accepted.
+    private var responses = 0
 
     init(shared: Shared, overConnectionLimit: Bool, encoder: HTTPResponseEncoder, decoder: ByteToMessageHandler<HTTPRequestDecoder>, logger: Logger) {
         self.shared = shared
@@ -174,6 +178,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         headers.add(name: "X-Staps-Node", value: self.shared.nodeID)
         for (name, value) in extraHeaders { headers.add(name: name, value: value) }
         let keepAlive = keepAlive && !self.shuttingDown
+        self.responses += 1
         if !keepAlive { headers.add(name: "Connection", value: "close") }
         context.write(self.wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))), promise: nil)
         if !omitBody {
@@ -275,7 +280,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if event is ShutdownEvent {
             self.shuttingDown = true
-            if case .idle = self.state { context.close(promise: nil) }
+            // Idle between keep-alive requests: done. Not asked anything yet: wait for the request.
+            if case .idle = self.state, self.responses > 0 { context.close(promise: nil) }
             return
         }
         context.fireUserInboundEventTriggered(event)

@@ -68,6 +68,9 @@ final class ChannelDirectory: Sendable {
         }
     }
 
+    /// Channels with clients on this node.
+    var count: Int { self.table.withLockedValue { $0.count } }
+
     /// Clients on `name` on this node, and the channel if it exists.
     func lookup(_ name: String) -> (ChannelEntry, Int)? {
         self.table.withLockedValue { table in table[name].map { ($0.entry, $0.clients) } }

@@ -65,14 +65,51 @@ public final class Node: Sendable {
         self.listeners.withLockedValue { $0.map(\.address) }
     }
 
-    /// Binds every listener; on any failure, closes what was bound and throws.
-    public func start() async throws {
+    /// A listening socket handed over by the service manager (socket activation).
+    public struct InheritedListener: Sendable {
+        public var fd: Int32
+        public var name: String
+        public init(fd: Int32, name: String) {
+            self.fd = fd
+            self.name = name
+        }
+    }
+
+    /// Binds every listener (or takes over `inherited` ones instead, as socket activation
+    /// hands them over); on any failure, closes what was bound and throws.
+    ///
+    /// - Parameters:
+    ///   - accepting: false to bind without accepting yet (to drop privileges first); then
+    ///     `startAccepting()`.
+    ///   - socketGroup: the group to give created socket files (they get `mode` too, and never
+    ///     exist with a looser one: they are created under a umask of 0177).
+    public func start(accepting: Bool = true, inherited: [InheritedListener] = [], socketGroup: gid_t? = nil) async throws {
         self.link.start(inbound: self.hub)
         do {
-            for address in self.configuration.addresses {
-                let listener = try await self.bind(address)
-                self.listeners.withLockedValue { $0.append(listener) }
-                self.logger.notice("listening", metadata: ["address": "\(listener.address)"])
+            if inherited.isEmpty {
+                for address in self.configuration.addresses {
+                    let listener = try await self.bind(address, accepting: accepting, socketGroup: socketGroup)
+                    self.listeners.withLockedValue { $0.append(listener) }
+                    self.logger.notice("listening", metadata: ["address": "\(listener.address)"])
+                }
+            } else {
+                for socket in inherited {
+                    let serverChannel: Channel
+                    do {
+                        serverChannel = try await self.bootstrap(accepting: accepting, tcp: UnixSocketFile.isTCP(socket.fd)).withBoundSocket(socket.fd).get()
+                    } catch {
+                        throw NodeStartError(message: "cannot serve the inherited socket \(socket.name) (fd \(socket.fd)): \(error)")
+                    }
+                    let address: BindAddress
+                    switch serverChannel.localAddress {
+                    case .some(.unixDomainSocket): address = .unixDomainSocket(path: serverChannel.localAddress?.pathname ?? socket.name)
+                    case .some(let a): address = .hostname(a.ipAddress ?? "?", port: a.port ?? 0)
+                    case .none: address = .unixDomainSocket(path: socket.name)
+                    }
+                    // inode nil: the service manager owns the file; it is never removed here.
+                    self.listeners.withLockedValue { $0.append(Listener(serverChannel: serverChannel, address: address, inode: nil)) }
+                    self.logger.notice("listening on an inherited socket", metadata: ["address": "\(address)", "name": "\(socket.name)"])
+                }
             }
         } catch {
             await self.closeListeners()
@@ -80,14 +117,41 @@ public final class Node: Sendable {
         }
     }
 
-    private func bootstrap() -> ServerBootstrap {
+    /// Starts accepting on listeners bound with `accepting: false`.
+    public func startAccepting() async throws {
+        for listener in self.listeners.withLockedValue({ $0 }) {
+            try await listener.serverChannel.setOption(.autoRead, value: true).get()
+        }
+    }
+
+    /// One line for the service manager: connections, channels, broker link.
+    public var status: String {
+        "connections \(self.connectionCount.load(ordering: .relaxed)), channels \(self.hub.directory.count), broker \(self.link.statusDescription)"
+    }
+
+    /// Runs a no-op on every event loop in turn and calls `done` once all have run it: a
+    /// watchdog that pings only then notices a wedged loop.
+    public func pingEventLoops(_ done: @escaping @Sendable () -> Void) {
+        Self.ping(Array(self.group.makeIterator())[...], then: done)
+    }
+
+    private static func ping(_ loops: ArraySlice<EventLoop>, then done: @escaping @Sendable () -> Void) {
+        guard let first = loops.first else { return done() }
+        first.execute { ping(loops.dropFirst(), then: done) }
+    }
+
+    /// - Parameter tcp: TCP listeners get `TCP_NODELAY` on their connections (an option unix
+    ///   sockets refuse).
+    private func bootstrap(accepting: Bool = true, tcp: Bool) -> ServerBootstrap {
         let shared = HTTPHandler.Shared(hub: self.hub, limits: self.configuration.limits, counters: self.counters, connectionIDs: self.connectionIDs, nodeID: self.nodeID)
         let limits = self.configuration.limits
         let logger = self.logger
-        return ServerBootstrap(group: self.group)
+        let bootstrap = ServerBootstrap(group: self.group)
+        if tcp { _ = bootstrap.childChannelOption(.tcpOption(.tcp_nodelay), value: 1) }
+        return bootstrap
             .serverChannelOption(.backlog, value: 1024)
+            .serverChannelOption(.autoRead, value: accepting)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.writeBufferWaterMark, value: .init(low: limits.sendBuffer / 2, high: limits.sendBuffer))
             .childChannelOption(.maxMessagesPerRead, value: 16)
             .childChannelInitializer { [self] connection in
@@ -115,12 +179,12 @@ public final class Node: Sendable {
             }
     }
 
-    private func bind(_ address: BindAddress) async throws -> Listener {
+    private func bind(_ address: BindAddress, accepting: Bool, socketGroup: gid_t?) async throws -> Listener {
         switch address {
         case .hostname(let host, let port):
             let serverChannel: Channel
             do {
-                serverChannel = try await self.bootstrap().bind(host: host, port: port).get()
+                serverChannel = try await self.bootstrap(accepting: accepting, tcp: true).bind(host: host, port: port).get()
             } catch {
                 throw NodeStartError(message: "cannot listen on \(address): \(error)")
             }
@@ -129,10 +193,19 @@ public final class Node: Sendable {
         case .unixDomainSocket(let path):
             try UnixSocketFile.prepare(path)
             let serverChannel: Channel
+            // Created owner-only, then given its mode: never looser than `mode`, not for an instant.
+            let previousMask = umask(0o177)
             do {
-                serverChannel = try await self.bootstrap().bind(unixDomainSocketPath: path).get()
+                serverChannel = try await self.bootstrap(accepting: accepting, tcp: false).bind(unixDomainSocketPath: path).get()
+                umask(previousMask)
             } catch {
+                umask(previousMask)
                 throw NodeStartError(message: "cannot listen on \(path): \(error)")
+            }
+            if let gid = socketGroup, chown(path, uid_t.max, gid) != 0 {
+                let reason = String(cString: strerror(errno))
+                try? await serverChannel.close()
+                throw NodeStartError(message: "cannot give \(path) to group \(gid): \(reason)")
             }
             guard chmod(path, mode_t(self.configuration.socketMode)) == 0 else {
                 let reason = String(cString: strerror(errno))
@@ -225,6 +298,14 @@ enum UnixSocketFile {
         }
         // ECONNREFUSED: nobody listens (stale). EAGAIN: listening but the backlog is full (live).
         return result == 0 || errno == EAGAIN
+    }
+
+    /// True when `fd` is an IPv4 or IPv6 socket.
+    static func isTCP(_ fd: Int32) -> Bool {
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let ok = withUnsafeMutablePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } } == 0
+        return ok && (Int32(storage.ss_family) == AF_INET || Int32(storage.ss_family) == AF_INET6)
     }
 
     static func inode(_ path: String) -> UInt64? {

@@ -103,6 +103,11 @@ public final class RabbitLink: ClusterLink, Sendable {
 
     public var isClustered: Bool { true }
 
+    public var statusDescription: String {
+        if let broker = self.currentBroker { return "connected to \(broker)" }
+        return "unreachable (serving local clients)"
+    }
+
     /// The broker this node is on, while connected.
     public var currentBroker: AMQPURL? { self.status.withLockedValue { $0?.broker } }
 

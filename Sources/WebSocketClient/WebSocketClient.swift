@@ -78,8 +78,9 @@ public final class WebSocketClient: Sendable {
         request += "\r\n"
         let requestBytes = request
         let done = group.any().makePromise(of: String.self)
-        let bootstrap = ClientBootstrap(group: group)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+        var bootstrap = ClientBootstrap(group: group)
+        if case .tcp = endpoint { bootstrap = bootstrap.channelOption(.tcpOption(.tcp_nodelay), value: 1) }
+        bootstrap = bootstrap
             .channelOption(.autoRead, value: autoRead)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {

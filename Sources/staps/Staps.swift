@@ -1,6 +1,8 @@
 import ArgumentParser
+import Atomics
 import Dispatch
 import Logging
+import NIOCore
 import StapsNode
 import StapsRabbit
 
@@ -11,7 +13,7 @@ import Darwin
 #endif
 
 @main
-struct Staps: AsyncParsableCommand {
+struct Staps: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "staps",
         abstract: "Simple Throw-Away Publish/Subscribe: websocket channels named by their path.",
@@ -40,20 +42,59 @@ struct Staps: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("trace, debug, info, notice, warning, error or critical (default notice).", valueName: "level"))
     var logLevel: String = "notice"
 
-    func run() async throws {
+    @Flag(name: .long, help: "Print the version and exit.")
+    var version = false
+
+    @Flag(name: .long, help: "Read and validate the configuration (and [daemon] user/group), print what would be listened on, exit 0 or with the error.")
+    var check = false
+
+    /// Runs the node on the cooperative pool while the main thread waits here. The main thread
+    /// must stay alive: dropping privileges applies to every live thread, and a process whose
+    /// main thread has exited (as an async `main` leaves it) keeps showing root in /proc.
+    func run() throws {
+        let done = DispatchSemaphore(value: 0)
+        let command = self
+        Task {
+            await command.serve()
+            done.signal()
+        }
+        done.wait()
+    }
+
+    func serve() async {
+        if self.version {
+            print("staps \(stapsVersion)")
+            return
+        }
+        signal(SIGPIPE, SIG_IGN)
         guard let level = Logger.Level(rawValue: self.logLevel) else {
             Self.exitWithError("--log-level: '\(self.logLevel)' is not one of trace, debug, info, notice, warning, error, critical")
         }
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
-        }
-        let logger = Logger(label: "staps")
-
         let configuration: NodeConfiguration
+        let plan: DaemonPlan
         do {
             configuration = try self.loadConfiguration()
+            plan = try DaemonPlan.resolve(configuration)
+        } catch {
+            Self.exitWithError("\(error)")
+        }
+        if self.check {
+            Self.printCheck(configuration, plan)
+            return
+        }
+        let output: LogOutput
+        do {
+            output = try LogOutput(path: configuration.logFile, journal: Systemd.stderrIsJournal)
+        } catch {
+            Self.exitWithError("\(error)")
+        }
+        LoggingSystem.bootstrap { label in OutputLogHandler(label: label, output: output, logLevel: level) }
+        let logger = Logger(label: "staps")
+
+        // Everything [daemon] can get wrong fails here, before anything is bound.
+        do {
+            try plan.applyEarly()
+            try plan.checkPidFile()
         } catch {
             Self.exitWithError("\(error)")
         }
@@ -72,14 +113,68 @@ struct Staps: AsyncParsableCommand {
             }
         }
         let node = Node(configuration: configuration, link: link, logger: logger, nodeID: nodeID)
+        let inherited = Systemd.takeListeners()
+        let dropping = plan.dropsPrivileges
         do {
-            try await node.start()
+            // Bound (or inherited) first, as root when started so; accepting only after the drop.
+            try await node.start(accepting: false, inherited: inherited, socketGroup: plan.gid)
+            try plan.writePidFile()
+            try plan.dropPrivileges()
+            try await node.startAccepting()
         } catch {
             await node.shutdown()
+            plan.removePidFile()
             Self.exitWithError("\(error)")
         }
-        await Self.waitForTerminationSignal(logger: logger)
+        if dropping, let user = plan.user {
+            logger.notice("running as \(user.name)", metadata: ["uid": "\(getuid())", "gid": "\(getgid())"])
+        }
+        Systemd.notify("READY=1\nSTATUS=\(node.status)")
+        let service = Task { await Self.serviceManagerPings(node: node) }
+        await Self.waitForTerminationSignal(logger: logger, output: output)
+        service.cancel()
+        Systemd.notify("STOPPING=1\nSTATUS=stopping")
         await node.shutdown()
+        plan.removePidFile()
+    }
+
+    /// While running under systemd: a status line every 5 s, and the watchdog pinged only once
+    /// every event loop has run a task since the last ping (a wedged loop gets the node restarted).
+    static func serviceManagerPings(node: Node) async {
+        guard getenv("NOTIFY_SOCKET") != nil else { return }
+        let interval = Systemd.watchdogInterval
+        let allLoopsRan = ManagedAtomic<Bool>(false)
+        if interval != nil { node.pingEventLoops { allLoopsRan.store(true, ordering: .relaxed) } }
+        var nextStatus = NIODeadline.now() + .seconds(5)
+        while !Task.isCancelled {
+            let step = min(interval ?? .seconds(5), .seconds(5))
+            try? await Task.sleep(nanoseconds: UInt64(step.nanoseconds))
+            if Task.isCancelled { return }
+            if interval != nil, allLoopsRan.exchange(false, ordering: .relaxed) {
+                Systemd.notify("WATCHDOG=1")
+                node.pingEventLoops { allLoopsRan.store(true, ordering: .relaxed) }
+            }
+            if NIODeadline.now() >= nextStatus {
+                Systemd.notify("STATUS=\(node.status)")
+                nextStatus = NIODeadline.now() + .seconds(5)
+            }
+        }
+    }
+
+    static func printCheck(_ configuration: NodeConfiguration, _ plan: DaemonPlan) {
+        print("configuration: \(configuration.sourceFile ?? "none (defaults)")")
+        for address in configuration.addresses {
+            if case .unixDomainSocket = address {
+                print("listen: \(address) (mode \(String(configuration.socketMode, radix: 8)))")
+            } else {
+                print("listen: \(address)")
+            }
+        }
+        let brokers = (try? AMQPURL.list(configuration.amqpURL))?.map(\.description) ?? []
+        print("amqp: \(brokers.isEmpty ? "none (standalone)" : brokers.joined(separator: " "))")
+        if let user = plan.user { print("user: \(user.name) (uid \(user.uid))") }
+        if let gid = plan.gid { print("group: gid \(gid)") }
+        print("configuration OK")
     }
 
     func loadConfiguration() throws -> NodeConfiguration {
@@ -114,17 +209,23 @@ struct Staps: AsyncParsableCommand {
         Glibc.exit(1)
     }
 
-    /// Returns on the first SIGTERM or SIGINT.
-    static func waitForTerminationSignal(logger: Logger) async {
+    /// Returns on the first SIGTERM or SIGINT. SIGHUP is logged and reopens the log file;
+    /// it never stops the node.
+    static func waitForTerminationSignal(logger: Logger, output: LogOutput) async {
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
             let queue = DispatchQueue(label: "staps.signals")
             nonisolated(unsafe) var sources: [DispatchSourceSignal] = []
             nonisolated(unsafe) var resumed = false
-            for sig in [SIGTERM, SIGINT] {
+            for sig in [SIGTERM, SIGINT, SIGHUP] {
                 signal(sig, SIG_IGN)
                 let source = DispatchSource.makeSignalSource(signal: sig, queue: queue)
-                // Both handlers run on `queue`, a serial queue, so `resumed` is never raced.
+                // All handlers run on `queue`, a serial queue, so `resumed` is never raced.
                 source.setEventHandler {
+                    if sig == SIGHUP {
+                        let reopened = output.reopen()
+                        logger.notice("received signal", metadata: ["signal": "SIGHUP", "log_file": "\(output.path.map { reopened ? "reopened \($0)" : "could not reopen \($0)" } ?? "none (stderr)")"])
+                        return
+                    }
                     guard !resumed else { return }
                     resumed = true
                     logger.notice("received signal", metadata: ["signal": "\(sig == SIGTERM ? "SIGTERM" : "SIGINT")"])

@@ -103,6 +103,7 @@ import Testing
         ("[staps]\namqp = amqp://a/ amqp://u:secret@h:0/\n", "t.conf:2: amqp: bad port in 'amqp://u:***@h:0/'"),
         ("[staps]\namqp_binding_buckets = 100\n", "t.conf:2: amqp_binding_buckets: '100' is not one of 0 (a binding per channel), 16, 256, 4096"),
         ("[staps]\namqp_tls_ca = ca.pem\n", "t.conf:2: amqp_tls_ca: 'ca.pem' is not an absolute path"),
+        ("[staps]\nlog_file = staps.log\n", "t.conf:2: log_file: 'staps.log' is not an absolute path"),
     ])
     func errorsNameFileLineAndKey(text: String, expected: String) {
         #expect(throws: ConfigurationError.self) { try ConfigurationOverrides.parse(text, file: "t.conf") }

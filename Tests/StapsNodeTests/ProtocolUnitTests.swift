@@ -126,6 +126,7 @@ import Testing
         func unsubscribe(channel: String) { self.unsubscribed.append(channel) }
         func publish(_ batch: [ClusterMessage]) {}
         func shutdown() async {}
+        var statusDescription: String { "recording" }
     }
 
     @Test func leaveCountsOutOnceAndTheLastOneOutUnsubscribes() throws {

@@ -1,0 +1,270 @@
+import Foundation
+import NIOConcurrencyHelpers
+import NIOCore
+import StapsNode
+import Testing
+import WebSocketClient
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// staps as a service: `[daemon]` acting, the systemd notify protocol and watchdog, socket
+/// activation, signals. The privilege drop needs root (CI runs as root): without it the test
+/// fails saying so, never skips.
+@Suite(.serialized) struct DaemonTests {
+    /// Spawns the staps binary with `environment` added and `listenFD` (if any) as fd 3.
+    static func spawn(_ args: [String], environment: [String: String] = [:], listenFD: Int32? = nil, stderrPath: String) throws -> pid_t {
+        let binary = try stapsBinary()
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 2, stderrPath, O_WRONLY | O_CREAT | O_APPEND, 0o644)
+        var argv = [binary] + args
+        var env = ProcessInfo.processInfo.environment.filter { !$0.key.hasPrefix("LISTEN_") && $0.key != "NOTIFY_SOCKET" && $0.key != "WATCHDOG_USEC" }
+        for (k, v) in environment { env[k] = v }
+        var shell: [String]? = nil
+        if let fd = listenFD {
+            posix_spawn_file_actions_adddup2(&actions, fd, 3)
+            // LISTEN_PID must be the pid of the process that reads it: a shell that execs staps.
+            let envPrefix = "LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=staps"
+            shell = ["/bin/sh", "-c", "\(envPrefix) exec \"$0\" \"$@\""] + argv
+        }
+        if let shell { argv = shell }
+        var cArgs = argv.map { strdup($0) } + [nil]
+        var cEnv = env.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer {
+            for p in cArgs { free(p) }
+            for p in cEnv { free(p) }
+        }
+        var pid: pid_t = 0
+        let status = posix_spawn(&pid, argv[0], &actions, nil, &cArgs, &cEnv)
+        guard status == 0 else { throw TestError.unexpected("posix_spawn \(argv[0]): \(String(cString: strerror(status)))") }
+        return pid
+    }
+
+    static func waitExit(_ pid: pid_t, seconds: Double = 10) throws -> Int32 {
+        let deadline = Date().addingTimeInterval(seconds)
+        var status: Int32 = 0
+        while waitpid(pid, &status, WNOHANG) == 0 {
+            guard Date() < deadline else {
+                kill(pid, SIGKILL)
+                throw TestError.timeout("staps (pid \(pid)) did not exit")
+            }
+            usleep(10_000)
+        }
+        return (status >> 8) & 0xFF
+    }
+
+    static func waitForHTTP(_ endpoint: Endpoint, pid: pid_t, log: String) async throws {
+        for _ in 0..<500 {
+            if (try? await httpRequest(endpoint, "GET", "/")) != nil { return }
+            guard kill(pid, 0) == 0 else { break }
+            try await Task.sleep(nanoseconds: 10_000_000)
+        }
+        throw TestError.unexpected("staps did not come up on \(endpoint): \((try? String(contentsOfFile: log, encoding: .utf8)) ?? "")")
+    }
+
+    static func statusField(_ pid: pid_t, _ name: String) -> String {
+        let text = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
+        return text.split(separator: "\n").first { $0.hasPrefix(name + ":") }.map { $0.dropFirst(name.count + 1).trimmingCharacters(in: .whitespaces) } ?? ""
+    }
+
+    static func requireRoot() throws {
+        guard geteuid() == 0 else {
+            let ci = ProcessInfo.processInfo.environment["CI"] == "true" ? " (CI=true: CI runs as root, so this must run)" : ""
+            throw TestError.unexpected("the privilege-drop test needs root\(ci): run scripts/test as root (sudo scripts/test)")
+        }
+    }
+
+    @Test func versionMatchesTheVersionFile() throws {
+        let (status, output) = try run(try stapsBinary(), ["--version"])
+        let version = try String(contentsOfFile: Broker.repositoryRoot + "/VERSION", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(status == 0 && output == "staps \(version)\n")
+    }
+
+    @Test func checkValidatesAndNamesTheBadSetting() throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let good = dir.path + "/good.conf"
+        try "[staps]\nsocket = \(dir.path)/s.sock\nport = 127.0.0.1:0\n".write(toFile: good, atomically: true, encoding: .utf8)
+        let (ok, text) = try run(try stapsBinary(), ["--config", good, "--check"])
+        #expect(ok == 0 && text.contains("listen: unix:\(dir.path)/s.sock (mode 660)") && text.contains("configuration OK"), "\(text)")
+        #expect(!FileManager.default.fileExists(atPath: dir.path + "/s.sock"), "--check binds nothing")
+        let bad = dir.path + "/bad.conf"
+        try "[staps]\nsocket = \(dir.path)/s.sock\n\n[daemon]\nuser = stpas-no-such-user\n".write(toFile: bad, atomically: true, encoding: .utf8)
+        for args in [["--check"], []] {
+            let (status, output) = try run(try stapsBinary(), ["--config", bad] + args)
+            #expect(status == 1)
+            #expect(output.contains("\(bad):5: user: no such user 'stpas-no-such-user'"), "\(output)")
+            #expect(!FileManager.default.fileExists(atPath: dir.path + "/s.sock"), "nothing bound before the error")
+        }
+    }
+
+    @Test func privilegesAreDroppedAfterBindingAndThePidFileComesAndGoes() async throws {
+        try Self.requireRoot()
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        chmod(dir.path, 0o755)  // the dropped user must reach run/ to remove its files on exit
+        let run = dir.path + "/run"
+        mkdir(run, 0o755)
+        chown(run, 65534, 65534)
+        let socket = run + "/staps.sock"
+        let pidFile = run + "/staps.pid"
+        let config = dir.path + "/staps.conf"
+        let log = dir.path + "/stderr"
+        try """
+            [staps]
+            socket = \(socket)
+            mode = 0660
+            [daemon]
+            user = nobody
+            group = nogroup
+            dir = \(dir.path)
+            umask = 0027
+            pid_file = \(pidFile)
+            """.write(toFile: config, atomically: true, encoding: .utf8)
+        let pid = try Self.spawn(["--config", config], stderrPath: log)
+        try await Self.waitForHTTP(.unix(path: socket), pid: pid, log: log)
+        #expect(Self.statusField(pid, "Uid") == "65534\t65534\t65534\t65534")
+        #expect(Self.statusField(pid, "Gid") == "65534\t65534\t65534\t65534")
+        #expect(Self.statusField(pid, "Groups") == "65534")
+        var st = stat()
+        #expect(stat(socket, &st) == 0 && st.st_mode & 0o777 == 0o660 && st.st_gid == 65534, "socket mode and group")
+        #expect(stat(pidFile, &st) == 0 && st.st_mode & 0o777 == 0o640, "the pid file carries the umask")
+        #expect((try? String(contentsOfFile: pidFile, encoding: .utf8)) == "\(pid)\n")
+        // A second start is refused: the pid file names a live staps.
+        let (refused, why) = try StapsNodeTests.run(try stapsBinary(), ["--config", config])
+        #expect(refused == 1 && why.contains("names a running staps"), "\(why)")
+        // Still serving through the socket, as the unprivileged user.
+        let a = try await TestClient.connect(.unix(path: socket), "/dropped")
+        let b = try await TestClient.connect(.unix(path: socket), "/dropped")
+        a.send("as nobody")
+        #expect(try await b.nextText() == "as nobody")
+        kill(pid, SIGTERM)
+        #expect(try Self.waitExit(pid) == 0)
+        #expect(!FileManager.default.fileExists(atPath: pidFile), "pid file removed on exit")
+        #expect(!FileManager.default.fileExists(atPath: socket))
+        #expect((try? String(contentsOfFile: log, encoding: .utf8))?.contains("running as nobody") == true)
+    }
+
+    @Test func notifyAndWatchdogMessagesArriveInOrder() async throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        // An abstract socket name, as systemd may hand out.
+        let name = "staps-test-notify-\(UUID4.make().prefix(8))"
+        let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = [UInt8(0)] + Array(name.utf8)
+        withUnsafeMutableBytes(of: &addr.sun_path) { dst in for (i, b) in bytes.enumerated() { dst[i] = b } }
+        let length = socklen_t(MemoryLayout<sa_family_t>.size + bytes.count)
+        #expect(withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) } } == 0)
+        var timeout = timeval(tv_sec: 5, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        let socketPath = dir.path + "/s.sock"
+        let log = dir.path + "/stderr"
+        let pid = try Self.spawn(["--config", "/dev/null", "--socket", socketPath], environment: ["NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "600000"], stderrPath: log)
+        func next() -> String {
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            let n = recv(fd, &buffer, buffer.count, 0)
+            return n > 0 ? String(decoding: buffer[..<n], as: UTF8.self) : "(nothing within 5 s)"
+        }
+        let ready = next()
+        #expect(ready.hasPrefix("READY=1\nSTATUS=connections 0, channels 0, broker none"), "\(ready)")
+        // Reachable once ready.
+        #expect((try? await httpRequest(.unix(path: socketPath), "GET", "/"))?.0 == 200)
+        #expect(next() == "WATCHDOG=1")
+        #expect(next() == "WATCHDOG=1")
+        kill(pid, SIGTERM)
+        var last = next()
+        while last == "WATCHDOG=1" { last = next() }
+        #expect(last.hasPrefix("STOPPING=1"), "\(last)")
+        #expect(try Self.waitExit(pid) == 0)
+    }
+
+    /// The listening socket belongs to the service manager (here the test): staps serves the
+    /// one it inherits, and restarting staps refuses no connection (they wait in the backlog).
+    @Test func socketActivationServesTheInheritedSocketAndRestartsRefuseNothing() async throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let path = dir.path + "/activated.sock"
+        let listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(listener) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { dst in for (i, b) in path.utf8.enumerated() { dst[i] = b } }
+        #expect(withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } } == 0)
+        #expect(listen(listener, 512) == 0)
+        let log = dir.path + "/stderr"
+        // The configuration names another socket: an inherited one is served instead.
+        let args = ["--config", "/dev/null", "--socket", dir.path + "/not-this-one.sock"]
+        var pid = try Self.spawn(args, listenFD: listener, stderrPath: log)
+        try await Self.waitForHTTP(.unix(path: path), pid: pid, log: log)
+        #expect(!FileManager.default.fileExists(atPath: dir.path + "/not-this-one.sock"))
+        // Clients keep connecting while staps restarts twice.
+        let refused = ManagedAtomicBox(0)
+        let served = ManagedAtomicBox(0)
+        let failures = NIOLockedValueBox<[String]>([])
+        let stop = ManagedAtomicBox(0)
+        let clients = Task {
+            while stop.value == 0 {
+                do {
+                    let (status, _, _) = try await httpRequest(.unix(path: path), "GET", "/")
+                    if status == 200 { served.add(1) } else { refused.add(1); failures.withLockedValue { $0.append("status \(status)") } }
+                } catch {
+                    refused.add(1)
+                    failures.withLockedValue { $0.append("\(error)") }
+                }
+            }
+        }
+        for _ in 0..<2 {
+            try await Task.sleep(nanoseconds: 300_000_000)
+            kill(pid, SIGTERM)
+            #expect(try Self.waitExit(pid) == 0)
+            pid = try Self.spawn(args, listenFD: listener, stderrPath: log)
+        }
+        try await Task.sleep(nanoseconds: 500_000_000)
+        stop.set(1)
+        _ = await clients.value
+        kill(pid, SIGTERM)
+        #expect(try Self.waitExit(pid) == 0)
+        #expect(refused.value == 0, "connections refused or failed across restarts: \(failures.withLockedValue { $0 })")
+        #expect(served.value > 10)
+        #expect(FileManager.default.fileExists(atPath: path), "staps never removes a socket it did not make")
+    }
+
+    @Test func sighupIsLoggedAndReopensTheLogFile() async throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let socketPath = dir.path + "/s.sock"
+        let logFile = dir.path + "/staps.log"
+        let config = dir.path + "/staps.conf"
+        try "[staps]\nsocket = \(socketPath)\nlog_file = \(logFile)\n".write(toFile: config, atomically: true, encoding: .utf8)
+        let pid = try Self.spawn(["--config", config], stderrPath: dir.path + "/stderr")
+        try await Self.waitForHTTP(.unix(path: socketPath), pid: pid, log: logFile)
+        rename(logFile, logFile + ".1")  // as logrotate does
+        kill(pid, SIGHUP)
+        try await eventually("a new log file with the SIGHUP line") {
+            ((try? String(contentsOfFile: logFile, encoding: .utf8)) ?? "").contains("signal=SIGHUP")
+        }
+        #expect((try? await httpRequest(.unix(path: socketPath), "GET", "/"))?.0 == 200, "still serving after SIGHUP")
+        kill(pid, SIGTERM)
+        #expect(try Self.waitExit(pid) == 0)
+        #expect(((try? String(contentsOfFile: logFile + ".1", encoding: .utf8)) ?? "").contains("listening"))
+    }
+}
+
+/// A tiny locked counter for test tasks.
+final class ManagedAtomicBox: @unchecked Sendable {
+    // @unchecked: every access takes the lock.
+    private let lock = NSLock()
+    private var v: Int
+    init(_ v: Int) { self.v = v }
+    var value: Int { lock.lock(); defer { lock.unlock() }; return v }
+    func add(_ n: Int) { lock.lock(); v += n; lock.unlock() }
+    func set(_ n: Int) { lock.lock(); v = n; lock.unlock() }
+}
