@@ -14,8 +14,8 @@ import Glibc
 /// fails saying so, never skips.
 @Suite(.serialized) struct DaemonTests {
     /// Spawns the staps binary with `environment` added and `listenFD` (if any) as fd 3.
-    static func spawn(_ args: [String], environment: [String: String] = [:], listenFD: Int32? = nil, stderrPath: String) throws -> pid_t {
-        let binary = try stapsBinary()
+    static func spawn(_ args: [String], binary: String? = nil, environment: [String: String] = [:], listenFD: Int32? = nil, stderrPath: String) throws -> pid_t {
+        let binary = try binary ?? stapsBinary()
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
@@ -235,6 +235,54 @@ import Glibc
         #expect(refused.value == 0, "connections refused or failed across restarts: \(failures.withLockedValue { $0 })")
         #expect(served.value > 10)
         #expect(FileManager.default.fileExists(atPath: path), "staps never removes a socket it did not make")
+    }
+
+    /// Debian's `systemd-socket-activate` as the service manager: staps serves its socket.
+    @Test func servesTheSocketSystemdSocketActivateHandsOver() async throws {
+        let tool = "/usr/bin/systemd-socket-activate"
+        guard access(tool, X_OK) == 0 else {
+            throw TestError.unexpected("\(tool) is missing: scripts/install-deps test installs the systemd package")
+        }
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let path = dir.path + "/sa.sock"
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: tool)
+        process.arguments = ["-l", path, "--fdname=staps", try stapsBinary(), "--config", "/dev/null", "--socket", dir.path + "/not-this-one.sock"]
+        process.standardError = FileHandle.nullDevice
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        defer { if process.isRunning { process.terminate() } }
+        for _ in 0..<300 where !FileManager.default.fileExists(atPath: path) { try await Task.sleep(nanoseconds: 10_000_000) }
+        let a = try await TestClient.connect(.unix(path: path), "/activated")
+        let b = try await TestClient.connect(.unix(path: path), "/activated")
+        a.send("through the inherited socket")
+        #expect(try await b.nextText() == "through the inherited socket")
+        #expect(!FileManager.default.fileExists(atPath: dir.path + "/not-this-one.sock"))
+        process.terminate()
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 0)
+    }
+
+    /// Under journald (stderr is `$JOURNAL_STREAM`): each line starts with its syslog priority
+    /// and carries no timestamp of staps's own.
+    @Test func journalLinesCarryTheirPriority() async throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let socketPath = dir.path + "/s.sock"
+        let log = dir.path + "/journal"
+        close(open(log, O_WRONLY | O_CREAT, 0o644))
+        var st = stat()
+        #expect(stat(log, &st) == 0)
+        let pid = try Self.spawn(["--config", "/dev/null", "--socket", socketPath], environment: ["JOURNAL_STREAM": "\(st.st_dev):\(st.st_ino)"], stderrPath: log)
+        try await Self.waitForHTTP(.unix(path: socketPath), pid: pid, log: log)
+        kill(pid, SIGTERM)
+        #expect(try Self.waitExit(pid) == 0)
+        let lines = ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").split(separator: "\n")
+        #expect(!lines.isEmpty)
+        #expect(lines.allSatisfy { $0.hasPrefix("<5>") || $0.hasPrefix("<4>") || $0.hasPrefix("<6>") || $0.hasPrefix("<7>") }, "\(lines)")
+        #expect(lines.contains { $0.hasPrefix("<5>") && $0.contains("listening") })
+        #expect(!lines.contains { $0.contains("+0000") }, "no timestamps of our own: \(lines)")
     }
 
     @Test func sighupIsLoggedAndReopensTheLogFile() async throws {

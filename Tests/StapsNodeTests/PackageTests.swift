@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import WebSocketClient
 
 #if canImport(Glibc)
 import Glibc
@@ -35,7 +36,7 @@ import Glibc
         return line[line.index(after: colon)...].split(separator: " ").first.flatMap { Double($0) }
     }
 
-    @Test func packageInstallsVerifiesAndPurgesCleanly() throws {
+    @Test func packageInstallsVerifiesAndPurgesCleanly() async throws {
         try Self.requireRoot()
         let root = Broker.repositoryRoot
         let version = try String(contentsOfFile: root + "/VERSION", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
@@ -82,6 +83,25 @@ import Glibc
             let score = try #require(Self.exposure(security), "no exposure level in:\n\(security)")
             #expect(score <= 3.0, "\(unit): exposure \(score) > 3.0")
         }
+
+        // The installed binary, started as root the way staps.service starts it, becomes staps.
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        chmod(dir.path, 0o755)
+        let socket = dir.path + "/staps.sock"
+        let log = dir.path + "/stderr"
+        let pid = try DaemonTests.spawn(["--config", "/etc/staps/staps.conf", "--socket", socket, "--port", "127.0.0.1:0"], binary: "/usr/bin/staps", stderrPath: log)
+        try await DaemonTests.waitForHTTP(.unix(path: socket), pid: pid, log: log)
+        let uid = try run("/usr/bin/id", ["-u", "staps"]).1.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(DaemonTests.statusField(pid, "Uid") == [uid, uid, uid, uid].joined(separator: "\t"), "the installed staps runs as staps")
+        var st = stat()
+        #expect(stat(socket, &st) == 0 && st.st_mode & 0o777 == 0o660, "socket mode")
+        let a = try await TestClient.connect(.unix(path: socket), "/installed")
+        let b = try await TestClient.connect(.unix(path: socket), "/installed")
+        a.send("from the package")
+        #expect(try await b.nextText() == "from the package")
+        kill(pid, SIGTERM)
+        #expect(try DaemonTests.waitExit(pid) == 0)
 
         let (purged, purgeOutput) = try run("/usr/bin/dpkg", ["--purge", "staps"])
         try #require(purged == 0, "dpkg --purge failed:\n\(purgeOutput)")
