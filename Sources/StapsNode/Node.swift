@@ -216,12 +216,30 @@ public final class Node: Sendable {
         }
     }
 
+    /// Lets every event loop run what is queued on it (twice: a connection's registration
+    /// takes a task, then its initializer another).
+    private func drainEventLoops() async {
+        for _ in 0..<2 {
+            for loop in self.group.makeIterator() {
+                try? await loop.submit {}.get()
+            }
+        }
+    }
+
     private func closeListeners() async {
         let listeners = self.listeners.withLockedValue { l -> [Listener] in
             let out = l
             l.removeAll()
             return out
         }
+        // Stop accepting first, and let any accept already under way finish setting its
+        // connections up: closing a listener in the middle of an accept batch drops the
+        // connections of that batch unanswered. What waits in the kernel's backlog stays there
+        // (for the next process, when the socket is inherited).
+        for listener in listeners {
+            try? await listener.serverChannel.setOption(.autoRead, value: false).get()
+        }
+        await self.drainEventLoops()
         for listener in listeners {
             try? await listener.serverChannel.close()
             if case .unixDomainSocket(let path) = listener.address, let inode = listener.inode, UnixSocketFile.inode(path) == inode {
@@ -235,6 +253,10 @@ public final class Node: Sendable {
     public func shutdown() async {
         self.logger.notice("shutting down")
         await self.closeListeners()
+        // Connections accepted just before the listeners closed are set up by tasks already
+        // queued on their event loops: once those ran, each is counted and told to finish
+        // its request (an accepted request is answered, not dropped).
+        await self.drainEventLoops()
         for connection in self.openConnections.withLockedValue({ Array($0.values) }) {
             connection.pipeline.fireUserInboundEventTriggered(ShutdownEvent())
         }
