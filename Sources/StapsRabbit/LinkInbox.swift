@@ -74,9 +74,8 @@ final class LinkInbox: Sendable {
     /// is bound, later (from the link's thread) otherwise, and fails when the link stopped.
     func subscribe(channel: String, promise: EventLoopPromise<Void>) {
         let key = RoutingKey.binding(forChannel: channel, buckets: self.buckets)
-        enum Outcome { case ready, waiting, stopped }
         let down = !self.connected.load(ordering: .relaxed)
-        let outcome = self.state.withLockedValue { state -> Outcome in
+        let outcome = self.state.withLockedValue { state -> JoinOutcome in
             guard !state.closed else { return .stopped }
             var binding = state.bindings[key] ?? Binding()
             binding.channels += 1
@@ -89,6 +88,13 @@ final class LinkInbox: Sendable {
             state.commands.append(.subscribe(key, promise))
             return .waiting
         }
+        self.complete(outcome, promise)
+    }
+
+    private enum JoinOutcome { case ready, waiting, stopped }
+
+    /// Outside the lock: proceed, wake the thread that will answer, or refuse.
+    private func complete(_ outcome: JoinOutcome, _ promise: EventLoopPromise<Void>) {
         switch outcome {
         case .ready: promise.succeed(())
         case .waiting: self.wake()
@@ -101,18 +107,13 @@ final class LinkInbox: Sendable {
     func awaitBinding(channel: String, promise: EventLoopPromise<Void>) {
         let key = RoutingKey.binding(forChannel: channel, buckets: self.buckets)
         let down = !self.connected.load(ordering: .relaxed)
-        enum Outcome { case ready, waiting, stopped }
-        let outcome = self.state.withLockedValue { state -> Outcome in
+        let outcome = self.state.withLockedValue { state -> JoinOutcome in
             guard !state.closed else { return .stopped }
             if down || state.bindings[key]?.bound == true { return .ready }
             state.commands.append(.awaitBinding(key, promise))
             return .waiting
         }
-        switch outcome {
-        case .ready: promise.succeed(())
-        case .waiting: self.wake()
-        case .stopped: promise.fail(LinkStopped())
-        }
+        self.complete(outcome, promise)
     }
 
     /// A channel's last local client left. The thread hears of it (no hurry: the binding
