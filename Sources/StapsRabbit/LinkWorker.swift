@@ -224,7 +224,7 @@ final class LinkWorker: @unchecked Sendable {
     /// Plain TCP: up to `maxPublishBytes` while less than `maxUnackedBytes` is unacknowledged
     /// (a raw write waits at most `answerTimeout` for the rest). TLS: half of what the fixed
     /// send buffer can still take, since rabbitmq-c would wait for the rest without a deadline.
-    private func publishBudget(_ publisher: AMQPConnection) -> Int {
+    func publishBudget(_ publisher: AMQPConnection) -> Int {
         if self.broker.tls {
             let room = publisher.sendRoom / 2
             return room >= 16 << 10 ? min(room, self.maxPublishBytes) : 0
@@ -232,7 +232,7 @@ final class LinkWorker: @unchecked Sendable {
         return publisher.unackedBytes < self.maxUnackedBytes ? self.maxPublishBytes : 0
     }
 
-    private func readPublisher(_ publisher: AMQPConnection) throws(BrokerError) {
+    func readPublisher(_ publisher: AMQPConnection) throws(BrokerError) {
         amqp_maybe_release_buffers(publisher.state)
         if try publisher.readEvents("publish connection", { event throws(BrokerError) in try self.handle(event) }) > 0 {
             self.lastHeardPublisher = .now()
@@ -286,177 +286,6 @@ final class LinkWorker: @unchecked Sendable {
         self.inbox.sleeping.store(true, ordering: .sequentiallyConsistent)
         if !self.inbox.hasWork(publishes: true), poll(&fds, 1, Int32(timeoutMillis)) > 0 { self.inbox.drainWakeFD() }
         self.inbox.sleeping.store(false, ordering: .sequentiallyConsistent)
-    }
-
-    // MARK: Connecting
-
-    private func connect() {
-        self.logger[metadataKey: "broker"] = "\(self.broker)"
-        do {
-            let heartbeat = Int32(max(1, self.settings.heartbeat.nanoseconds / 1_000_000_000))
-            let publisher = try AMQPConnection(url: self.broker, heartbeatSeconds: heartbeat, connectTimeout: 5, caFile: self.settings.tlsCAFile)
-            self.publisher = publisher
-            self.batch = PublishBatch(frameMax: Int(amqp_get_frame_max(publisher.state)))
-            try self.declareExchange(publisher)
-            amqp_confirm_select(publisher.state, 1)
-            try publisher.check(amqp_get_rpc_reply(publisher.state), "select publisher confirms")
-
-            let consumer = try AMQPConnection(url: self.broker, heartbeatSeconds: heartbeat, connectTimeout: 5, caFile: self.settings.tlsCAFile)
-            self.consumer = consumer
-            try self.declareQueue(consumer)
-            try consumer.openChannel(Self.topologyChannel)
-            try self.consumeQueue(consumer)
-        } catch {
-            self.failedAttempt(error)
-            return
-        }
-        let now = NIODeadline.now()
-        (self.lastHeardPublisher, self.lastHeardConsumer, self.lastHeartbeatToConsumer) = (now, now, now)
-        (self.topologyProgress, self.confirmProgress) = (now, now)
-        self.blockedReason = nil
-        self.topology.connected()
-        self.counters.rebindsLeft.store(self.topology.rebindsLeft, ordering: .relaxed)
-        self.connectedAt = now
-        self.rebindReported = false
-        let status = (self.broker, self.queueName)
-        self.link.status.withLockedValue { $0 = status }
-        self.link.connectedFlag.store(true, ordering: .relaxed)
-        self.backoff = .milliseconds(100)
-        let dropped = self.counters.droppedWhileDown.load(ordering: .relaxed) - self.droppedAtOutageStart
-        if self.warnedThisOutage, let since = self.downSince {
-            self.logger.warning("broker link restored; publishing again, rebinding channels", metadata: [
-                "down.seconds": "\(Self.seconds(now - since))", "dropped.while_down": "\(dropped)", "channels.to_rebind": "\(self.topology.rebindsLeft)",
-            ])
-            self.counters.reconnects.wrappingIncrement(ordering: .relaxed)
-        } else {
-            self.logger.notice("broker link up", metadata: ["queue": "\(self.queueName)", "exchange": "\(self.settings.exchange)"])
-        }
-        self.downSince = nil
-        self.warnedThisOutage = false
-    }
-
-    /// Once every wanted channel is bound again after a reconnection: one line, with how long it took.
-    private func reportRebind(now: NIODeadline) {
-        guard !self.rebindReported, self.topology.rebindsLeft == 0 else { return }
-        self.rebindReported = true
-        guard self.counters.reconnects.load(ordering: .relaxed) > 0 else { return }
-        self.logger.notice("channels rebound", metadata: [
-            "bindings": "\(self.topology.bound.count)", "seconds.since.link.up": "\(Double((now - self.connectedAt).nanoseconds / 1_000_000) / 1000)",
-        ])
-    }
-
-    private func failedAttempt(_ error: BrokerError) {
-        self.disconnect(polite: false)
-        self.scheduleRetry()
-        if !self.warnedThisOutage {
-            self.warnedThisOutage = true
-            self.droppedAtOutageStart = self.counters.droppedWhileDown.load(ordering: .relaxed)
-            self.logger.warning("broker unreachable; serving local clients only and retrying", metadata: ["error": "\(error)"])
-        } else {
-            self.logger.debug("broker still unreachable", metadata: ["error": "\(error)", "retry.in.ms": "\(self.backoff.nanoseconds / 1_000_000)"])
-        }
-        self.nextBroker()
-    }
-
-    /// Several broker URLs: try the next one.
-    private func nextBroker() {
-        guard self.config.urls.count > 1 else { return }
-        self.brokerIndex = (self.brokerIndex + 1) % self.config.urls.count
-        self.logger[metadataKey: "broker"] = "\(self.broker)"
-    }
-
-    /// Jittered exponential backoff, capped at 1 s so a returning broker is used within 2 s.
-    private func scheduleRetry() {
-        let jittered = Int64(Double(self.backoff.nanoseconds) * Double.random(in: 0.5...1.0))
-        self.nextAttempt = NIODeadline.now() + .nanoseconds(jittered)
-        self.backoff = min(self.backoff * 2, .seconds(1))
-    }
-
-    private func lost(_ error: BrokerError) {
-        self.downSince = NIODeadline.now()
-        self.droppedAtOutageStart = self.counters.droppedWhileDown.load(ordering: .relaxed)
-        self.warnedThisOutage = true
-        self.logger.warning("broker link lost; serving local clients only and reconnecting", metadata: ["error": "\(error)"])
-        self.disconnect(polite: false)
-        self.backoff = .milliseconds(50)
-        self.scheduleRetry()
-        self.nextBroker()
-    }
-
-    /// Drops both connections. After a failure rabbitmq-c's state may be broken, so only a
-    /// clean shutdown closes politely; otherwise the connections are just destroyed. Joins
-    /// waiting for a bind proceed (local service; bound on reconnection); what waited for the
-    /// broker, or was written but never confirmed, is counted as dropped.
-    private func disconnect(polite: Bool) {
-        self.link.connectedFlag.store(false, ordering: .relaxed)
-        self.link.status.withLockedValue { $0 = nil }
-        self.topologyOutbox = []
-        self.topologyOutboxHead = 0
-        if polite {
-            self.publisher?.close()
-            self.consumer?.close()
-        }
-        self.publisher = nil
-        self.consumer = nil
-        self.counters.channelsBound.store(0, ordering: .relaxed)
-        self.inbox.markAllUnbound()
-        for waiter in self.topology.disconnected() { waiter?.succeed(()) }
-        let lost = self.confirms.reset() + self.inbox.dropPublishes()
-        self.counters.droppedWhileDown.wrappingIncrement(by: lost, ordering: .relaxed)
-    }
-
-    /// The link stops: what the event loops handed over still goes out and the broker gets up
-    /// to two seconds to confirm it; then close politely, fail every join still waiting, and
-    /// close the inbox.
-    private func finish() {
-        if let publisher = self.publisher, self.consumer != nil {
-            let deadline = NIODeadline.now() + .seconds(2)
-            do {
-                let tls = self.broker.tls
-                let rest = self.inbox.take(publishBytes: tls ? self.publishBudget(publisher) : .max, overhead: tls ? Self.wireOverhead : 0, oversizeFirst: !tls)
-                Self.failAll(LinkInbox.Taken(commands: rest.commands), counters: self.counters)
-                if self.blockedReason == nil {
-                    try self.publish(rest.publishes, on: publisher)
-                } else {
-                    self.counters.droppedWhileDown.wrappingIncrement(by: rest.publishes.count, ordering: .relaxed)
-                }
-                while self.confirms.outstanding > 0, self.blockedReason == nil, NIODeadline.now() < deadline {
-                    var pfd = pollfd(fd: publisher.fileDescriptor, events: Int16(POLLIN), revents: 0)
-                    if !publisher.hasBufferedInput { _ = poll(&pfd, 1, 10) }
-                    try self.readPublisher(publisher)
-                }
-            } catch {
-                self.logger.debug("broker error while stopping", metadata: ["error": "\(error)"])
-            }
-        }
-        self.link.connectedFlag.store(false, ordering: .relaxed)
-        self.link.status.withLockedValue { $0 = nil }
-        self.publisher?.close()
-        self.consumer?.close()
-        self.publisher = nil
-        self.consumer = nil
-        for waiter in self.topology.disconnected() { waiter?.fail(LinkStopped()) }
-        self.counters.droppedWhileDown.wrappingIncrement(by: self.confirms.reset(), ordering: .relaxed)
-        Self.failAll(self.inbox.close(), counters: self.counters)
-        let c = self.counters
-        self.logger.notice("broker link totals", metadata: [
-            "published": "\(c.published.load(ordering: .relaxed))", "received": "\(c.received.load(ordering: .relaxed))",
-            "dropped.while_down": "\(c.droppedWhileDown.load(ordering: .relaxed))", "dropped.buffer_full": "\(c.droppedBufferFull.load(ordering: .relaxed))",
-            "rejected": "\(c.rejected.load(ordering: .relaxed))", "malformed": "\(c.malformed.load(ordering: .relaxed))",
-            "reconnects": "\(c.reconnects.load(ordering: .relaxed))",
-        ])
-    }
-
-    /// What the inbox still held when the link stopped: joins fail, publishes count as dropped.
-    static func failAll(_ taken: LinkInbox.Taken, counters: RabbitCounters) {
-        for command in taken.commands {
-            switch command {
-            case .subscribe(_, let promise): promise?.fail(LinkStopped())
-            case .awaitBinding(_, let promise): promise.fail(LinkStopped())
-            case .unsubscribe: break
-            }
-        }
-        counters.droppedWhileDown.wrappingIncrement(by: taken.publishes.count, ordering: .relaxed)
     }
 
     /// Messages dropped because the outbound buffer was full, or malformed bodies: one warning
