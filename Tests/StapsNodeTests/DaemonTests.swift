@@ -72,12 +72,6 @@ import Glibc
         return text.split(separator: "\n").first { $0.hasPrefix(name + ":") }.map { $0.dropFirst(name.count + 1).trimmingCharacters(in: .whitespaces) } ?? ""
     }
 
-    static func requireRoot() throws {
-        guard geteuid() == 0 else {
-            let ci = ProcessInfo.processInfo.environment["CI"] == "true" ? " (CI=true: CI runs as root, so this must run)" : ""
-            throw TestError.unexpected("the privilege-drop test needs root\(ci): run scripts/test as root (sudo scripts/test)")
-        }
-    }
 
     @Test func versionMatchesTheVersionFile() throws {
         let (status, output) = try run(try stapsBinary(), ["--version"])
@@ -104,7 +98,7 @@ import Glibc
     }
 
     @Test func privilegesAreDroppedAfterBindingAndThePidFileComesAndGoes() async throws {
-        try Self.requireRoot()
+        try requireRoot("the privilege-drop test")
         let dir = TempDir()
         defer { dir.cleanup() }
         chmod(dir.path, 0o755)  // the dropped user must reach run/ to remove its files on exit
@@ -206,17 +200,15 @@ import Glibc
         try await Self.waitForHTTP(.unix(path: path), pid: pid, log: log)
         #expect(!FileManager.default.fileExists(atPath: dir.path + "/not-this-one.sock"))
         // Clients keep connecting while staps restarts twice.
-        let refused = ManagedAtomicBox(0)
-        let served = ManagedAtomicBox(0)
+        let served = NIOLockedValueBox(0)
         let failures = NIOLockedValueBox<[String]>([])
-        let stop = ManagedAtomicBox(0)
+        let stop = NIOLockedValueBox(false)
         let clients = Task {
-            while stop.value == 0 {
+            while !stop.withLockedValue({ $0 }) {
                 do {
                     let (status, _, _) = try await httpRequest(.unix(path: path), "GET", "/")
-                    if status == 200 { served.add(1) } else { refused.add(1); failures.withLockedValue { $0.append("status \(status)") } }
+                    if status == 200 { served.withLockedValue { $0 += 1 } } else { failures.withLockedValue { $0.append("status \(status)") } }
                 } catch {
-                    refused.add(1)
                     failures.withLockedValue { $0.append("\(error)") }
                 }
             }
@@ -228,12 +220,12 @@ import Glibc
             pid = try Self.spawn(args, listenFD: listener, stderrPath: log)
         }
         try await Task.sleep(nanoseconds: 500_000_000)
-        stop.set(1)
+        stop.withLockedValue { $0 = true }
         _ = await clients.value
         kill(pid, SIGTERM)
         #expect(try Self.waitExit(pid) == 0)
-        #expect(refused.value == 0, "connections refused or failed across restarts: \(failures.withLockedValue { $0 })")
-        #expect(served.value > 10)
+        #expect(failures.withLockedValue { $0 }.isEmpty, "connections refused or failed across restarts: \(failures.withLockedValue { $0 })")
+        #expect(served.withLockedValue { $0 } > 10)
         #expect(FileManager.default.fileExists(atPath: path), "staps never removes a socket it did not make")
     }
 
@@ -304,15 +296,4 @@ import Glibc
         #expect(try Self.waitExit(pid) == 0)
         #expect(((try? String(contentsOfFile: logFile + ".1", encoding: .utf8)) ?? "").contains("listening"))
     }
-}
-
-/// A tiny locked counter for test tasks.
-final class ManagedAtomicBox: @unchecked Sendable {
-    // @unchecked: every access takes the lock.
-    private let lock = NSLock()
-    private var v: Int
-    init(_ v: Int) { self.v = v }
-    var value: Int { lock.lock(); defer { lock.unlock() }; return v }
-    func add(_ n: Int) { lock.lock(); v += n; lock.unlock() }
-    func set(_ n: Int) { lock.lock(); v = n; lock.unlock() }
 }

@@ -22,13 +22,6 @@ import Glibc
         "/usr/share/man/man5/staps.conf.5.gz",
     ] + units
 
-    static func requireRoot() throws {
-        guard geteuid() == 0 else {
-            let ci = ProcessInfo.processInfo.environment["CI"] == "true" ? " (CI=true: the package test is required)" : ""
-            throw TestError.unexpected("PackageTests install and purge the staps package and its system user: run them as root\(ci), e.g. `sudo swift test --filter PackageTests`")
-        }
-    }
-
     /// The number in `→ Overall exposure level for staps.service: 2.6 OK`.
     static func exposure(_ output: String) -> Double? {
         guard let line = output.split(separator: "\n").last(where: { $0.contains("Overall exposure level") }),
@@ -37,7 +30,7 @@ import Glibc
     }
 
     @Test func packageInstallsVerifiesAndPurgesCleanly() async throws {
-        try Self.requireRoot()
+        try requireRoot("PackageTests (they install and purge the staps package and its system user)")
         let root = Broker.repositoryRoot
         let version = try String(contentsOfFile: root + "/VERSION", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
 

@@ -238,3 +238,12 @@ func expectEveryoneHearsEveryoneOnceInOrder(_ clients: [TestClient], perSender: 
         #expect(try await client.isQuiet(for: 0.05), "nothing beyond one copy of each")
     }
 }
+
+/// Fails, saying how to run it, when a test that needs root runs without it (CI runs as root,
+/// so under CI=true this is a failure of the set-up, never a skip).
+func requireRoot(_ what: String) throws {
+    guard geteuid() == 0 else {
+        let ci = ProcessInfo.processInfo.environment["CI"] == "true" ? " (CI=true: CI runs as root, so this must run)" : ""
+        throw TestError.unexpected("\(what): needs root\(ci); run scripts/test as root (sudo scripts/test)")
+    }
+}
