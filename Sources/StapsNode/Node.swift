@@ -165,13 +165,7 @@ public final class Node: Sendable {
                 var connectionLogger = logger
                 if let remote = connection.remoteAddress { connectionLogger[metadataKey: "remote"] = "\(remote)" }
                 do {
-                    let encoder = HTTPResponseEncoder()
-                    let decoder = ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes))
-                    let ops = connection.pipeline.syncOperations
-                    try ops.addHandler(encoder)
-                    try ops.addHandler(decoder)
-                    try ops.addHandler(HTTPServerProtocolErrorHandler())
-                    try ops.addHandler(HTTPHandler(shared: shared, overConnectionLimit: count > limits.maxConnections, encoder: encoder, decoder: decoder, logger: connectionLogger))
+                    try ConnectionPipeline.configure(connection, shared: shared, overConnectionLimit: count > limits.maxConnections, logger: connectionLogger)
                     return connection.eventLoop.makeSucceededVoidFuture()
                 } catch {
                     return connection.eventLoop.makeFailedFuture(error)
