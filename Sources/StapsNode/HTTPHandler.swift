@@ -250,10 +250,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         let limits = self.shared.limits
         let ops = context.pipeline.syncOperations
         let websocket = WebSocketHandler(id: id, membership: membership, limits: limits, counters: self.shared.counters, logger: self.logger)
-        // Headroom for the frame header over the largest message.
-        try ops.addHandler(ByteToMessageHandler(WebSocketFrameDecoder(maxFrameSize: limits.maxMessageSize)), position: .after(self))
-        let frameDecoder = try ops.context(handlerType: ByteToMessageHandler<WebSocketFrameDecoder>.self)
-        try ops.addHandler(IdleStateHandler(readTimeout: limits.pingInterval), position: .after(frameDecoder.handler))
+        try ops.addHandler(IdleStateHandler(readTimeout: limits.pingInterval), position: .after(self))
         let idle = try ops.context(handlerType: IdleStateHandler.self)
         // The directory already counts this client; adding the handler attaches its membership,
         // so it receives from here on, and the handler leaves it when removed (`leave()` is
@@ -274,6 +271,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             ops.removeHandler(errorHandler, promise: nil)
         }
         ops.removeHandler(self.encoder, promise: nil)
+        // One read per event-loop turn: with the handler's per-turn message budget, one
+        // flooding client cannot hold its loop.
+        context.channel.setOption(ChannelOptions.maxMessagesPerRead, value: 1).whenComplete { _ in }
         context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
     }
 

@@ -79,54 +79,6 @@ public enum Framing {
     }
 }
 
-/// Fast UTF-8 validation (RFC 3629: no overlongs, no surrogates, nothing above U+10FFFF).
-public enum UTF8Validation {
-    /// Validates the readable bytes of `buffer`.
-    public static func isValid(_ buffer: ByteBuffer) -> Bool {
-        buffer.withUnsafeReadableBytes { isValid(UnsafeRawBufferPointer($0)) }
-    }
-
-    public static func isValid(_ bytes: UnsafeRawBufferPointer) -> Bool {
-        let count = bytes.count
-        guard count > 0, let base = bytes.baseAddress else { return true }
-        var i = 0
-        while i < count {
-            // ASCII fast path, 8 bytes at a time.
-            while i + 8 <= count, base.loadUnaligned(fromByteOffset: i, as: UInt64.self) & 0x8080_8080_8080_8080 == 0 {
-                i += 8
-            }
-            if i >= count { break }
-            let b0 = bytes[i]
-            if b0 < 0x80 {
-                i += 1
-                continue
-            }
-            func cont(_ j: Int) -> Bool { j < count && bytes[j] & 0xC0 == 0x80 }
-            if b0 >= 0xC2 && b0 <= 0xDF {
-                guard cont(i + 1) else { return false }
-                i += 2
-            } else if b0 >= 0xE0 && b0 <= 0xEF {
-                guard i + 1 < count else { return false }
-                let b1 = bytes[i + 1]
-                let lo: UInt8 = b0 == 0xE0 ? 0xA0 : 0x80
-                let hi: UInt8 = b0 == 0xED ? 0x9F : 0xBF
-                guard b1 >= lo && b1 <= hi, cont(i + 2) else { return false }
-                i += 3
-            } else if b0 >= 0xF0 && b0 <= 0xF4 {
-                guard i + 1 < count else { return false }
-                let b1 = bytes[i + 1]
-                let lo: UInt8 = b0 == 0xF0 ? 0x90 : 0x80
-                let hi: UInt8 = b0 == 0xF4 ? 0x8F : 0xBF
-                guard b1 >= lo && b1 <= hi, cont(i + 2), cont(i + 3) else { return false }
-                i += 4
-            } else {
-                return false
-            }
-        }
-        return true
-    }
-}
-
 /// The `Sec-WebSocket-Accept` value for a client key (RFC 6455 §4.2.2).
 public enum WebSocketAccept {
     public static func value(forKey key: String) -> String {
