@@ -30,15 +30,26 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private enum State {
         case idle
         case receivingBody(HTTPRequestHead, String, ByteBuffer)
-        case discardingBody(HTTPRequestHead, status: HTTPResponseStatus, reason: String, extraHeaders: [(String, String)])
+        /// A bodiless request that gets an error: answered at its `.end`.
+        case rejecting(HTTPRequestHead, status: HTTPResponseStatus, reason: String, extraHeaders: [(String, String)])
         case ignoringBody
         /// A valid upgrade request whose `.end` has not arrived yet.
         case awaitingUpgradeEnd(HTTPRequestHead, channel: String, key: String)
         case upgrading
     }
     private var state = State.idle
-    private var handshakeTimer: Scheduled<Void>?
+    /// One deadline from accept until the request is complete and answered (head, body and
+    /// response, whatever the state of reading); re-armed for the next keep-alive request.
+    private var requestTimer: Scheduled<Void>?
     private var shuttingDown = false
+
+    /// Requests pipelined behind the one being answered are read only after its response is
+    /// written: what one read already brought is held here, at most `pipelineDepth` requests.
+    static let pipelineDepth = 16
+    private var responding = false
+    private var held = CircularBuffer<HTTPServerRequestPart>()
+    private var heldRequests = 0
+    private var closeAfterHeld = false
     /// Responses written on this connection: one that has none yet is answered (with
     /// `Connection: close`) even when shutdown begins, so a restart drops no request that
     /// was already accepted.
@@ -53,32 +64,62 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
-        self.armHandshakeTimer(context: context)
+        self.armRequestTimer(context: context)
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
-        self.handshakeTimer?.cancel()
+        self.requestTimer?.cancel()
     }
 
-    private func armHandshakeTimer(context: ChannelHandlerContext) {
-        self.handshakeTimer?.cancel()
-        self.handshakeTimer = context.eventLoop.assumeIsolated().scheduleTask(in: self.shared.limits.handshakeTimeout) {
+    private func armRequestTimer(context: ChannelHandlerContext) {
+        self.requestTimer?.cancel()
+        self.requestTimer = context.eventLoop.assumeIsolated().scheduleTask(in: self.shared.limits.handshakeTimeout) {
             context.close(promise: nil)
         }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        switch self.unwrapInboundIn(data) {
+        let part = self.unwrapInboundIn(data)
+        guard !self.responding, self.held.isEmpty else { return self.hold(part, context: context) }
+        self.handle(part, context: context)
+    }
+
+    /// Keeps a part of a pipelined request until the response before it is written.
+    private func hold(_ part: HTTPServerRequestPart, context: ChannelHandlerContext) {
+        guard !self.closeAfterHeld else { return }
+        if case .head = part {
+            self.heldRequests += 1
+            if self.heldRequests > Self.pipelineDepth {
+                // Answer what is held, then close: the rest is not read.
+                self.closeAfterHeld = true
+                return
+            }
+        }
+        self.held.append(part)
+    }
+
+    /// Handles held parts until a response is in flight again.
+    private func releaseHeld(context: ChannelHandlerContext) {
+        while !self.responding, let part = self.held.popFirst() {
+            if case .head = part { self.heldRequests -= 1 }
+            self.handle(part, context: context)
+        }
+        if self.held.isEmpty, self.closeAfterHeld, !self.responding, context.channel.isActive {
+            context.close(promise: nil)
+        }
+    }
+
+    private func handle(_ part: HTTPServerRequestPart, context: ChannelHandlerContext) {
+        switch part {
         case .head(let head):
-            self.handshakeTimer?.cancel()
-            self.handshakeTimer = nil
             self.requestHead(head, context: context)
         case .body(let chunk):
             switch self.state {
             case .receivingBody(let head, let channel, var body):
                 self.state = .idle  // so `body` is uniquely referenced while it grows
                 if body.readableBytes + chunk.readableBytes > self.shared.limits.maxMessageSize {
-                    self.state = .discardingBody(head, status: .payloadTooLarge, reason: "body larger than \(self.shared.limits.maxMessageSize) bytes", extraHeaders: [])
+                    // Known to be too large now: answer now, read no more of it.
+                    self.reject(head, .payloadTooLarge, "body larger than \(self.shared.limits.maxMessageSize) bytes", close: true, context: context)
                 } else {
                     body.writeImmutableBuffer(chunk)
                     self.state = .receivingBody(head, channel, body)
@@ -91,7 +132,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             case .receivingBody(let head, let channel, let body):
                 self.state = .idle
                 self.post(head, channel: channel, body: body, context: context)
-            case .discardingBody(let head, let status, let reason, let extra):
+            case .rejecting(let head, let status, let reason, let extra):
                 self.state = .idle
                 self.respond(context: context, head: head, status: status, text: reason, extraHeaders: extra)
             case .ignoringBody:
@@ -109,15 +150,16 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             self.shared.counters.connectionsRefused.wrappingIncrement(ordering: .relaxed)
             return self.reject(head, .serviceUnavailable, "too many connections, try again later", close: true, context: context)
         }
+        if head.version.major == 1, head.version.minor >= 1, head.headers["host"].count != 1 {
+            return self.reject(head, .badRequest, head.headers["host"].isEmpty ? "missing Host header" : "more than one Host header", close: true, context: context)
+        }
         let target: RequestTarget
         switch PathDecoding.target(ofURI: head.uri) {
         case .success(let t): target = t
         case .failure(let error):
             return self.reject(head, HTTPResponseStatus(statusCode: error.status), error.reason, context: context)
         }
-        let isUpgrade = head.headers[canonicalForm: "connection"].contains { $0.lowercased() == "upgrade" }
-            && head.headers["upgrade"].contains { $0.lowercased() == "websocket" }
-        if isUpgrade {
+        if Self.isUpgradeToWebSocket(head.headers) {
             return self.upgradeRequest(head, target: target, context: context)
         }
         switch head.method {
@@ -129,7 +171,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             guard case .channel(let name) = target else {
                 return self.reject(head, .badRequest, "/ is not a channel: POST to /<channel>", context: context)
             }
-            if let length = head.headers.first(name: "content-length").flatMap(Int.init), length > self.shared.limits.maxMessageSize {
+            if let length = head.headers.first(name: "content-length"), (Int(length) ?? .max) > self.shared.limits.maxMessageSize {
                 return self.reject(head, .payloadTooLarge, "body larger than \(self.shared.limits.maxMessageSize) bytes", close: true, context: context)
             }
             self.state = .receivingBody(head, name, context.channel.allocator.buffer(capacity: 0))
@@ -141,15 +183,36 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
-    /// Answers an error once the request body (if any) has been read; `close` answers at once
-    /// and drops the connection (the body is not worth reading).
+    /// Answers an error: at the request's `.end` when it has no body, else at once, closing
+    /// the connection (a body nobody wants is never read).
     private func reject(_ head: HTTPRequestHead, _ status: HTTPResponseStatus, _ reason: String, close: Bool = false, extraHeaders: [(String, String)] = [], context: ChannelHandlerContext) {
-        if close {
+        if close || Self.hasBody(head) {
             self.state = .ignoringBody
             self.respond(context: context, head: head, status: status, text: reason, extraHeaders: extraHeaders, close: true)
         } else {
-            self.state = .discardingBody(head, status: status, reason: reason, extraHeaders: extraHeaders)
+            self.state = .rejecting(head, status: status, reason: reason, extraHeaders: extraHeaders)
         }
+    }
+
+    static func hasBody(_ head: HTTPRequestHead) -> Bool {
+        head.headers.contains(name: "transfer-encoding") || head.headers["content-length"].contains { $0 != "0" }
+    }
+
+    /// `Connection: upgrade` and `Upgrade: websocket`, each possibly among other tokens.
+    static func isUpgradeToWebSocket(_ headers: HTTPHeaders) -> Bool {
+        headers[canonicalForm: "connection"].contains { $0.lowercased() == "upgrade" }
+            && headers[canonicalForm: "upgrade"].contains { $0.lowercased() == "websocket" }
+    }
+
+    /// A `Sec-WebSocket-Key` is the base64 of 16 bytes: 22 characters, the last of them
+    /// carrying 2 zero bits, then `==` (RFC 6455 §4.1).
+    static func isValidKey(_ key: String) -> Bool {
+        let bytes = Array(key.utf8)
+        guard bytes.count == 24, bytes[22] == UInt8(ascii: "="), bytes[23] == UInt8(ascii: "=") else { return false }
+        func isBase64(_ b: UInt8) -> Bool {
+            (b >= 0x41 && b <= 0x5A) || (b >= 0x61 && b <= 0x7A) || (b >= 0x30 && b <= 0x39) || b == 0x2B || b == 0x2F
+        }
+        return bytes[..<22].allSatisfy(isBase64) && "AQgw".utf8.contains(bytes[21])
     }
 
     private func post(_ head: HTTPRequestHead, channel: String, body: ByteBuffer, context: ChannelHandlerContext) {
@@ -187,8 +250,18 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         let done = context.writeAndFlush(self.wrapOutboundOut(.end(nil)))
         if !keepAlive {
             done.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
-        } else {
-            self.armHandshakeTimer(context: context)
+            return
+        }
+        // Nothing more is read until this response is written.
+        self.responding = true
+        context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
+        done.assumeIsolated().whenComplete { [self] result in
+            self.responding = false
+            guard case .success = result, context.channel.isActive else { return }
+            self.armRequestTimer(context: context)
+            if self.shuttingDown, case .idle = self.state, self.held.isEmpty { return context.close(promise: nil) }
+            context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+            self.releaseHeld(context: context)
         }
     }
 
@@ -201,11 +274,18 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         guard case .channel(let name) = target else {
             return self.reject(head, .badRequest, "/ is not a channel: connect to /<channel>", context: context)
         }
-        guard head.headers["sec-websocket-version"].first == "13" else {
+        guard head.version.major > 1 || (head.version.major == 1 && head.version.minor >= 1) else {
+            return self.reject(head, .badRequest, "websocket upgrade needs HTTP/1.1", close: true, context: context)
+        }
+        guard !Self.hasBody(head) else {
+            return self.reject(head, .badRequest, "a websocket upgrade request has no body", close: true, context: context)
+        }
+        guard head.headers["sec-websocket-version"] == ["13"] else {
             return self.reject(head, .upgradeRequired, "unsupported websocket version: use 13", extraHeaders: [("Sec-WebSocket-Version", "13")], context: context)
         }
-        guard let key = head.headers["sec-websocket-key"].first?.trimmingWhitespace(), key.utf8.count == 24 else {
-            return self.reject(head, .badRequest, "missing or malformed Sec-WebSocket-Key", context: context)
+        let keys = head.headers["sec-websocket-key"]
+        guard keys.count == 1, let key = keys.first?.trimmingWhitespace(), Self.isValidKey(key) else {
+            return self.reject(head, .badRequest, "missing, repeated or malformed Sec-WebSocket-Key (base64 of 16 bytes)", context: context)
         }
         // Nothing more is read until the pipeline is a websocket one.
         context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
@@ -267,9 +347,6 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
         ops.removeHandler(context: context, promise: nil)
         ops.removeHandler(self.decoder, promise: nil)
-        if let errorHandler = try? ops.handler(type: HTTPServerProtocolErrorHandler.self) {
-            ops.removeHandler(errorHandler, promise: nil)
-        }
         ops.removeHandler(self.encoder, promise: nil)
         // One read per event-loop turn: with the handler's per-turn message budget, one
         // flooding client cannot hold its loop.
@@ -281,14 +358,25 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         if event is ShutdownEvent {
             self.shuttingDown = true
             // Idle between keep-alive requests: done. Not asked anything yet: wait for the request.
-            if case .idle = self.state, self.responses > 0 { context.close(promise: nil) }
+            if case .idle = self.state, self.responses > 0, !self.responding, self.held.isEmpty { context.close(promise: nil) }
             return
         }
         context.fireUserInboundEventTriggered(event)
     }
 
+    /// A request the decoder cannot parse gets its status (when no response is under way), then
+    /// the connection closes: nothing after it can be trusted.
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         self.logger.debug("http error", metadata: ["error": "\(error)"])
-        context.close(promise: nil)
+        guard let parserError = error as? HTTPParserError, !self.responding, case .idle = self.state else {
+            return context.close(promise: nil)
+        }
+        let head = HTTPRequestHead(version: .http1_1, method: .GET, uri: "/")
+        self.state = .ignoringBody
+        if parserError == .headerOverflow {
+            self.respond(context: context, head: head, status: .requestHeaderFieldsTooLarge, text: "request head larger than \(ConnectionPipeline.maxHeadBytes) bytes or more than \(ConnectionPipeline.maxHeaderFields) header fields", close: true)
+        } else {
+            self.respond(context: context, head: head, status: .badRequest, text: "malformed HTTP request (\(parserError))", close: true)
+        }
     }
 }
