@@ -75,17 +75,17 @@ struct WebSocketStateMachine {
                 buffer.moveReaderIndex(to: buffer.writerIndex)
                 return .needMoreData
             }
-            if !self.inPayload {
+            if self.inPayload, self.frameRemaining == 0 {
+                // Also reached after an action returned mid-frame: the frame ends here.
+                self.inPayload = false
+                if let action = self.endFrame(allocator: allocator) { return action }
+            } else if !self.inPayload {
                 guard self.readHeader(&buffer) else { return .needMoreData }
                 if let action = self.beginFrame(allocator: allocator) { return action }
             } else {
                 let n = min(self.frameRemaining, buffer.readableBytes)
                 guard n > 0 else { return .needMoreData }
                 if let action = self.readPayload(&buffer, count: n) { return action }
-            }
-            if self.inPayload, self.frameRemaining == 0 {
-                self.inPayload = false
-                if let action = self.endFrame(allocator: allocator) { return action }
             }
         }
     }
@@ -212,8 +212,7 @@ struct WebSocketStateMachine {
             self.control = nil
             return nil
         default:
-            guard self.fin else { return nil }
-            var message = self.message.take()!
+            guard self.fin, var message = self.message.take() else { return nil }
             if self.messageIsText, !self.utf8.isComplete { return self.fail(1007, "text message is not valid UTF-8") }
             let length = message.readableBytes
             guard length > 0 else { return nil }  // empty messages are keepalives, not relayed

@@ -1,0 +1,228 @@
+import Logging
+import NIOCore
+import NIOEmbedded
+import NIOHTTP1
+@testable import StapsNode
+import Testing
+
+/// A node's connection pipeline in memory: the very handlers `Node` installs, over an
+/// `EmbeddedEventLoop`, with a standalone hub.
+final class InMemoryNode {
+    let loop = EmbeddedEventLoop()
+    let hub: Hub
+    let shared: HTTPHandler.Shared
+    let limits: Limits
+
+    init(limits: Limits = Limits()) {
+        self.limits = limits
+        let counters = NodeCounters()
+        self.hub = Hub(eventLoops: [self.loop], link: StandaloneLink(), counters: counters, logger: testLogger())
+        self.shared = HTTPHandler.Shared(hub: self.hub, limits: limits, counters: counters, connectionIDs: .init(0), nodeID: "test")
+    }
+
+    func connect() throws -> EmbeddedChannel {
+        let channel = EmbeddedChannel(loop: self.loop)
+        try ConnectionPipeline.configure(channel, shared: self.shared, overConnectionLimit: false, logger: testLogger())
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        return channel
+    }
+
+    /// A connection that has completed the websocket handshake on `path`.
+    func websocket(_ path: String) throws -> EmbeddedChannel {
+        let channel = try self.connect()
+        try self.send(channel, upgradeRequest(path))
+        let response = try self.output(channel)
+        #expect(response.hasPrefix("HTTP/1.1 101 Switching Protocols\r\n"), "\(response)")
+        return channel
+    }
+
+    func send(_ channel: EmbeddedChannel, _ text: String) throws {
+        try self.send(channel, Array(text.utf8))
+    }
+
+    func send(_ channel: EmbeddedChannel, _ bytes: [UInt8]) throws {
+        guard channel.isActive else { return }
+        try channel.writeInbound(ByteBuffer(bytes: bytes))
+        self.loop.run()
+    }
+
+    /// Everything written to the client so far.
+    func outputBytes(_ channel: EmbeddedChannel) throws -> [UInt8] {
+        self.loop.run()
+        var out: [UInt8] = []
+        while let part = try channel.readOutbound(as: IOData.self) {
+            guard case .byteBuffer(let b) = part else { continue }
+            out += b.readableBytesView
+        }
+        return out
+    }
+
+    func output(_ channel: EmbeddedChannel) throws -> String {
+        String(decoding: try self.outputBytes(channel), as: UTF8.self)
+    }
+}
+
+func upgradeRequest(_ path: String, version: String = "HTTP/1.1", extra: String = "", key: String = "dGhlIHNhbXBsZSBub25jZQ==") -> String {
+    "GET \(path) \(version)\r\nHost: staps.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: \(key)\r\n\(extra)\r\n"
+}
+
+/// The status line of every response in `output`, in order.
+func statusLines(_ output: String) -> [String] {
+    // By bytes: in Swift, "\r\n" is one Character.
+    output.utf8.split(separator: UInt8(ascii: "\n")).map { line in
+        String(decoding: line.last == UInt8(ascii: "\r") ? line.dropLast() : line, as: UTF8.self)
+    }.filter { $0.hasPrefix("HTTP/1.") }
+}
+
+@Suite struct HTTPHandlerTests {
+    @Test func pipelinedRequestsAreAnsweredInOrderAndHEADHasNoBody() throws {
+        let node = InMemoryNode()
+        let c = try node.connect()
+        try node.send(c, "GET /a HTTP/1.1\r\nHost: x\r\n\r\nHEAD /b HTTP/1.1\r\nHost: x\r\n\r\nGET /c HTTP/1.1\r\nHost: x\r\n\r\n")
+        let out = try node.output(c)
+        #expect(statusLines(out) == ["HTTP/1.1 200 OK", "HTTP/1.1 200 OK", "HTTP/1.1 200 OK"], "\(out)")
+        let pages = out.components(separatedBy: "HTTP/1.1 200 OK")
+        #expect(pages.count == 4 && pages[1].contains("<html") && !pages[2].contains("<html") && pages[3].contains("<html"))
+        #expect(c.isActive)
+    }
+
+    @Test(arguments: [
+        // (request, expected status line, closes)
+        (upgradeRequest("/room"), "HTTP/1.1 101 Switching Protocols", false),
+        (upgradeRequest("/room", extra: "X-Other: 1\r\n").replacingOccurrences(of: "Upgrade: websocket", with: "Upgrade: websocket, h2c")
+            .replacingOccurrences(of: "Connection: Upgrade", with: "Connection: keep-alive, Upgrade"), "HTTP/1.1 101 Switching Protocols", false),
+        (upgradeRequest("/room", version: "HTTP/1.0"), "HTTP/1.0 400 Bad Request", true),
+        (upgradeRequest("/room").replacingOccurrences(of: "Host: staps.test\r\n", with: ""), "HTTP/1.1 400 Bad Request", true),
+        (upgradeRequest("/room", extra: "Host: other\r\n"), "HTTP/1.1 400 Bad Request", true),
+        (upgradeRequest("/room").replacingOccurrences(of: "Version: 13", with: "Version: 8"), "HTTP/1.1 426 Upgrade Required", false),
+        (upgradeRequest("/room", extra: "Sec-WebSocket-Version: 13\r\n"), "HTTP/1.1 426 Upgrade Required", false),
+        (upgradeRequest("/room", key: "dGhlIHNhbXBsZSBub25jZQ"), "HTTP/1.1 400 Bad Request", false),
+        (upgradeRequest("/room", key: "dGhlIHNhbXBsZSBub25j!Q=="), "HTTP/1.1 400 Bad Request", false),
+        (upgradeRequest("/room", key: "dGhlIHNhbXBsZSBub25jZR=="), "HTTP/1.1 400 Bad Request", false),  // padding bits set
+        (upgradeRequest("/room", extra: "Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n"), "HTTP/1.1 400 Bad Request", false),
+        (upgradeRequest("/room", extra: "Content-Length: 5\r\n") + "hello", "HTTP/1.1 400 Bad Request", true),
+        (upgradeRequest("/"), "HTTP/1.1 400 Bad Request", false),
+        ("POST /room HTTP/1.1\r\nHost: x\r\nContent-Length: 9223372036854775808\r\n\r\n", "HTTP/1.1 413 Payload Too Large", true),
+        ("POST /room HTTP/1.1\r\nHost: x\r\nContent-Length: 1048577\r\n\r\n", "HTTP/1.1 413 Payload Too Large", true),
+        ("PUT /room HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.1 405 Method Not Allowed", false),
+        ("PUT /room HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n", "HTTP/1.1 405 Method Not Allowed", true),
+        ("GET /room HTTP/1.1\r\nHost: x\r\nX-Big: \(String(repeating: "a", count: 9000))\r\n\r\n", "HTTP/1.1 431 Request Header Fields Too Large", true),
+        ("GET /room HTTP/1.1\r\nHost: x\r\n" + (0..<101).map { "X-\($0): 1\r\n" }.joined() + "\r\n", "HTTP/1.1 431 Request Header Fields Too Large", true),
+        ("GET /room?\(String(repeating: "q", count: 9000)) HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.1 414 URI Too Long", true),
+        ("\u{16}\u{03}\u{01}\u{02}\u{00}\u{01}\u{00}\u{01}\u{fc}\u{03}\u{03}\r\n\r\n", "HTTP/1.1 400 Bad Request", true),
+    ])
+    func everyBadRequestGetsItsStatus(request: String, status: String, closes: Bool) throws {
+        let node = InMemoryNode()
+        let c = try node.connect()
+        try node.send(c, request)
+        let out = try node.output(c)
+        #expect(statusLines(out).first == status, "\(out.prefix(300))")
+        #expect(c.isActive == !closes)
+        if status.contains("426") { #expect(out.contains("Sec-WebSocket-Version: 13\r\n")) }
+        if status.contains("405") { #expect(out.contains("Allow: GET, HEAD, POST\r\n")) }
+    }
+
+    @Test func aChunkedBodyIsRefusedAsSoonAsItIsTooLarge() throws {
+        var limits = Limits()
+        limits.maxMessageSize = 1000
+        let node = InMemoryNode(limits: limits)
+        let c = try node.connect()
+        try node.send(c, "POST /room HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        try node.send(c, "258\r\n" + String(repeating: "a", count: 600) + "\r\n")
+        #expect(try node.output(c).isEmpty)
+        try node.send(c, "258\r\n" + String(repeating: "a", count: 600) + "\r\n")  // no terminating chunk: not needed
+        #expect(statusLines(try node.output(c)) == ["HTTP/1.1 413 Payload Too Large"])
+        #expect(!c.isActive)
+    }
+
+    @Test func oneDeadlineCoversHeadBodyAndTheNextRequest() throws {
+        let node = InMemoryNode()
+        // A body that never completes: closed at the deadline although the head came at once.
+        let stalled = try node.connect()
+        try node.send(stalled, "POST /room HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+        node.loop.advanceTime(by: node.limits.handshakeTimeout - .milliseconds(1))
+        #expect(stalled.isActive)
+        node.loop.advanceTime(by: .milliseconds(2))
+        #expect(!stalled.isActive)
+        // A keep-alive connection gets a fresh deadline after each response.
+        let keepAlive = try node.connect()
+        let timeout = node.limits.handshakeTimeout.nanoseconds
+        node.loop.advanceTime(by: .nanoseconds(timeout / 2))
+        try node.send(keepAlive, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        node.loop.advanceTime(by: .nanoseconds(timeout * 3 / 4))
+        #expect(keepAlive.isActive)
+        node.loop.advanceTime(by: .nanoseconds(timeout / 2))
+        #expect(!keepAlive.isActive)
+    }
+
+    @Test func postPublishesAndAnswers202() throws {
+        let node = InMemoryNode()
+        let receiver = try node.websocket("/room")
+        let c = try node.connect()
+        try node.send(c, "POST /room HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello")
+        let out = try node.output(c)
+        #expect(statusLines(out) == ["HTTP/1.1 202 Accepted"])
+        #expect(out.hasSuffix("{\"channel\":\"room\",\"receivers\":1}\n"))
+        #expect(try node.outputBytes(receiver) == [0x81, 5] + Array("hello".utf8))
+    }
+}
+
+@Suite struct WebSocketInMemoryTests {
+    func closeCode(_ bytes: [UInt8]) -> UInt16? {
+        guard bytes.count >= 4, bytes[0] == 0x88 else { return nil }
+        return UInt16(bytes[2]) << 8 | UInt16(bytes[3])
+    }
+
+    @Test func framesSentWithTheUpgradeAreRelayed() throws {
+        let node = InMemoryNode()
+        let receiver = try node.websocket("/room")
+        let sender = try node.connect()
+        try node.send(sender, Array(upgradeRequest("/room").utf8) + clientFrame(Framing.opText, Array("early".utf8)))
+        #expect(try node.output(sender).hasPrefix("HTTP/1.1 101"))
+        #expect(try node.outputBytes(receiver) == [0x81, 5] + Array("early".utf8))
+    }
+
+    @Test func invalidUTF8FailsFastAndReachesNoOne() throws {
+        let node = InMemoryNode()
+        let receiver = try node.websocket("/room")
+        let sender = try node.websocket("/room")
+        // The first fragment is already invalid: 1007 before the message would end.
+        try node.send(sender, clientFrame(Framing.opText, Array("ok".utf8) + [0xF5], fin: false))
+        #expect(closeCode(try node.outputBytes(sender)) == 1007)
+        #expect(try node.outputBytes(receiver).isEmpty)
+        try node.send(sender, clientFrame(Framing.opClose, [0x03, 0xEF]))
+        #expect(!sender.isActive)
+    }
+
+    @Test func after1009TheClientsCloseCompletesTheHandshake() throws {
+        var limits = Limits()
+        limits.maxMessageSize = 100
+        let node = InMemoryNode(limits: limits)
+        let sender = try node.websocket("/room")
+        let big = clientFrame(Framing.opBinary, Array(repeating: 1, count: 150))
+        try node.send(sender, Array(big.prefix(20)))
+        #expect(closeCode(try node.outputBytes(sender)) == 1009)
+        #expect(sender.isActive)
+        try node.send(sender, Array(big.dropFirst(20)) + clientFrame(Framing.opClose, [0x03, 0xF1]))
+        #expect(!sender.isActive)
+    }
+
+    @Test func aClientCloseIsEchoedAndAPingAnswered() throws {
+        let node = InMemoryNode()
+        let c = try node.websocket("/room")
+        try node.send(c, clientFrame(Framing.opPing, Array("abc".utf8)))
+        #expect(try node.outputBytes(c) == [0x8A, 3] + Array("abc".utf8))
+        try node.send(c, clientFrame(Framing.opClose, [0x0F, 0xA0] + Array("bye".utf8)))  // 4000
+        #expect(closeCode(try node.outputBytes(c)) == 4000)
+        #expect(!c.isActive)
+    }
+
+    @Test func aCloseTheClientNeverAnswersIsDroppedAfterTheTimeout() throws {
+        let node = InMemoryNode()
+        let c = try node.websocket("/room")
+        try node.send(c, clientFrame(8, [], fin: false))  // fragmented control frame: 1002
+        #expect(closeCode(try node.outputBytes(c)) == 1002)
+        node.loop.advanceTime(by: node.limits.shutdownTimeout + .milliseconds(1))
+        #expect(!c.isActive)
+    }
+}
