@@ -73,8 +73,12 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     private func armRequestTimer(context: ChannelHandlerContext) {
         self.requestTimer?.cancel()
-        self.requestTimer = context.eventLoop.assumeIsolated().scheduleTask(in: self.shared.limits.handshakeTimeout) {
-            context.close(promise: nil)
+        self.requestTimer = context.eventLoop.assumeIsolated().scheduleTask(in: self.shared.limits.handshakeTimeout) { [self] in
+            // Mid-response or mid-upgrade there is nothing left to say.
+            if self.responding { return context.close(promise: nil) }
+            if case .upgrading = self.state { return context.close(promise: nil) }
+            self.state = .ignoringBody
+            self.respond(context: context, head: HTTPRequestHead(version: .http1_1, method: .GET, uri: "/"), status: .requestTimeout, text: "request not complete within \(self.shared.limits.handshakeTimeout.nanoseconds / 1_000_000) ms", close: true)
         }
     }
 

@@ -95,6 +95,8 @@ public final class NodeCounters: Sendable {
     /// Messages from other nodes for channels with no client here: what a shared (bucket)
     /// binding brings a node that it then ignores.
     public let clusterUnmatched = ManagedAtomic<Int>(0)
+    /// Times freed memory was given back to the system after a busy spell.
+    public let memoryTrims = ManagedAtomic<Int>(0)
 
     public init() {}
 }

@@ -41,6 +41,7 @@ public final class Node: Sendable {
         var inode: UInt64?
     }
     private let listeners = NIOLockedValueBox<[Listener]>([])
+    private let memoryTrim = NIOLockedValueBox<RepeatedTask?>(nil)
 
     /// - Parameters:
     ///   - link: how to reach other nodes; `StandaloneLink()` when there is no broker.
@@ -85,6 +86,7 @@ public final class Node: Sendable {
     ///     exist with a looser one: they are created under a umask of 0177).
     public func start(accepting: Bool = true, inherited: [InheritedListener] = [], socketGroup: gid_t? = nil) async throws {
         self.link.start(inbound: self.hub)
+        self.startMemoryTrim()
         do {
             if inherited.isEmpty {
                 for address in self.configuration.addresses {
@@ -127,6 +129,37 @@ public final class Node: Sendable {
     /// One line for the service manager: connections, channels, broker link.
     public var status: String {
         "connections \(self.connectionCount.load(ordering: .relaxed)), channels \(self.hub.directory.count), broker \(self.link.statusDescription)"
+    }
+
+    /// Gives freed heap memory back to the system once the node goes quiet after a busy spell
+    /// (connections opened or closed, messages relayed): glibc keeps what was freed in its
+    /// arenas, so a node that once held thousands of connections would keep that high-water
+    /// mark. Checked every 2 s on one event loop; trimming a quiet node delays nobody.
+    private func startMemoryTrim() {
+        // glibc's malloc_trim(3), looked up at run time: no Swift module declares it.
+        typealias MallocTrim = @convention(c) (Int) -> Int32
+        guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "malloc_trim") else { return }
+        let mallocTrim = unsafeBitCast(symbol, to: MallocTrim.self)
+        let counters = self.counters
+        let connections = self.connectionCount
+        let state = NIOLockedValueBox<(activity: Int, busy: Bool)>((0, false))
+        let task = self.group.next().scheduleRepeatedTask(initialDelay: .seconds(2), delay: .seconds(2)) { _ in
+            let activity = connections.load(ordering: .relaxed) &+ counters.messagesIn.load(ordering: .relaxed) &* 31
+            let trim = state.withLockedValue { s -> Bool in
+                defer { s.activity = activity }
+                if activity != s.activity {
+                    s.busy = true
+                    return false
+                }
+                defer { s.busy = false }
+                return s.busy
+            }
+            if trim {
+                _ = mallocTrim(0)
+                counters.memoryTrims.wrappingIncrement(ordering: .relaxed)
+            }
+        }
+        self.memoryTrim.withLockedValue { $0 = task }
     }
 
     /// Runs a no-op on every event loop in turn and calls `done` once all have run it: a
@@ -246,6 +279,7 @@ public final class Node: Sendable {
     /// shutdown timeout for the clients to answer, drop the rest, remove socket files.
     public func shutdown() async {
         self.logger.notice("shutting down")
+        self.memoryTrim.withLockedValue { $0?.cancel(); $0 = nil }
         await self.closeListeners()
         // Connections accepted just before the listeners closed are set up by tasks already
         // queued on their event loops: once those ran, each is counted and told to finish
