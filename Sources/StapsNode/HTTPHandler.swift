@@ -246,6 +246,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         for (name, value) in extraHeaders { headers.add(name: name, value: value) }
         let keepAlive = keepAlive && !self.shuttingDown
         self.responses += 1
+        self.shared.counters.httpResponses.wrappingIncrement(ordering: .relaxed)
         if !keepAlive { headers.add(name: "Connection", value: "close") }
         context.write(self.wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))), promise: nil)
         if !omitBody {

@@ -97,6 +97,8 @@ public final class NodeCounters: Sendable {
     public let clusterUnmatched = ManagedAtomic<Int>(0)
     /// Times freed memory was given back to the system after a busy spell.
     public let memoryTrims = ManagedAtomic<Int>(0)
+    /// HTTP responses written (pages, POST answers, errors).
+    public let httpResponses = ManagedAtomic<Int>(0)
 
     public init() {}
 }
@@ -233,6 +235,11 @@ final class LoopHub: @unchecked Sendable {
 
     /// Bytes other loops have queued for this one and it has not delivered yet.
     let backlog = ManagedAtomic<Int>(0)
+    /// Batches other loops have handed this one that it has not delivered yet.
+    let queuedBatches = ManagedAtomic<Int>(0)
+    /// Batches another loop may have waiting before this loop's publishers pause reading:
+    /// the other loop's own clients would otherwise wait behind a flood's whole backlog.
+    static let batchesAhead = 2
 
     private var channels: [ObjectIdentifier: LocalChannel] = [:]
     private var dirty: [WebSocketHandler] = []
@@ -291,9 +298,13 @@ final class LoopHub: @unchecked Sendable {
 
     /// The hot path: hands one framed message to every receiver on this loop but the sender,
     /// queues it once for every other loop with receivers, and once for the cluster.
-    @inline(__always)
-    func publish(from sender: WebSocketHandler?, entry: ChannelEntry, frame: ByteBuffer, headerLength: Int, isText: Bool) {
+    ///
+    /// - Returns: the work it made here: one per local receiver and per other loop, plus one.
+    @inline(__always) @discardableResult
+    func publish(from sender: WebSocketHandler?, entry: ChannelEntry, frame: ByteBuffer, headerLength: Int, isText: Bool) -> Int {
+        var work = 1
         if let local = self.channels[ObjectIdentifier(entry)] {
+            work &+= local.members.count
             for member in local.members where member !== sender {
                 member.enqueue(frame)
             }
@@ -304,12 +315,14 @@ final class LoopHub: @unchecked Sendable {
             self.outgoing[i].append((entry, frame))
             self.outgoingBytes[i] &+= frame.readableBytes
             mask &= mask - 1
+            work &+= 1
         }
         if self.clustered {
             let payload = frame.getSlice(at: frame.readerIndex + headerLength, length: frame.readableBytes - headerLength)!
             self.clusterOutgoing.append(ClusterMessage(channel: entry.name, payload: payload, isText: isText, connectionID: sender?.id ?? 0))
         }
         self.scheduleTick()
+        return work
     }
 
     func queueForCluster(_ message: ClusterMessage) {
@@ -349,6 +362,7 @@ final class LoopHub: @unchecked Sendable {
                 hub.droppedCrossLoopBatch(messages: batch.count)
                 continue
             }
+            target.queuedBatches.wrappingIncrement(ordering: .relaxed)
             target.eventLoop.execute { target.deliver(batch, backlog: target.backlog, bytes: bytes) }
         }
         if !self.clusterOutgoing.isEmpty {
@@ -379,7 +393,18 @@ final class LoopHub: @unchecked Sendable {
             for member in local.members { member.enqueue(frame) }
         }
         backlog.wrappingDecrement(by: bytes, ordering: .relaxed)
+        self.queuedBatches.wrappingDecrement(ordering: .relaxed)
         self.flushDirty()
+    }
+
+    /// True while some other loop has more than `batchesAhead` of this node's batches waiting:
+    /// publishers here then wait (reading paused) until it catches up.
+    var othersAreBehind: Bool {
+        guard let hub = self.hub else { return false }
+        for loop in hub.loops where loop !== self && loop.queuedBatches.load(ordering: .relaxed) > Self.batchesAhead {
+            return true
+        }
+        return false
     }
 }
 

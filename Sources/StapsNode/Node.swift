@@ -131,10 +131,11 @@ public final class Node: Sendable {
         "connections \(self.connectionCount.load(ordering: .relaxed)), channels \(self.hub.directory.count), broker \(self.link.statusDescription)"
     }
 
-    /// Gives freed heap memory back to the system once the node goes quiet after a busy spell
-    /// (connections opened or closed, messages relayed): glibc keeps what was freed in its
-    /// arenas, so a node that once held thousands of connections would keep that high-water
-    /// mark. Checked every 2 s on one event loop; trimming a quiet node delays nobody.
+    /// Gives freed heap memory back to the system when a busy spell ends: glibc keeps what was
+    /// freed in its arenas, so a node that once held thousands of connections or buffered a
+    /// flood would keep that high-water mark. Every 2 s, activity (messages, HTTP responses,
+    /// connections opened or closed) is compared with the busiest interval since the last trim;
+    /// once it has fallen to an eighth of that, the heap is trimmed (a few ms, on one loop).
     private func startMemoryTrim() {
         // glibc's malloc_trim(3), looked up at run time: no Swift module declares it.
         typealias MallocTrim = @convention(c) (Int) -> Int32
@@ -142,17 +143,18 @@ public final class Node: Sendable {
         let mallocTrim = unsafeBitCast(symbol, to: MallocTrim.self)
         let counters = self.counters
         let connections = self.connectionCount
-        let state = NIOLockedValueBox<(activity: Int, busy: Bool)>((0, false))
+        struct Spell { var messages = 0, responses = 0, connections = 0, peak = 0 }
+        let spell = NIOLockedValueBox(Spell())
         let task = self.group.next().scheduleRepeatedTask(initialDelay: .seconds(2), delay: .seconds(2)) { _ in
-            let activity = connections.load(ordering: .relaxed) &+ counters.messagesIn.load(ordering: .relaxed) &* 31
-            let trim = state.withLockedValue { s -> Bool in
-                defer { s.activity = activity }
-                if activity != s.activity {
-                    s.busy = true
-                    return false
-                }
-                defer { s.busy = false }
-                return s.busy
+            let trim = spell.withLockedValue { s -> Bool in
+                let now = Spell(messages: counters.messagesIn.load(ordering: .relaxed), responses: counters.httpResponses.load(ordering: .relaxed), connections: connections.load(ordering: .relaxed))
+                let activity = (now.messages &- s.messages) &+ (now.responses &- s.responses) &+ abs(now.connections &- s.connections)
+                let peak = max(s.peak, activity)
+                s = now
+                s.peak = peak
+                guard peak >= 1000, activity * 8 <= peak else { return false }
+                s.peak = 0
+                return true
             }
             if trim {
                 _ = mallocTrim(0)

@@ -14,9 +14,13 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    /// Messages one connection may relay per event-loop turn: a client flooding tiny messages
-    /// into a big channel waits for the next turn, and everyone else on its loop is served first.
-    static let messagesPerTurn = 256
+    /// Work one connection may cause per event-loop turn (one unit per message, plus one per
+    /// receiver it reaches): a client flooding tiny messages into a big channel waits, with
+    /// reading paused, while its loop serves everyone else's I/O.
+    static let workPerTurn = 1024
+    /// How long a connection over its budget waits: long enough that its loop polls for I/O
+    /// first (a task ready at once would run in the same loop turn).
+    static let pause = TimeAmount.microseconds(100)
 
     let id: UInt64
     /// This client's place in its staps channel; the loop hub also keeps its member slot here.
@@ -195,12 +199,15 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
         self.process(bytes, context: context)
     }
 
-    /// Runs the state machine over `bytes`, at most `messagesPerTurn` relayed messages; the
-    /// rest waits for the next turn with reading paused.
+    /// Runs the state machine over `bytes` up to the turn's work budget; the rest waits for a
+    /// later turn with reading paused.
     private func process(_ bytes: ByteBuffer, context: ChannelHandlerContext) {
         var bytes = bytes
-        var budget = Self.messagesPerTurn
+        var budget = Self.workPerTurn
         let allocator = context.channel.allocator
+        if self.loopHub.othersAreBehind, bytes.readableBytes > 0, self.machine.isOpen {
+            return self.pauseReading(holding: bytes, context: context)
+        }
         while true {
             switch self.machine.next(&bytes, allocator: allocator) {
             case .needMoreData:
@@ -212,9 +219,8 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
                 return
             case .relay(let frame, let headerLength, let isText):
                 self.counters.messagesIn.wrappingIncrement(ordering: .relaxed)
-                self.loopHub.publish(from: self, entry: self.entry, frame: frame, headerLength: headerLength, isText: isText)
-                budget -= 1
-                if budget == 0, bytes.readableBytes > 0 {
+                budget -= self.loopHub.publish(from: self, entry: self.entry, frame: frame, headerLength: headerLength, isText: isText)
+                if budget <= 0, bytes.readableBytes > 0 {
                     return self.pauseReading(holding: bytes, context: context)
                 }
             case .pong(let pong):
@@ -222,6 +228,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
                 self.markDirty()
             case .close(let code, let reason):
                 self.close(code: code, reason: reason)
+                if !self.machine.awaitsClose { return }
             case .replyToClose(let reply):
                 self.leave()
                 self.state = .closing
@@ -243,7 +250,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
             self.readingPaused = true
             context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
         }
-        context.eventLoop.assumeIsolated().execute { [self] in
+        context.eventLoop.assumeIsolated().scheduleTask(in: Self.pause) { [self] in
             guard self.state != .closed, let context = self.context, let unread = self.unread else { return }
             self.unread = nil
             self.process(unread, context: context)
@@ -262,7 +269,11 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
             context.write(self.wrapOutboundOut(frame), promise: nil)
         }
         self.pendingPong = nil
-        context.writeAndFlush(self.wrapOutboundOut(Framing.closeFrame(code: code, reason: reason, allocator: context.channel.allocator)), promise: nil)
+        let written = context.writeAndFlush(self.wrapOutboundOut(Framing.closeFrame(code: code, reason: reason, allocator: context.channel.allocator)))
+        if !self.machine.awaitsClose {
+            // The client's own close was the bad frame: nothing more will come.
+            written.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+        }
         self.armCloseTimer(context: context)
     }
 

@@ -58,6 +58,9 @@ struct WebSocketStateMachine {
     /// Whether messages may still be relayed (no close sent or received).
     var isOpen: Bool { self.mode == .open }
 
+    /// Whether a close from the client is still to come (after we sent ours).
+    var awaitsClose: Bool { self.mode == .closing }
+
     /// The server starts closing (shutdown, slow consumer, no pong): no more messages are
     /// relayed; the client's close reply is still recognised. False when already closing.
     mutating func startClosing() -> Bool {
@@ -237,7 +240,9 @@ struct WebSocketStateMachine {
     // MARK: Failing and closing
 
     private mutating func fail(_ code: UInt16, _ reason: String) -> Action {
-        self.mode = .closing
+        // A broken close frame was the client's close: no other will come, so the connection
+        // is dropped once ours is written.
+        self.mode = self.inPayload && self.opcode == Framing.opClose ? .closed : .closing
         self.message = nil
         self.control = nil
         self.skipping = self.inPayload

@@ -217,6 +217,14 @@ func statusLines(_ output: String) -> [String] {
         #expect(!c.isActive)
     }
 
+    @Test func aBrokenCloseFrameGets1002AndTheConnectionDropsAtOnce() throws {
+        let node = InMemoryNode()
+        let c = try node.websocket("/room")
+        try node.send(c, clientFrame(Framing.opClose, [0x03, 0xE8] + Array(repeating: 0x61, count: 124)))
+        #expect(closeCode(try node.outputBytes(c)) == 1002)
+        #expect(!c.isActive)
+    }
+
     @Test func aCloseTheClientNeverAnswersIsDroppedAfterTheTimeout() throws {
         let node = InMemoryNode()
         let c = try node.websocket("/room")

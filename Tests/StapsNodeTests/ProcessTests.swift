@@ -8,9 +8,9 @@ import WebSocketClient
 /// The `staps` executable as users run it.
 @Suite(.serialized) struct ProcessTests {
     /// Starts `staps` with `args` and waits until `socket` accepts connections.
-    static func launch(_ args: [String], waitFor socket: String) async throws -> (Process, Pipe) {
+    static func launch(_ args: [String], waitFor socket: String, binary: String? = nil) async throws -> (Process, Pipe) {
         let process = Process()
-        process.executableURL = URL(fileURLWithPath: try stapsBinary())
+        process.executableURL = URL(fileURLWithPath: try binary ?? stapsBinary())
         // Never a developer's ~/.staps.conf or /etc/staps/staps.conf: only what the test says.
         process.arguments = args.contains("--config") ? args : ["--config", "/dev/null"] + args
         let stderr = Pipe()

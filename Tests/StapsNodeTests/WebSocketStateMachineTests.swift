@@ -128,6 +128,16 @@ func closeReply(_ code: UInt16?) -> WebSocketStateMachine.Action {
         }
     }
 
+    @Test func aBrokenCloseFrameIsTheLastWord() {
+        var m = WebSocketStateMachine(maxMessageSize: 1024)
+        let got = actions(&m, clientFrame(Framing.opClose, [0x03, 0xE8] + Array(repeating: 0x61, count: 124)) + clientFrame(Framing.opText, [0x61]))
+        #expect(got.count == 1 && closing(1002)(got[0]))
+        #expect(!m.awaitsClose && !m.isOpen)
+        var open = WebSocketStateMachine(maxMessageSize: 1024)
+        _ = actions(&open, clientFrame(Framing.opBinary, [1], mask: nil))
+        #expect(open.awaitsClose)
+    }
+
     @Test func anOversizeMessageGets1009AndTheClientsCloseStillCounts() {
         let size = 1 << 12
         // One frame declared too large: refused at its header, its payload skipped, then the close.
