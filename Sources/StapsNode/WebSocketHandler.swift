@@ -43,7 +43,8 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var readingPaused = false
 
     private var outbox = Outbox()
-    /// At most one pong waits: a newer ping replaces it (RFC 6455 §5.5.3 allows answering only the latest).
+    /// At most one pong waits while the connection is over its send buffer: a newer ping
+    /// replaces it (RFC 6455 §5.5.3 allows answering only the latest).
     private var pendingPong: ByteBuffer?
 
     // Keepalive.
@@ -224,7 +225,13 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
                     return self.pauseReading(holding: bytes, context: context)
                 }
             case .pong(let pong):
-                self.pendingPong = pong
+                // Every ping is answered while the client reads; one that does not read gets
+                // its send buffer's worth, then only its latest ping answered.
+                if self.pendingPong == nil, context.channel.isWritable {
+                    context.write(self.wrapOutboundOut(pong), promise: nil)
+                } else {
+                    self.pendingPong = pong
+                }
                 self.markDirty()
             case .close(let code, let reason):
                 self.close(code: code, reason: reason)
