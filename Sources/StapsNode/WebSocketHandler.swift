@@ -20,7 +20,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
     static let workPerTurn = 1024
     /// How long a connection over its budget waits: long enough that its loop polls for I/O
     /// first (a task ready at once would run in the same loop turn).
-    static let pause = TimeAmount.microseconds(100)
+    static let pause = TimeAmount.microseconds(500)
 
     let id: UInt64
     /// This client's place in its staps channel; the loop hub also keeps its member slot here.
