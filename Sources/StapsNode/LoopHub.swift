@@ -1,0 +1,193 @@
+import Atomics
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+
+/// The staps channel table of one event loop. Confined to that loop: every method runs on it.
+final class LoopHub: @unchecked Sendable {
+    // @unchecked: all mutable state is touched only on `eventLoop` (asserted in debug builds),
+    // other loops reach it only through `eventLoop.execute`, and `hub` is set once by
+    // `Hub.init` before any loop can reach this one.
+    let eventLoop: EventLoop
+    let bit: UInt64
+    let allocator = ByteBufferAllocator()
+    /// The hub that owns this loop hub (weak: the hub holds its loop hubs). Read once per
+    /// `endTick`, never per message.
+    weak var hub: Hub?
+    /// Whether messages go to the cluster link: read per message, so kept here.
+    let clustered: Bool
+
+    /// Bytes other loops have queued for this one and it has not delivered yet.
+    let backlog = ManagedAtomic<Int>(0)
+    /// Batches other loops have handed this one that it has not delivered yet.
+    let queuedBatches = ManagedAtomic<Int>(0)
+    /// Batches another loop may have waiting before this loop's publishers pause reading:
+    /// the other loop's own clients would otherwise wait behind a flood's whole backlog.
+    static let batchesAhead = 2
+
+    private var channels: [ObjectIdentifier: LocalChannel] = [:]
+    private var dirty: [WebSocketHandler] = []
+    private var outgoing: [[(ChannelEntry, ByteBuffer)]]
+    private var outgoingBytes: [Int]
+    private var clusterOutgoing: [ClusterMessage] = []
+    private var tickScheduled = false
+
+    final class LocalChannel {
+        let entry: ChannelEntry
+        var members: ContiguousArray<WebSocketHandler> = []
+        init(entry: ChannelEntry) { self.entry = entry }
+    }
+
+    init(eventLoop: EventLoop, index: Int, loopCount: Int, clustered: Bool) {
+        self.eventLoop = eventLoop
+        self.clustered = clustered
+        self.bit = 1 << UInt64(index)
+        self.outgoing = Array(repeating: [], count: loopCount)
+        self.outgoingBytes = Array(repeating: 0, count: loopCount)
+    }
+
+    /// Adds `member` to the members of `entry` on this loop (for `Membership.attach(_:)`).
+    /// From now on it receives every message; returns its list and its slot in it.
+    func add(_ member: WebSocketHandler, to entry: ChannelEntry) -> (LocalChannel, slot: Int) {
+        self.eventLoop.assertInEventLoop()
+        let key = ObjectIdentifier(entry)
+        let local: LocalChannel
+        if let existing = self.channels[key] {
+            local = existing
+        } else {
+            local = LocalChannel(entry: entry)
+            self.channels[key] = local
+            _ = entry.loopMask.loadThenBitwiseOr(with: self.bit, ordering: .sequentiallyConsistent)
+        }
+        local.members.append(member)
+        return (local, local.members.count - 1)
+    }
+
+    /// Removes the member at `slot` of `local` (for `Membership.leave()`): the last member
+    /// moves into its place, and the loop's last member clears the loop's bit.
+    func remove(slot: Int, from local: LocalChannel) {
+        self.eventLoop.assertInEventLoop()
+        let last = local.members.count - 1
+        if slot != last {
+            let moved = local.members[last]
+            local.members[slot] = moved
+            moved.membership.slot = slot
+        }
+        local.members.removeLast()
+        if local.members.isEmpty {
+            self.channels[ObjectIdentifier(local.entry)] = nil
+            _ = local.entry.loopMask.loadThenBitwiseAnd(with: ~self.bit, ordering: .sequentiallyConsistent)
+        }
+    }
+
+    /// The hot path: hands one framed message to every receiver on this loop but the sender,
+    /// queues it once for every other loop with receivers, and once for the cluster.
+    ///
+    /// - Returns: the work it made here: one per local receiver and per other loop, plus one.
+    @inline(__always) @discardableResult
+    func publish(from sender: WebSocketHandler?, entry: ChannelEntry, frame: ByteBuffer, headerLength: Int, isText: Bool) -> Int {
+        var work = 1
+        if let local = self.channels[ObjectIdentifier(entry)] {
+            work &+= local.members.count
+            for member in local.members where member !== sender {
+                member.enqueue(frame)
+            }
+        }
+        var mask = entry.loopMask.load(ordering: .sequentiallyConsistent) & ~self.bit
+        while mask != 0 {
+            let i = mask.trailingZeroBitCount
+            self.outgoing[i].append((entry, frame))
+            self.outgoingBytes[i] &+= frame.readableBytes
+            mask &= mask - 1
+            work &+= 1
+        }
+        if self.clustered {
+            let payload = frame.getSlice(at: frame.readerIndex + headerLength, length: frame.readableBytes - headerLength)!
+            self.clusterOutgoing.append(ClusterMessage(channel: entry.name, payload: payload, isText: isText, connectionID: sender?.id ?? 0))
+        }
+        self.scheduleTick()
+        return work
+    }
+
+    func queueForCluster(_ message: ClusterMessage) {
+        self.clusterOutgoing.append(message)
+        self.scheduleTick()
+    }
+
+    /// Marks a connection as having unflushed writes; flushed once at the end of this loop tick.
+    @inline(__always)
+    func markDirty(_ connection: WebSocketHandler) {
+        self.dirty.append(connection)
+        self.scheduleTick()
+    }
+
+    @inline(__always)
+    private func scheduleTick() {
+        guard !self.tickScheduled else { return }
+        self.tickScheduled = true
+        self.eventLoop.execute { self.endTick() }
+    }
+
+    /// Runs once per loop iteration that produced work: one flush per receiver, one task per
+    /// other loop, one batch for the cluster.
+    private func endTick() {
+        self.tickScheduled = false
+        self.flushDirty()
+        // Nil only once the node has let go of its hub: nobody is left to hand batches to.
+        guard let hub = self.hub else { return self.discardOutgoing() }
+        for i in self.outgoing.indices where !self.outgoing[i].isEmpty {
+            let batch = self.outgoing[i]
+            let bytes = self.outgoingBytes[i]
+            self.outgoing[i].removeAll(keepingCapacity: true)
+            self.outgoingBytes[i] = 0
+            let target = hub.loops[i]
+            if target.backlog.loadThenWrappingIncrement(by: bytes, ordering: .relaxed) > Hub.crossLoopBacklogLimit {
+                target.backlog.wrappingDecrement(by: bytes, ordering: .relaxed)
+                hub.droppedCrossLoopBatch(messages: batch.count)
+                continue
+            }
+            target.queuedBatches.wrappingIncrement(ordering: .relaxed)
+            target.eventLoop.execute { target.deliver(batch, backlog: target.backlog, bytes: bytes) }
+        }
+        if !self.clusterOutgoing.isEmpty {
+            let batch = self.clusterOutgoing
+            self.clusterOutgoing.removeAll(keepingCapacity: true)
+            hub.link.publish(batch)
+        }
+    }
+
+    private func discardOutgoing() {
+        for i in self.outgoing.indices {
+            self.outgoing[i].removeAll(keepingCapacity: true)
+            self.outgoingBytes[i] = 0
+        }
+        self.clusterOutgoing.removeAll(keepingCapacity: true)
+    }
+
+    private func flushDirty() {
+        guard !self.dirty.isEmpty else { return }
+        for connection in self.dirty { connection.flushPending() }
+        self.dirty.removeAll(keepingCapacity: true)
+    }
+
+    /// A batch from another loop or the cluster: deliver to this loop's members, flush once.
+    func deliver(_ batch: [(ChannelEntry, ByteBuffer)], backlog: ManagedAtomic<Int>, bytes: Int) {
+        for (entry, frame) in batch {
+            guard let local = self.channels[ObjectIdentifier(entry)] else { continue }
+            for member in local.members { member.enqueue(frame) }
+        }
+        backlog.wrappingDecrement(by: bytes, ordering: .relaxed)
+        self.queuedBatches.wrappingDecrement(ordering: .relaxed)
+        self.flushDirty()
+    }
+
+    /// True while some other loop has more than `batchesAhead` of this node's batches waiting:
+    /// publishers here then wait (reading paused) until it catches up.
+    var othersAreBehind: Bool {
+        guard let hub = self.hub else { return false }
+        for loop in hub.loops where loop !== self && loop.queuedBatches.load(ordering: .relaxed) > Self.batchesAhead {
+            return true
+        }
+        return false
+    }
+}
