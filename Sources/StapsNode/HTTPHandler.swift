@@ -47,6 +47,11 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// written: what one read already brought is held here, at most `pipelineDepth` requests.
     static let pipelineDepth = 16
     private var responding = false
+    /// A response with `Connection: close` is under way: nothing more is read or answered.
+    private var closing = false
+    /// The request is one after which NIO's parser stops (an upgrade it does not become, or
+    /// CONNECT): its answer must close the connection.
+    private var lastRequestEndsParsing = false
     private var held = CircularBuffer<HTTPServerRequestPart>()
     private var heldRequests = 0
     private var closeAfterHeld = false
@@ -75,7 +80,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         self.requestTimer?.cancel()
         self.requestTimer = context.eventLoop.assumeIsolated().scheduleTask(in: self.shared.limits.handshakeTimeout) { [self] in
             // Mid-response or mid-upgrade there is nothing left to say.
-            if self.responding { return context.close(promise: nil) }
+            if self.responding || self.closing { return context.close(promise: nil) }
             if case .upgrading = self.state { return context.close(promise: nil) }
             self.state = .ignoringBody
             self.respond(context: context, head: HTTPRequestHead(version: .http1_1, method: .GET, uri: "/"), status: .requestTimeout, text: "request not complete within \(self.shared.limits.handshakeTimeout.nanoseconds / 1_000_000) ms", close: true)
@@ -84,6 +89,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let part = self.unwrapInboundIn(data)
+        guard !self.closing else { return }
         guard !self.responding, self.held.isEmpty else { return self.hold(part, context: context) }
         self.handle(part, context: context)
     }
@@ -104,7 +110,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     /// Handles held parts until a response is in flight again.
     private func releaseHeld(context: ChannelHandlerContext) {
-        while !self.responding, let part = self.held.popFirst() {
+        while !self.responding, !self.closing, let part = self.held.popFirst() {
             if case .head = part { self.heldRequests -= 1 }
             self.handle(part, context: context)
         }
@@ -150,6 +156,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func requestHead(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
+        self.lastRequestEndsParsing = head.method == .CONNECT
+            || (head.headers[canonicalForm: "connection"].contains { $0.lowercased() == "upgrade" } && head.headers.contains(name: "upgrade"))
         if self.overConnectionLimit {
             self.shared.counters.connectionsRefused.wrappingIncrement(ordering: .relaxed)
             return self.reject(head, .serviceUnavailable, "too many connections, try again later", close: true, context: context)
@@ -244,7 +252,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         headers.add(name: "Cache-Control", value: "no-store")
         headers.add(name: "X-Staps-Node", value: self.shared.nodeID)
         for (name, value) in extraHeaders { headers.add(name: name, value: value) }
-        let keepAlive = keepAlive && !self.shuttingDown
+        let keepAlive = keepAlive && !self.shuttingDown && !self.lastRequestEndsParsing
         self.responses += 1
         self.shared.counters.httpResponses.wrappingIncrement(ordering: .relaxed)
         if !keepAlive { headers.add(name: "Connection", value: "close") }
@@ -254,6 +262,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
         let done = context.writeAndFlush(self.wrapOutboundOut(.end(nil)))
         if !keepAlive {
+            self.closing = true
             done.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
             return
         }
@@ -373,7 +382,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// the connection closes: nothing after it can be trusted.
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         self.logger.debug("http error", metadata: ["error": "\(error)"])
-        guard let parserError = error as? HTTPParserError, !self.responding, case .idle = self.state else {
+        guard let parserError = error as? HTTPParserError, !self.responding, !self.closing, case .idle = self.state else {
             return context.close(promise: nil)
         }
         let head = HTTPRequestHead(version: .http1_1, method: .GET, uri: "/")

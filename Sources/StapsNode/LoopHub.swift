@@ -19,10 +19,10 @@ final class LoopHub: @unchecked Sendable {
 
     /// Bytes other loops have queued for this one and it has not delivered yet.
     let backlog = ManagedAtomic<Int>(0)
-    /// Batches other loops have handed this one that it has not delivered yet.
-    let queuedBatches = ManagedAtomic<Int>(0)
-    /// Batches another loop may have waiting before this loop's publishers pause reading:
-    /// the other loop's own clients would otherwise wait behind a flood's whole backlog.
+    /// Per other loop: the batches this loop handed it that it has not delivered yet.
+    let undelivered: [ManagedAtomic<Int>]
+    /// Batches of this loop's that another loop may have waiting before this loop's publishers
+    /// pause reading: that loop's own clients would otherwise wait behind a flood's backlog.
     static let batchesAhead = 2
 
     private var channels: [ObjectIdentifier: LocalChannel] = [:]
@@ -44,6 +44,7 @@ final class LoopHub: @unchecked Sendable {
         self.bit = 1 << UInt64(index)
         self.outgoing = Array(repeating: [], count: loopCount)
         self.outgoingBytes = Array(repeating: 0, count: loopCount)
+        self.undelivered = (0..<loopCount).map { _ in ManagedAtomic<Int>(0) }
     }
 
     /// Adds `member` to the members of `entry` on this loop (for `Membership.attach(_:)`).
@@ -146,8 +147,12 @@ final class LoopHub: @unchecked Sendable {
                 hub.droppedCrossLoopBatch(messages: batch.count)
                 continue
             }
-            target.queuedBatches.wrappingIncrement(ordering: .relaxed)
-            target.eventLoop.execute { target.deliver(batch, backlog: target.backlog, bytes: bytes) }
+            let undelivered = self.undelivered[i]
+            undelivered.wrappingIncrement(ordering: .relaxed)
+            target.eventLoop.execute {
+                target.deliver(batch, backlog: target.backlog, bytes: bytes)
+                undelivered.wrappingDecrement(ordering: .relaxed)
+            }
         }
         if !self.clusterOutgoing.isEmpty {
             let batch = self.clusterOutgoing
@@ -177,15 +182,13 @@ final class LoopHub: @unchecked Sendable {
             for member in local.members { member.enqueue(frame) }
         }
         backlog.wrappingDecrement(by: bytes, ordering: .relaxed)
-        self.queuedBatches.wrappingDecrement(ordering: .relaxed)
         self.flushDirty()
     }
 
-    /// True while some other loop has more than `batchesAhead` of this node's batches waiting:
-    /// publishers here then wait (reading paused) until it catches up.
+    /// True while some other loop has more than `batchesAhead` of this loop's batches
+    /// waiting: publishers here then wait (reading paused) until it catches up.
     var othersAreBehind: Bool {
-        guard let hub = self.hub else { return false }
-        for loop in hub.loops where loop !== self && loop.queuedBatches.load(ordering: .relaxed) > Self.batchesAhead {
+        for counter in self.undelivered where counter.load(ordering: .relaxed) > Self.batchesAhead {
             return true
         }
         return false

@@ -1,4 +1,5 @@
 import Atomics
+import Dispatch
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -135,7 +136,7 @@ public final class Node: Sendable {
     /// freed in its arenas, so a node that once held thousands of connections or buffered a
     /// flood would keep that high-water mark. Every 2 s, activity (messages, HTTP responses,
     /// connections opened or closed) is compared with the busiest interval since the last trim;
-    /// once it has fallen to an eighth of that, the heap is trimmed (a few ms, on one loop).
+    /// once it has fallen to an eighth of that, the heap is trimmed (on a background thread).
     private func startMemoryTrim() {
         // glibc's malloc_trim(3), looked up at run time: no Swift module declares it.
         typealias MallocTrim = @convention(c) (Int) -> Int32
@@ -157,8 +158,11 @@ public final class Node: Sendable {
                 return true
             }
             if trim {
-                _ = mallocTrim(0)
-                counters.memoryTrims.wrappingIncrement(ordering: .relaxed)
+                // Off the event loop: trimming holds the allocator's locks for a while.
+                DispatchQueue.global(qos: .utility).async {
+                    _ = mallocTrim(0)
+                    counters.memoryTrims.wrappingIncrement(ordering: .relaxed)
+                }
             }
         }
         self.memoryTrim.withLockedValue { $0 = task }

@@ -113,7 +113,23 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
             }
         }
         self.outbox.append(frame, allocator: context.channel.allocator)
+        if self.outbox.bytes >= Self.handOverAt {
+            // A big tick: hand NIO its share now, so writability (and with it the caps
+            // above) applies within the tick too.
+            self.handOver(context: context)
+        }
         self.markDirty()
+    }
+
+    /// Bytes the outbox may collect in one tick before they are handed to NIO early.
+    static let handOverAt = 256 << 10
+
+    /// Hands NIO whole frames while it takes them (it holds at most about a send buffer).
+    private func handOver(context: ChannelHandlerContext) {
+        let connection = context.channel
+        while connection.isWritable, let frame = self.outbox.popFirst() {
+            context.write(self.wrapOutboundOut(frame), promise: nil)
+        }
     }
 
     @inline(__always)
@@ -140,9 +156,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
             self.pendingPong = nil
             context.write(self.wrapOutboundOut(pong), promise: nil)
         }
-        while connection.isWritable, let frame = self.outbox.popFirst() {
-            context.write(self.wrapOutboundOut(frame), promise: nil)
-        }
+        self.handOver(context: context)
         context.flush()
         if self.state == .open, !self.outbox.isEmpty || self.pendingPong != nil, self.slowTimer == nil {
             self.armSlowTimer(context: context)
@@ -194,6 +208,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
         var bytes = self.unwrapInboundIn(data)
         if var unread = self.unread {
             self.unread = nil
+            unread.discardReadBytes()  // never carry what was already used
             unread.writeBuffer(&bytes)
             bytes = unread
         }
@@ -212,7 +227,13 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
         while true {
             switch self.machine.next(&bytes, allocator: allocator) {
             case .needMoreData:
-                if bytes.readableBytes > 0 { self.unread = bytes }
+                // At most a partial frame header is left: copied out, so the read buffer it
+                // sits at the end of is not kept.
+                if bytes.readableBytes > 0 {
+                    var leftover = allocator.buffer(capacity: bytes.readableBytes)
+                    leftover.writeBuffer(&bytes)
+                    self.unread = leftover
+                }
                 if self.readingPaused {
                     self.readingPaused = false
                     context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
@@ -225,14 +246,16 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
                     return self.pauseReading(holding: bytes, context: context)
                 }
             case .pong(let pong):
-                // Every ping is answered while the client reads; one that does not read gets
-                // its send buffer's worth, then only its latest ping answered.
+                // Every ping is answered while the client reads (through the outbox, so tiny
+                // pongs are copied together and counted); one that does not read gets its send
+                // buffer's worth, then only its latest ping answered.
                 if self.pendingPong == nil, context.channel.isWritable {
-                    context.write(self.wrapOutboundOut(pong), promise: nil)
+                    self.outbox.append(pong, allocator: allocator)
                 } else {
                     self.pendingPong = pong
                 }
                 self.markDirty()
+                budget -= 1
             case .close(let code, let reason):
                 self.close(code: code, reason: reason)
                 if !self.machine.awaitsClose { return }

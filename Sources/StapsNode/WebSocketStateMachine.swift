@@ -154,7 +154,9 @@ struct WebSocketStateMachine {
         case Framing.opText, Framing.opBinary:
             guard self.message == nil else { return self.fail(1002, "new message before the fragmented one ended") }
             guard self.frameRemaining <= self.maxMessageSize else { return self.tooLarge() }
-            let expected = self.fin ? self.frameRemaining : min(max(2 * self.frameRemaining, 1024), self.maxMessageSize)
+            // What a header claims is not allocated before the bytes arrive: at most 64 KiB
+            // up front, then the buffer grows with the payload.
+            let expected = min(self.fin ? self.frameRemaining : max(2 * self.frameRemaining, 1024), self.maxMessageSize, 1 << 16)
             var message = allocator.buffer(capacity: Self.headroom + expected)
             message.moveWriterIndex(forwardBy: Self.headroom)
             message.moveReaderIndex(forwardBy: Self.headroom)
@@ -163,7 +165,7 @@ struct WebSocketStateMachine {
             self.utf8 = UTF8Validator()
         case Framing.opContinuation:
             guard let message = self.message else { return self.fail(1002, "continuation frame without a message") }
-            guard message.readableBytes + self.frameRemaining <= self.maxMessageSize else { return self.tooLarge() }
+            guard self.frameRemaining <= self.maxMessageSize - message.readableBytes else { return self.tooLarge() }
         default:
             return self.fail(1002, "unknown opcode \(self.opcode)")
         }

@@ -94,14 +94,17 @@ func statusLines(_ output: String) -> [String] {
         (upgradeRequest("/room", version: "HTTP/1.0"), "HTTP/1.0 400 Bad Request", true),
         (upgradeRequest("/room").replacingOccurrences(of: "Host: staps.test\r\n", with: ""), "HTTP/1.1 400 Bad Request", true),
         (upgradeRequest("/room", extra: "Host: other\r\n"), "HTTP/1.1 400 Bad Request", true),
-        (upgradeRequest("/room").replacingOccurrences(of: "Version: 13", with: "Version: 8"), "HTTP/1.1 426 Upgrade Required", false),
-        (upgradeRequest("/room", extra: "Sec-WebSocket-Version: 13\r\n"), "HTTP/1.1 426 Upgrade Required", false),
-        (upgradeRequest("/room", key: "dGhlIHNhbXBsZSBub25jZQ"), "HTTP/1.1 400 Bad Request", false),
-        (upgradeRequest("/room", key: "dGhlIHNhbXBsZSBub25j!Q=="), "HTTP/1.1 400 Bad Request", false),
-        (upgradeRequest("/room", key: "dGhlIHNhbXBsZSBub25jZR=="), "HTTP/1.1 400 Bad Request", false),  // padding bits set
-        (upgradeRequest("/room", extra: "Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n"), "HTTP/1.1 400 Bad Request", false),
+        // A refused upgrade closes: NIO's parser reads nothing after an upgrade request.
+        (upgradeRequest("/room").replacingOccurrences(of: "Version: 13", with: "Version: 8"), "HTTP/1.1 426 Upgrade Required", true),
+        (upgradeRequest("/room", extra: "Sec-WebSocket-Version: 13\r\n"), "HTTP/1.1 426 Upgrade Required", true),
+        (upgradeRequest("/room", key: "dGhlIHNhbXBsZSBub25jZQ"), "HTTP/1.1 400 Bad Request", true),
+        (upgradeRequest("/room", key: "dGhlIHNhbXBsZSBub25j!Q=="), "HTTP/1.1 400 Bad Request", true),
+        (upgradeRequest("/room", key: "dGhlIHNhbXBsZSBub25jZR=="), "HTTP/1.1 400 Bad Request", true),  // padding bits set
+        (upgradeRequest("/room", extra: "Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n"), "HTTP/1.1 400 Bad Request", true),
         (upgradeRequest("/room", extra: "Content-Length: 5\r\n") + "hello", "HTTP/1.1 400 Bad Request", true),
-        (upgradeRequest("/"), "HTTP/1.1 400 Bad Request", false),
+        (upgradeRequest("/"), "HTTP/1.1 400 Bad Request", true),
+        ("GET /room HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n", "HTTP/1.1 200 OK", true),
+        ("CONNECT x:443 HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.1 400 Bad Request", true),
         ("POST /room HTTP/1.1\r\nHost: x\r\nContent-Length: 9223372036854775808\r\n\r\n", "HTTP/1.1 413 Payload Too Large", true),
         ("POST /room HTTP/1.1\r\nHost: x\r\nContent-Length: 1048577\r\n\r\n", "HTTP/1.1 413 Payload Too Large", true),
         ("PUT /room HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.1 405 Method Not Allowed", false),
@@ -120,6 +123,19 @@ func statusLines(_ output: String) -> [String] {
         #expect(c.isActive == !closes)
         if status.contains("426") { #expect(out.contains("Sec-WebSocket-Version: 13\r\n")) }
         if status.contains("405") { #expect(out.contains("Allow: GET, HEAD, POST\r\n")) }
+    }
+
+    @Test func nothingIsHandledAfterAResponseThatCloses() throws {
+        let node = InMemoryNode()
+        let receiver = try node.websocket("/room")
+        let c = try node.connect()
+        try node.send(c, "GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+            + "POST /room HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 3\r\n\r\none"
+            + "POST /room HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\ntwo")
+        let out = try node.output(c)
+        #expect(statusLines(out) == ["HTTP/1.1 200 OK", "HTTP/1.1 202 Accepted"], "\(out)")
+        #expect(try node.outputBytes(receiver) == [0x82, 3] + Array("one".utf8))
+        #expect(!c.isActive)
     }
 
     @Test func aChunkedBodyIsRefusedAsSoonAsItIsTooLarge() throws {

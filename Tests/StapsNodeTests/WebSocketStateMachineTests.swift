@@ -152,6 +152,10 @@ func closeReply(_ code: UInt16?) -> WebSocketStateMachine.Action {
         let fragmented = clientFrame(Framing.opText, half, fin: false) + clientFrame(Framing.opContinuation, half) + close
         let got2 = actions(&f, fragmented)
         #expect(got2.count == 2 && closing(1009)(got2[0]) && got2[1] == .closed, "\(got2)")
+        // A continuation claiming Int.max bytes: 1009, no overflow.
+        var o = WebSocketStateMachine(maxMessageSize: size)
+        let huge = clientFrame(Framing.opText, [0x61], fin: false) + clientFrame(Framing.opContinuation, [], declaredLength: UInt64(Int.max))
+        #expect(actions(&o, huge).map(closing(1009)) == [true])
         // A length with its top bit set is a protocol error.
         var t = WebSocketStateMachine(maxMessageSize: size)
         #expect(actions(&t, clientFrame(Framing.opBinary, [], declaredLength: 1 << 63)).map(closing(1002)) == [true])
