@@ -8,6 +8,8 @@ let package = Package(
         .executable(name: "staps", targets: ["staps"]),
         .executable(name: "staps-bench", targets: ["StapsBench"]),
         .library(name: "StapsNode", targets: ["StapsNode"]),
+        // For the fuzz package in Fuzz/ (its routing-key and wire-format targets).
+        .library(name: "StapsRabbit", targets: ["StapsRabbit"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.3"),
@@ -91,6 +93,8 @@ let package = Package(
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "NIOWebSocket", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Atomics", package: "swift-atomics"),
             ]
         ),
     ]

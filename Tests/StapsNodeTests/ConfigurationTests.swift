@@ -70,6 +70,17 @@ import Testing
         #expect(config.limits.maxMessageSize == 1 << 20)
     }
 
+    /// Found by the ini fuzz target: "\r\n" is one Swift Character, so a CRLF file read as one line.
+    @Test func crlfLineEndsReadLikeLF() throws {
+        let crlf = try ConfigurationOverrides.parse("[staps]\r\nport = 9000\r\n\r\n[daemon]\r\nuser = staps\r\n", file: "f")
+        #expect(crlf == (try ConfigurationOverrides.parse("[staps]\nport = 9000\n\n[daemon]\nuser = staps\n", file: "f")))
+        #expect(crlf.ports == [.hostname("127.0.0.1", port: 9000)])
+        #expect(crlf.lines["daemon.user"] == 5)
+        #expect(throws: ConfigurationError(file: "f", line: 2, key: "mode", message: "'9' is not an octal mode between 0 and 777")) {
+            try ConfigurationOverrides.parse("[staps]\r\nmode = 9\r\n", file: "f")
+        }
+    }
+
     @Test func flagsOverrideTheFilePerKey() throws {
         let file = try ConfigurationOverrides.parse("[staps]\nsocket = /tmp/a.sock\nport = 9000\nmode = 0600\n", file: "f")
         let config = file.withFlags(sockets: nil, ports: [.hostname("127.0.0.1", port: 7000)], mode: nil, amqp: "amqp://h/").resolved(sourceFile: "f")

@@ -1,0 +1,1 @@
+../../../Tests/StapsNodeTests/FuzzTargets.swift

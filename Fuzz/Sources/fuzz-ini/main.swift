@@ -1,0 +1,6 @@
+import FuzzTargets
+
+@_cdecl("LLVMFuzzerTestOneInput")
+func fuzz(_ start: UnsafeRawPointer?, _ count: Int) -> CInt {
+    FuzzTargets.libFuzzerEntry("ini", start, count)
+}
