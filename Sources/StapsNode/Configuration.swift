@@ -135,6 +135,7 @@ public struct NodeConfiguration: Sendable, Equatable {
     /// empty means standalone.
     public var amqpURL: String
     public var limits: Limits
+    public var access = AccessSettings()
     public var cluster: ClusterSettings
     public var daemon: DaemonSettings
     /// The file the configuration came from, if any (for messages).

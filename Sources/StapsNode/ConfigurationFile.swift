@@ -100,6 +100,9 @@ public struct ConfigurationOverrides: Sendable, Equatable {
     public var amqp: String?
     public var logFile: String?
     public var limits = LimitOverrides()
+    public var origins: [OriginPattern]?
+    public var originRequired: Bool?
+    public var postToken: String?
     public var cluster = ClusterOverrides()
     public var daemon = DaemonSettings()
     /// The line each `section.key` was set on, for errors found after parsing (a user that
@@ -210,6 +213,27 @@ public struct ConfigurationOverrides: Sendable, Equatable {
                     out.cluster.bindingBuckets = n
                 case "amqp_tls_ca":
                     do { out.cluster.tlsCAFile = try ValueParser.absolutePath(v) } catch { throw fail(error.message) }
+                case "origin":
+                    var patterns: [OriginPattern] = []
+                    for item in v.split(whereSeparator: { $0 == " " || $0 == "," || $0 == "\t" }) {
+                        guard let pattern = OriginPattern(String(item)) else {
+                            throw fail("'\(item)' is not an origin: scheme://host[:port], or scheme://*.domain for its subdomains (http or https)")
+                        }
+                        patterns.append(pattern)
+                    }
+                    guard !patterns.isEmpty else { throw fail("needs one or more origins") }
+                    out.origins = patterns
+                case "origin_required":
+                    switch v.lowercased() {
+                    case "yes", "true", "on", "1": out.originRequired = true
+                    case "no", "false", "off", "0": out.originRequired = false
+                    default: throw fail("'\(v)' is not yes or no")
+                    }
+                case "post_token":
+                    guard v.utf8.count >= 16, v.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {
+                        throw fail("needs at least 16 printable characters, no spaces")
+                    }
+                    out.postToken = v
                 default:
                     throw fail("unknown key in [staps]")
                 }
@@ -273,6 +297,9 @@ public struct ConfigurationOverrides: Sendable, Equatable {
         if let v = c.tlsCAFile { config.cluster.tlsCAFile = v }
         if let v = c.bindingBuckets { config.cluster.bindingBuckets = v }
         if let v = self.logFile { config.logFile = v }
+        if let v = self.origins { config.access.origins = v }
+        if let v = self.originRequired { config.access.originRequired = v }
+        if let v = self.postToken { config.access.postToken = v }
         config.daemon = self.daemon
         config.lines = SourceLines(self.lines)
         return config

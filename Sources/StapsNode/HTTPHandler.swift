@@ -19,6 +19,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         let counters: NodeCounters
         let connectionIDs: ManagedAtomic<UInt64>
         let nodeID: String
+        var access = AccessSettings()
     }
 
     private let shared: Shared
@@ -183,6 +184,12 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             guard case .channel(let name) = target else {
                 return self.reject(head, .badRequest, "/ is not a channel: POST to /<channel>", context: context)
             }
+            if let reason = self.shared.access.refusal(origin: head.headers["origin"]) {
+                return self.reject(head, .forbidden, reason, context: context)
+            }
+            guard self.shared.access.admitsPost(authorization: head.headers["authorization"]) else {
+                return self.reject(head, .unauthorized, "POST needs Authorization: Bearer <post_token>", extraHeaders: [("WWW-Authenticate", "Bearer realm=\"staps\"")], context: context)
+            }
             if let length = head.headers.first(name: "content-length"), (Int(length) ?? .max) > self.shared.limits.maxMessageSize {
                 return self.reject(head, .payloadTooLarge, "body larger than \(self.shared.limits.maxMessageSize) bytes", close: true, context: context)
             }
@@ -287,6 +294,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
         guard case .channel(let name) = target else {
             return self.reject(head, .badRequest, "/ is not a channel: connect to /<channel>", context: context)
+        }
+        if let reason = self.shared.access.refusal(origin: head.headers["origin"]) {
+            return self.reject(head, .forbidden, reason, context: context)
         }
         guard head.version.major > 1 || (head.version.major == 1 && head.version.minor >= 1) else {
             return self.reject(head, .badRequest, "websocket upgrade needs HTTP/1.1", close: true, context: context)

@@ -182,7 +182,7 @@ public final class Node: Sendable {
     /// - Parameter tcp: TCP listeners get `TCP_NODELAY` on their connections (an option unix
     ///   sockets refuse).
     private func bootstrap(accepting: Bool = true, tcp: Bool) -> ServerBootstrap {
-        let shared = HTTPHandler.Shared(hub: self.hub, limits: self.configuration.limits, counters: self.counters, connectionIDs: self.connectionIDs, nodeID: self.nodeID)
+        let shared = HTTPHandler.Shared(hub: self.hub, limits: self.configuration.limits, counters: self.counters, connectionIDs: self.connectionIDs, nodeID: self.nodeID, access: self.configuration.access)
         let limits = self.configuration.limits
         let logger = self.logger
         let bootstrap = ServerBootstrap(group: self.group)

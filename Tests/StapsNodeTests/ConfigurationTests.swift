@@ -115,6 +115,11 @@ import Testing
         ("[staps]\namqp_binding_buckets = 100\n", "t.conf:2: amqp_binding_buckets: '100' is not one of 0 (a binding per channel), 16, 256, 4096"),
         ("[staps]\namqp_tls_ca = ca.pem\n", "t.conf:2: amqp_tls_ca: 'ca.pem' is not an absolute path"),
         ("[staps]\nlog_file = staps.log\n", "t.conf:2: log_file: 'staps.log' is not an absolute path"),
+        ("[staps]\norigin = https://a.example ftp://b.example\n", "t.conf:2: origin: 'ftp://b.example' is not an origin: scheme://host[:port], or scheme://*.domain for its subdomains (http or https)"),
+        ("[staps]\norigin = https://a.example/path\n", "t.conf:2: origin: 'https://a.example/path' is not an origin: scheme://host[:port], or scheme://*.domain for its subdomains (http or https)"),
+        ("[staps]\norigin = https://a.*.example\n", "t.conf:2: origin: 'https://a.*.example' is not an origin: scheme://host[:port], or scheme://*.domain for its subdomains (http or https)"),
+        ("[staps]\norigin_required = maybe\n", "t.conf:2: origin_required: 'maybe' is not yes or no"),
+        ("[staps]\npost_token = short\n", "t.conf:2: post_token: needs at least 16 printable characters, no spaces"),
     ])
     func errorsNameFileLineAndKey(text: String, expected: String) {
         #expect(throws: ConfigurationError.self) { try ConfigurationOverrides.parse(text, file: "t.conf") }
@@ -123,6 +128,15 @@ import Testing
         } catch {
             #expect(error.description == expected)
         }
+    }
+
+    @Test func accessKeysParse() throws {
+        let text = "[staps]\norigin = https://app.example.com, https://*.example.org:8443\norigin_required = yes\npost_token = 0123456789abcdef-token\n"
+        let config = try ConfigurationOverrides.parse(text, file: "t.conf").resolved(sourceFile: "t.conf")
+        #expect(config.access.origins.map(\.description) == ["https://app.example.com", "https://*.example.org:8443"])
+        #expect(config.access.originRequired)
+        #expect(config.access.postToken == "0123456789abcdef-token")
+        #expect(NodeConfiguration().access == AccessSettings())
     }
 
     @Test func passwordNeverAppearsInErrors() {

@@ -13,11 +13,11 @@ final class InMemoryNode {
     let shared: HTTPHandler.Shared
     let limits: Limits
 
-    init(limits: Limits = Limits()) {
+    init(limits: Limits = Limits(), access: AccessSettings = AccessSettings()) {
         self.limits = limits
         let counters = NodeCounters()
         self.hub = Hub(eventLoops: [self.loop], link: StandaloneLink(), counters: counters, logger: testLogger())
-        self.shared = HTTPHandler.Shared(hub: self.hub, limits: limits, counters: counters, connectionIDs: .init(0), nodeID: "test")
+        self.shared = HTTPHandler.Shared(hub: self.hub, limits: limits, counters: counters, connectionIDs: .init(0), nodeID: "test", access: access)
     }
 
     func connect() throws -> EmbeddedChannel {
@@ -136,6 +136,34 @@ func statusLines(_ output: String) -> [String] {
         #expect(statusLines(out) == ["HTTP/1.1 200 OK", "HTTP/1.1 202 Accepted"], "\(out)")
         #expect(try node.outputBytes(receiver) == [0x82, 3] + Array("one".utf8))
         #expect(!c.isActive)
+    }
+
+    @Test func originAndPostTokenAreChecked() throws {
+        let access = AccessSettings(origins: [OriginPattern("https://app.example.com")!, OriginPattern("https://*.example.org")!], postToken: "0123456789abcdef")
+        let node = InMemoryNode(access: access)
+        func status(_ request: String) throws -> (String, String) {
+            let c = try node.connect()
+            try node.send(c, request)
+            let out = try node.output(c)
+            return (statusLines(out).first ?? "nothing", out)
+        }
+        #expect(try status(upgradeRequest("/room", extra: "Origin: https://app.example.com\r\n")).0 == "HTTP/1.1 101 Switching Protocols")
+        #expect(try status(upgradeRequest("/room", extra: "Origin: https://x.example.org\r\n")).0 == "HTTP/1.1 101 Switching Protocols")
+        #expect(try status(upgradeRequest("/room")).0 == "HTTP/1.1 101 Switching Protocols")  // no Origin: not a browser
+        let (refused, body) = try status(upgradeRequest("/room", extra: "Origin: https://evil.example\r\n"))
+        #expect(refused == "HTTP/1.1 403 Forbidden" && body.hasSuffix("origin https://evil.example is not allowed\n"))
+        let post = "POST /room HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+        let (unauthorized, head) = try status(post + "\r\nhi")
+        #expect(unauthorized == "HTTP/1.1 401 Unauthorized" && head.contains("WWW-Authenticate: Bearer realm=\"staps\"\r\n"))
+        #expect(try status(post + "Authorization: Bearer wrong-token-0000\r\n\r\nhi").0 == "HTTP/1.1 401 Unauthorized")
+        #expect(try status(post + "Authorization: Bearer 0123456789abcdef\r\n\r\nhi").0 == "HTTP/1.1 202 Accepted")
+        #expect(try status(post + "Origin: https://evil.example\r\nAuthorization: Bearer 0123456789abcdef\r\n\r\nhi").0 == "HTTP/1.1 403 Forbidden")
+        var required = access
+        required.originRequired = true
+        let strict = InMemoryNode(access: required)
+        let c = try strict.connect()
+        try strict.send(c, upgradeRequest("/room"))
+        #expect(statusLines(try strict.output(c)) == ["HTTP/1.1 403 Forbidden"])
     }
 
     @Test func aChunkedBodyIsRefusedAsSoonAsItIsTooLarge() throws {

@@ -307,6 +307,24 @@ import WebSocketClient
         await node.stop()
     }
 
+    @Test func foreignOriginsAndTokenlessPostsAreRefusedWhileOthersRelay() async throws {
+        let access = AccessSettings(origins: [OriginPattern("https://app.example.com")!], postToken: "0123456789abcdef")
+        let node = try await TestNode.start(access: access)
+        let browser = try await TestClient.connect(node.tcp, "/guarded", headers: [("Origin", "https://app.example.com")])
+        let program = try await TestClient.connect(node.unix, "/guarded")  // no Origin: not a browser
+        let foreign = try await rawExchange(node.tcp, Array(upgradeRequest("/guarded", extra: "Origin: https://evil.example\r\n").utf8), timeout: 2)
+        #expect(statusLine(foreign) == "HTTP/1.1 403 Forbidden")
+        let (refused, head, _) = try await httpRequest(node.unix, "POST", "/guarded", headers: [("Content-Type", "text/plain")], body: Array("no token".utf8))
+        #expect(refused == 401 && head.contains("WWW-Authenticate: Bearer"))
+        let (accepted, _, _) = try await httpRequest(node.unix, "POST", "/guarded", headers: [("Content-Type", "text/plain"), ("Authorization", "Bearer 0123456789abcdef")], body: Array("with token".utf8))
+        #expect(accepted == 202)
+        #expect(try await browser.nextText() == "with token")
+        #expect(try await program.nextText() == "with token")
+        browser.send("from the page")
+        #expect(try await program.nextText() == "from the page")
+        await node.stop()
+    }
+
     @Test func silentConnectionsHitTheHandshakeTimeout() async throws {
         var limits = Limits()
         limits.handshakeTimeout = .milliseconds(200)

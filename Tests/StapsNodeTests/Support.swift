@@ -53,13 +53,14 @@ final class TestNode: Sendable {
     let socketPath: String
     let dir: TempDir
 
-    static func start(limits: Limits = Limits(), link: any ClusterLink = StandaloneLink()) async throws -> TestNode {
+    static func start(limits: Limits = Limits(), access: AccessSettings = AccessSettings(), link: any ClusterLink = StandaloneLink()) async throws -> TestNode {
         let dir = TempDir()
         let socketPath = dir.path + "/staps.sock"
-        let config = NodeConfiguration(
+        var config = NodeConfiguration(
             addresses: [.hostname("127.0.0.1", port: 0), .unixDomainSocket(path: socketPath)],
             limits: limits
         )
+        config.access = access
         let node = Node(configuration: config, link: link, logger: testLogger("node"))
         try await node.start()
         guard case .hostname(_, let port) = node.boundAddresses.first! else { fatalError("first listener is TCP") }
