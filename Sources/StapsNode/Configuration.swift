@@ -30,7 +30,8 @@ public struct Limits: Sendable, Equatable {
     public var slowConsumerGrace: TimeAmount
     /// Connections (websocket and plain HTTP) served at once; the next one gets HTTP 503.
     public var maxConnections: Int
-    /// Time a new connection has to send a complete request head.
+    /// Time a connection has, from accept or its previous response, until its request (head
+    /// and body) is complete and answered (then 408); also the keep-alive idle limit.
     public var handshakeTimeout: TimeAmount
     /// A websocket that has been silent this long is sent a ping.
     public var pingInterval: TimeAmount

@@ -2,7 +2,6 @@ import Atomics
 import Logging
 import NIOCore
 import NIOHTTP1
-import NIOWebSocket
 
 /// Serves one connection's HTTP: the page, POST publishing, and the websocket upgrade.
 ///

@@ -97,7 +97,6 @@ final class LatencyProbe: Sendable {
         let (process, _) = try await ProcessTests.launch(["--config", conf, "--socket", socket], waitFor: socket, binary: try releaseStapsBinary())
         defer { process.terminate() }
         let pid = process.processIdentifier
-        hostileNodePID = pid
         let endpoint = Endpoint.unix(path: socket)
         let probe = try await LatencyProbe.start(endpoint)
         try await Task.sleep(nanoseconds: 500_000_000)
@@ -190,13 +189,13 @@ final class LatencyProbe: Sendable {
             record("1-byte message flood into 50 receivers (round \(round))", "\(flood.sent) messages sent, \(flood.delivered) bytes delivered", f1)
 
             let rssBefore = processFootprint(pid).anonKiB
-            let (pings, f2) = try await probe.during { try await onThread { try Self.neverReading(socket, upgrade: true, seconds: 3) } }
+            let (pings, f2) = try await probe.during { try await onThread { try Self.neverReading(socket, upgrade: true, seconds: 3, node: pid) } }
             #expect(pings.closed, "a ping flood that never reads is closed")
-            record("ping flood, never reading (round \(round))", "closed after \(pings.bytes / 1024) KiB sent; node rss +\(pings.peakRSS(pid: pid, since: rssBefore)) KiB", f2)
+            record("ping flood, never reading (round \(round))", "closed after \(pings.bytes / 1024) KiB sent; node rss +\(pings.growth(since: rssBefore)) KiB", f2)
 
             let rssBefore2 = processFootprint(pid).anonKiB
-            let (gets, f3) = try await probe.during { try await onThread { try Self.neverReading(socket, upgrade: false, seconds: 3) } }
-            let growth = gets.peakRSS(pid: pid, since: rssBefore2)
+            let (gets, f3) = try await probe.during { try await onThread { try Self.neverReading(socket, upgrade: false, seconds: 3, node: pid) } }
+            let growth = gets.growth(since: rssBefore2)
             #expect(gets.closed, "pipelined GETs that are never read end in a close")
             #expect(growth < 16 << 10, "RSS grew \(growth) KiB for one pipelining client")
             record("pipelined GETs, never reading (round \(round))", "closed after \(gets.bytes / 1024) KiB sent; node rss +\(growth) KiB", f3)
@@ -289,13 +288,14 @@ final class LatencyProbe: Sendable {
     struct NeverReading {
         var bytes: Int
         var closed: Bool
-        var peakRSSKiB: Int
-        func peakRSS(pid: Int32, since: Int) -> Int { max(0, self.peakRSSKiB - since) }
+        /// The node's highest anonymous RSS (KiB) while the client ran.
+        var peakKiB: Int
+        func growth(since: Int) -> Int { max(0, self.peakKiB - since) }
     }
 
     /// A client that writes pings (upgraded) or pipelined GETs as fast as the node takes them
     /// for `seconds`, never reading a byte; then waits for the node to close it.
-    static func neverReading(_ socket: String, upgrade: Bool, seconds: Double) throws -> NeverReading {
+    static func neverReading(_ socket: String, upgrade: Bool, seconds: Double, node pid: Int32) throws -> NeverReading {
         let s = try RawSocket(unix: socket)
         let unit: [UInt8]
         if upgrade {
@@ -321,10 +321,10 @@ final class LatencyProbe: Sendable {
                 guard s.sendSome([0x0]) != nil else { closed = true; break }
                 Thread.sleep(forTimeInterval: 0.05)
             }
-            peak = max(peak, nodeRSS())
+            peak = max(peak, processFootprint(pid).anonKiB)
         }
         s.close()
-        return NeverReading(bytes: bytes, closed: closed, peakRSSKiB: peak)
+        return NeverReading(bytes: bytes, closed: closed, peakKiB: peak)
     }
 
     /// A receiver that stops reading while 16 KiB messages pile up, then reads again: it must
@@ -354,9 +354,6 @@ final class LatencyProbe: Sendable {
     }
 }
 
-/// The node process under attack, for `NeverReading`'s peak reading (set by the test).
-nonisolated(unsafe) var hostileNodePID: Int32 = 0
-func nodeRSS() -> Int { hostileNodePID == 0 ? 0 : processFootprint(hostileNodePID).anonKiB }
 
 func statusLine(_ bytes: [UInt8]) -> String {
     guard let end = bytes.firstIndex(of: UInt8(ascii: "\r")) else { return bytes.isEmpty ? "nothing" : "no status line" }
