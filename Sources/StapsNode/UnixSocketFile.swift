@@ -1,0 +1,67 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// Unix socket files: never steal a live one, replace a stale one.
+enum UnixSocketFile {
+    /// Makes `path` free for binding: absent, or a stale socket (removed). A socket some
+    /// process still accepts on, or a file that is not a socket, is an error.
+    static func prepare(_ path: String) throws {
+        var st = stat()
+        guard lstat(path, &st) == 0 else {
+            if errno == ENOENT { return }
+            throw NodeStartError(message: "cannot use socket path \(path): \(String(cString: strerror(errno)))")
+        }
+        guard (st.st_mode & S_IFMT) == S_IFSOCK else {
+            throw NodeStartError(message: "\(path) exists and is not a socket; refusing to replace it")
+        }
+        if isLive(path) {
+            throw NodeStartError(message: "\(path) is in use by another process (it accepts connections); refusing to start")
+        }
+        guard unlink(path) == 0 || errno == ENOENT else {
+            throw NodeStartError(message: "cannot remove stale socket \(path): \(String(cString: strerror(errno)))")
+        }
+    }
+
+    /// True when some process accepts connections on the socket at `path`.
+    static func isLive(_ path: String) -> Bool {
+        #if canImport(Darwin)
+        let fd = socket(AF_UNIX, SOCK_STREAM, 0)
+        #else
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        #endif
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { return false }
+        withUnsafeMutableBytes(of: &addr.sun_path) { dst in
+            for (i, b) in bytes.enumerated() { dst[i] = b }
+            dst[bytes.count] = 0
+        }
+        let result = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        // ECONNREFUSED: nobody listens (stale). EAGAIN: listening but the backlog is full (live).
+        return result == 0 || errno == EAGAIN
+    }
+
+    /// True when `fd` is an IPv4 or IPv6 socket.
+    static func isTCP(_ fd: Int32) -> Bool {
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let ok = withUnsafeMutablePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } } == 0
+        return ok && (Int32(storage.ss_family) == AF_INET || Int32(storage.ss_family) == AF_INET6)
+    }
+
+    static func inode(_ path: String) -> UInt64? {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return nil }
+        return UInt64(st.st_ino)
+    }
+}
