@@ -64,6 +64,40 @@ public protocol ClusterLink: AnyObject, Sendable {
 
     /// A few words on the link's state, for the service manager's status line.
     var statusDescription: String { get }
+
+    /// What the link counts, for metrics and `/readyz`; nil when standalone.
+    var report: ClusterLinkReport? { get }
+}
+
+/// A cluster link's state and counters at one moment.
+public struct ClusterLinkReport: Sendable {
+    /// Connected to a broker, consuming, publishing.
+    public var up: Bool
+    /// Why the node should not get traffic from the load balancer yet; nil when it should.
+    public var notReady: String?
+    public var reconnects: Int
+    /// Messages the broker confirmed, and messages consumed from other nodes.
+    public var published: Int
+    public var consumed: Int
+    /// Messages that never reached the broker or were not delivered, by reason (a fixed set).
+    public var dropped: [(reason: String, count: Int)]
+    /// Binding keys bound on the current connection, and those still to rebind.
+    public var bindings: Int
+    public var rebindsPending: Int
+    /// Messages per publish to the broker.
+    public var publishBatch: CountHistogram
+
+    public init(up: Bool, notReady: String?, reconnects: Int, published: Int, consumed: Int, dropped: [(reason: String, count: Int)], bindings: Int, rebindsPending: Int, publishBatch: CountHistogram) {
+        self.up = up
+        self.notReady = notReady
+        self.reconnects = reconnects
+        self.published = published
+        self.consumed = consumed
+        self.dropped = dropped
+        self.bindings = bindings
+        self.rebindsPending = rebindsPending
+        self.publishBatch = publishBatch
+    }
 }
 
 /// The link of a node without a broker: nothing leaves the node.
@@ -77,4 +111,5 @@ public final class StandaloneLink: ClusterLink {
     public func publish(_ batch: [ClusterMessage]) {}
     public func shutdown() async {}
     public var statusDescription: String { "none (standalone)" }
+    public var report: ClusterLinkReport? { nil }
 }

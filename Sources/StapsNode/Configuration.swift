@@ -145,6 +145,8 @@ public struct NodeConfiguration: Sendable, Equatable {
     public var lines = SourceLines()
     /// Log to this file instead of stderr (reopened on SIGHUP); nil: stderr.
     public var logFile: String?
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; nil: nowhere (the default).
+    public var metricsAddress: BindAddress?
 
     /// `file:line: key` of a setting, for an error about it.
     public func location(of section: String, _ key: String) -> String {

@@ -99,6 +99,8 @@ public struct ConfigurationOverrides: Sendable, Equatable {
     public var mode: UInt32?
     public var amqp: String?
     public var logFile: String?
+    /// Where the metrics listener is; nil: the file does not say (off).
+    public var metrics: BindAddress?
     public var limits = LimitOverrides()
     public var origins: [OriginPattern]?
     public var originRequired: Bool?
@@ -206,6 +208,8 @@ public struct ConfigurationOverrides: Sendable, Equatable {
                     do { out.cluster.publishWindow = try ValueParser.duration(v) } catch { throw fail(error.message) }
                 case "amqp_heartbeat":
                     do { out.cluster.heartbeat = try ValueParser.duration(v, positive: true) } catch { throw fail(error.message) }
+                case "metrics":
+                    do { out.metrics = try ValueParser.listenAddress(v) } catch { throw fail(error.message) }
                 case "log_file":
                     do { out.logFile = try ValueParser.absolutePath(v) } catch { throw fail(error.message) }
                 case "amqp_binding_buckets":
@@ -260,9 +264,10 @@ public struct ConfigurationOverrides: Sendable, Equatable {
     }
 
     /// These settings with the command-line flags over them, key by key (`--socket` replaces the
-    /// file's sockets but keeps its ports, and so on). Flags set only these four keys.
-    public func withFlags(sockets: [String]?, ports: [BindAddress]?, mode: UInt32?, amqp: String?) -> ConfigurationOverrides {
+    /// file's sockets but keeps its ports, and so on). Flags set only these five keys.
+    public func withFlags(sockets: [String]?, ports: [BindAddress]?, mode: UInt32?, amqp: String?, metrics: BindAddress? = nil) -> ConfigurationOverrides {
         var out = self
+        if let metrics { out.metrics = metrics }
         if let sockets { out.sockets = sockets }
         if let ports { out.ports = ports }
         if let mode { out.mode = mode }
@@ -297,6 +302,7 @@ public struct ConfigurationOverrides: Sendable, Equatable {
         if let v = c.tlsCAFile { config.cluster.tlsCAFile = v }
         if let v = c.bindingBuckets { config.cluster.bindingBuckets = v }
         if let v = self.logFile { config.logFile = v }
+        if let v = self.metrics { config.metricsAddress = v }
         if let v = self.origins { config.access.origins = v }
         if let v = self.originRequired { config.access.originRequired = v }
         if let v = self.postToken { config.access.postToken = v }

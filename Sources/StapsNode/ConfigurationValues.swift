@@ -21,6 +21,15 @@ public enum ValueParser {
         guard s.utf8.count < 108 else { throw Failure("'\(s)' is longer than the 107 bytes a unix socket path may have") }
     }
 
+    /// A unix socket path (starting with `/`) or a TCP `host:port` as `hostPort` reads it.
+    public static func listenAddress(_ s: String) throws(Failure) -> BindAddress {
+        if s.hasPrefix("/") {
+            try socketPath(s)
+            return .unixDomainSocket(path: s)
+        }
+        return try hostPort(s)
+    }
+
     /// `8080` (127.0.0.1, since staps has no authentication), `host:port` or `[v6]:port`.
     public static func hostPort(_ s: String) throws(Failure) -> BindAddress {
         var host = "127.0.0.1"

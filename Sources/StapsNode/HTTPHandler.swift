@@ -260,7 +260,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         for (name, value) in extraHeaders { headers.add(name: name, value: value) }
         let keepAlive = keepAlive && !self.shuttingDown && !self.lastRequestEndsParsing
         self.responses += 1
-        self.shared.counters.httpResponses.wrappingIncrement(ordering: .relaxed)
+        self.shared.counters.httpResponses.increment(Int(status.code))
+        self.shared.counters.httpResponseTotal.wrappingIncrement(ordering: .relaxed)
+        if Self.isUpgradeToWebSocket(head.headers) { self.shared.counters.handshakesRejected.increment(Int(status.code)) }
         if !keepAlive { headers.add(name: "Connection", value: "close") }
         context.write(self.wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))), promise: nil)
         if !omitBody {

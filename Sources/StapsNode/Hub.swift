@@ -12,6 +12,9 @@ final class ChannelEntry: Sendable {
     /// Bit `i` is set while event loop `i` has clients on this channel. Read per message
     /// (one atomic load); written only when a loop gains its first or loses its last client.
     let loopMask = ManagedAtomic<UInt64>(0)
+    /// Clients receiving this channel's messages on this node, over all loops: read once per
+    /// message for the fan-out histogram, written when a client attaches or leaves.
+    let receivers = ManagedAtomic<Int>(0)
 
     init(name: String) { self.name = name }
 }
@@ -82,27 +85,6 @@ final class ChannelDirectory: Sendable {
     }
 }
 
-/// Counters a node keeps (exported as metrics by later work).
-public final class NodeCounters: Sendable {
-    /// Receivers closed with 1008 for staying over their send buffer.
-    public let slowConsumersClosed = ManagedAtomic<Int>(0)
-    /// Messages received from local clients (websocket or POST) and relayed.
-    public let messagesIn = ManagedAtomic<Int>(0)
-    /// Connections refused with 503 for being over `max_connections`.
-    public let connectionsRefused = ManagedAtomic<Int>(0)
-    /// Messages between event loops dropped because the target loop was too far behind.
-    public let crossLoopDropped = ManagedAtomic<Int>(0)
-    /// Messages from other nodes for channels with no client here: what a shared (bucket)
-    /// binding brings a node that it then ignores.
-    public let clusterUnmatched = ManagedAtomic<Int>(0)
-    /// Times freed memory was given back to the system after a busy spell.
-    public let memoryTrims = ManagedAtomic<Int>(0)
-    /// HTTP responses written (pages, POST answers, errors).
-    public let httpResponses = ManagedAtomic<Int>(0)
-
-    public init() {}
-}
-
 /// The staps channel tables of all event loops, plus the node-wide directory.
 public final class Hub: Sendable, ClusterInbound {
     let directory: ChannelDirectory
@@ -116,6 +98,11 @@ public final class Hub: Sendable, ClusterInbound {
 
     /// Bytes one event loop may have queued for another before further batches are dropped.
     static let crossLoopBacklogLimit = 256 << 20
+
+    /// Sums of every loop's counters (for metrics, the memory trim and the shutdown line).
+    var messagesReceived: (websocket: Int, post: Int) {
+        self.loops.reduce((0, 0)) { ($0.0 + $1.counters.websocketMessages.load(ordering: .relaxed), $0.1 + $1.counters.postMessages.load(ordering: .relaxed)) }
+    }
 
     /// Bytes from the cluster handed to the event loops and not yet delivered.
     private let clusterBacklog = ManagedAtomic<Int>(0)
@@ -168,13 +155,15 @@ public final class Hub: Sendable, ClusterInbound {
 
     /// Publishes an HTTP POST body; returns how many local clients it was handed to.
     func publish(channel name: String, payload: ByteBuffer, isText: Bool, on eventLoop: EventLoop) -> Int {
-        self.counters.messagesIn.wrappingIncrement(ordering: .relaxed)
         let loopHub = self.loopHub(for: eventLoop)
+        LoopCounters.add(1, to: loopHub.counters.postMessages)
+        LoopCounters.add(payload.readableBytes, to: loopHub.counters.bytesReceived)
         guard let (entry, clients) = self.directory.lookup(name) else {
             // Nobody here; other nodes may still have clients.
             if self.link.isClustered {
                 loopHub.queueForCluster(ClusterMessage(channel: name, payload: payload, isText: isText, connectionID: 0))
             }
+            loopHub.counters.fanout.record(0)
             return 0
         }
         let frame = Framing.frame(opcode: isText ? Framing.opText : Framing.opBinary, payload: payload, allocator: loopHub.allocator)
@@ -201,6 +190,7 @@ public final class Hub: Sendable, ClusterInbound {
                 unmatched += 1
                 continue
             }
+            self.counters.clusterFanout.record(entry.receivers.load(ordering: .relaxed))
             let frame = Framing.frame(opcode: message.isText ? Framing.opText : Framing.opBinary, payload: message.payload, allocator: allocator)
             while mask != 0 {
                 let i = mask.trailingZeroBitCount

@@ -17,6 +17,9 @@ final class LoopHub: @unchecked Sendable {
     /// Whether messages go to the cluster link: read per message, so kept here.
     let clustered: Bool
 
+    /// What this loop counts per message (metrics).
+    let counters = LoopCounters()
+
     /// Bytes other loops have queued for this one and it has not delivered yet.
     let backlog = ManagedAtomic<Int>(0)
     /// Per other loop: the batches this loop handed it that it has not delivered yet.
@@ -61,6 +64,8 @@ final class LoopHub: @unchecked Sendable {
             _ = entry.loopMask.loadThenBitwiseOr(with: self.bit, ordering: .sequentiallyConsistent)
         }
         local.members.append(member)
+        entry.receivers.wrappingIncrement(ordering: .relaxed)
+        LoopCounters.add(1, to: self.counters.websocketClients)
         return (local, local.members.count - 1)
     }
 
@@ -75,6 +80,8 @@ final class LoopHub: @unchecked Sendable {
             moved.membership.slot = slot
         }
         local.members.removeLast()
+        local.entry.receivers.wrappingDecrement(ordering: .relaxed)
+        LoopCounters.add(-1, to: self.counters.websocketClients)
         if local.members.isEmpty {
             self.channels[ObjectIdentifier(local.entry)] = nil
             _ = local.entry.loopMask.loadThenBitwiseAnd(with: ~self.bit, ordering: .sequentiallyConsistent)
@@ -88,11 +95,18 @@ final class LoopHub: @unchecked Sendable {
     @inline(__always) @discardableResult
     func publish(from sender: WebSocketHandler?, entry: ChannelEntry, frame: ByteBuffer, headerLength: Int, isText: Bool) -> Int {
         var work = 1
+        // Receivers node-wide, the sender (a member) excluded; a POST (nil) has no sender.
+        let receivers = entry.receivers.load(ordering: .relaxed) &- (sender == nil ? 0 : 1)
+        self.counters.fanout.record(receivers)
         if let local = self.channels[ObjectIdentifier(entry)] {
             work &+= local.members.count
+            var reached = 0
             for member in local.members where member !== sender {
                 member.enqueue(frame)
+                reached &+= 1
             }
+            LoopCounters.add(reached, to: self.counters.messagesDelivered)
+            LoopCounters.add(reached &* (frame.readableBytes &- headerLength), to: self.counters.bytesDelivered)
         }
         var mask = entry.loopMask.load(ordering: .sequentiallyConsistent) & ~self.bit
         while mask != 0 {
@@ -177,10 +191,16 @@ final class LoopHub: @unchecked Sendable {
 
     /// A batch from another loop or the cluster: deliver to this loop's members, flush once.
     func deliver(_ batch: [(ChannelEntry, ByteBuffer)], backlog: ManagedAtomic<Int>, bytes: Int) {
+        var reached = 0
+        var payloadBytes = 0
         for (entry, frame) in batch {
             guard let local = self.channels[ObjectIdentifier(entry)] else { continue }
             for member in local.members { member.enqueue(frame) }
+            reached &+= local.members.count
+            payloadBytes &+= local.members.count &* Framing.payloadLength(ofServerFrame: frame)
         }
+        LoopCounters.add(reached, to: self.counters.messagesDelivered)
+        LoopCounters.add(payloadBytes, to: self.counters.bytesDelivered)
         backlog.wrappingDecrement(by: bytes, ordering: .relaxed)
         self.flushDirty()
     }

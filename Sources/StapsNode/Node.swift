@@ -35,14 +35,19 @@ public final class Node: Sendable {
     private let connectionIDs = ManagedAtomic<UInt64>(0)
     private let openConnections = NIOLockedValueBox<[ObjectIdentifier: Channel]>([:])
 
-    private struct Listener: Sendable {
+    fileprivate struct Listener: Sendable {
         var serverChannel: Channel
         var address: BindAddress
         /// The socket file's inode, so shutdown removes only the file this node made.
         var inode: UInt64?
     }
     private let listeners = NIOLockedValueBox<[Listener]>([])
+    private let metricsListener = NIOLockedValueBox<Listener?>(nil)
     private let memoryTrim = NIOLockedValueBox<RepeatedTask?>(nil)
+    private let accepting = ManagedAtomic<Bool>(false)
+    private let stopping = ManagedAtomic<Bool>(false)
+    /// The node's metrics (served by the metrics listener when `metrics` is set).
+    public let metrics: NodeMetrics
 
     /// - Parameters:
     ///   - link: how to reach other nodes; `StandaloneLink()` when there is no broker.
@@ -60,6 +65,21 @@ public final class Node: Sendable {
             self.ownsGroup = true
         }
         self.hub = Hub(eventLoops: Array(self.group.makeIterator()), link: link, counters: self.counters, logger: logger)
+        self.metrics = NodeMetrics(NodeMetrics.Sources(hub: self.hub, counters: self.counters, link: link))
+    }
+
+    /// The metrics listener's address (TCP port 0 resolved), when there is one.
+    public var metricsAddress: BindAddress? { self.metricsListener.withLockedValue { $0?.address } }
+
+    /// Why a load balancer should send this node nothing now, or nil when it is ready: every
+    /// listener is up and accepting and, when clustered, the broker link is up and bound.
+    public var notReady: String? {
+        if self.stopping.load(ordering: .relaxed) { return "shutting down" }
+        if !self.accepting.load(ordering: .relaxed) { return "not accepting connections yet" }
+        let listeners = self.listeners.withLockedValue { $0 }
+        if listeners.isEmpty { return "no listener is up" }
+        if let down = listeners.first(where: { !$0.serverChannel.isActive }) { return "listener \(down.address) is down" }
+        return self.link.report?.notReady
     }
 
     /// The addresses actually bound (TCP port 0 resolved).
@@ -91,7 +111,7 @@ public final class Node: Sendable {
         do {
             if inherited.isEmpty {
                 for address in self.configuration.addresses {
-                    let listener = try await self.bind(address, accepting: accepting, socketGroup: socketGroup)
+                    let listener = try await self.bind(address, socketGroup: socketGroup) { tcp in self.bootstrap(accepting: accepting, tcp: tcp) }
                     self.listeners.withLockedValue { $0.append(listener) }
                     self.logger.notice("listening", metadata: ["address": "\(listener.address)"])
                 }
@@ -114,10 +134,17 @@ public final class Node: Sendable {
                     self.logger.notice("listening on an inherited socket", metadata: ["address": "\(address)", "name": "\(socket.name)"])
                 }
             }
+            if let address = self.configuration.metricsAddress {
+                let listener = try await self.bind(address, socketGroup: socketGroup, what: "metrics") { _ in self.metricsBootstrap() }
+                self.metricsListener.withLockedValue { $0 = listener }
+                self.logger.notice("serving metrics", metadata: ["address": "\(listener.address)"])
+            }
         } catch {
             await self.closeListeners()
+            await self.closeMetricsListener()
             throw error
         }
+        if accepting { self.accepting.store(true, ordering: .relaxed) }
     }
 
     /// Starts accepting on listeners bound with `accepting: false`.
@@ -125,6 +152,27 @@ public final class Node: Sendable {
         for listener in self.listeners.withLockedValue({ $0 }) {
             try await listener.serverChannel.setOption(.autoRead, value: true).get()
         }
+        self.accepting.store(true, ordering: .relaxed)
+    }
+
+    /// The metrics listener: `/metrics`, `/healthz`, `/readyz`, nothing else.
+    private func metricsBootstrap() -> ServerBootstrap {
+        let endpoint = MetricsEndpoint(metrics: self.metrics, notReady: { [self] in self.notReady })
+        return ServerBootstrap(group: self.group)
+            .serverChannelOption(.backlog, value: 64)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { connection in
+                connection.eventLoop.makeCompletedFuture {
+                    try connection.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
+                    try connection.pipeline.syncOperations.addHandler(MetricsHTTPHandler(endpoint: endpoint))
+                }
+            }
+    }
+
+    private func closeMetricsListener() async {
+        guard let listener = self.metricsListener.withLockedValue({ l -> Listener? in defer { l = nil }; return l }) else { return }
+        try? await listener.serverChannel.close()
+        UnixSocketFile.remove(listener)
     }
 
     /// One line for the service manager: connections, channels, broker link.
@@ -143,12 +191,14 @@ public final class Node: Sendable {
         guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "malloc_trim") else { return }
         let mallocTrim = unsafeBitCast(symbol, to: MallocTrim.self)
         let counters = self.counters
+        let hub = self.hub
         let connections = self.connectionCount
         struct Spell { var messages = 0, responses = 0, connections = 0, peak = 0 }
         let spell = NIOLockedValueBox(Spell())
         let task = self.group.next().scheduleRepeatedTask(initialDelay: .seconds(2), delay: .seconds(2)) { _ in
             let trim = spell.withLockedValue { s -> Bool in
-                let now = Spell(messages: counters.messagesIn.load(ordering: .relaxed), responses: counters.httpResponses.load(ordering: .relaxed), connections: connections.load(ordering: .relaxed))
+                let received = hub.messagesReceived
+                let now = Spell(messages: received.websocket &+ received.post, responses: counters.httpResponseTotal.load(ordering: .relaxed), connections: connections.load(ordering: .relaxed))
                 let activity = (now.messages &- s.messages) &+ (now.responses &- s.responses) &+ abs(now.connections &- s.connections)
                 let peak = max(s.peak, activity)
                 s = now
@@ -195,10 +245,13 @@ public final class Node: Sendable {
             .childChannelOption(.maxMessagesPerRead, value: 16)
             .childChannelInitializer { [self] connection in
                 let count = self.connectionCount.wrappingIncrementThenLoad(ordering: .relaxed)
+                let open = tcp ? self.counters.tcpConnections : self.counters.unixConnections
+                open.wrappingIncrement(ordering: .relaxed)
                 let key = ObjectIdentifier(connection)
                 self.openConnections.withLockedValue { $0[key] = connection }
                 connection.closeFuture.whenComplete { _ in
                     self.connectionCount.wrappingDecrement(ordering: .relaxed)
+                    open.wrappingDecrement(ordering: .relaxed)
                     self.openConnections.withLockedValue { $0[key] = nil }
                 }
                 var connectionLogger = logger
@@ -212,14 +265,16 @@ public final class Node: Sendable {
             }
     }
 
-    private func bind(_ address: BindAddress, accepting: Bool, socketGroup: gid_t?) async throws -> Listener {
+    /// - Parameter what: how to name the listener in errors ("metrics" for the metrics one).
+    private func bind(_ address: BindAddress, socketGroup: gid_t?, what: String? = nil, bootstrap makeBootstrap: (_ tcp: Bool) -> ServerBootstrap) async throws -> Listener {
+        let prefix = what.map { "\($0): " } ?? ""
         switch address {
         case .hostname(let host, let port):
             let serverChannel: Channel
             do {
-                serverChannel = try await self.bootstrap(accepting: accepting, tcp: true).bind(host: host, port: port).get()
+                serverChannel = try await makeBootstrap(true).bind(host: host, port: port).get()
             } catch {
-                throw NodeStartError(message: "cannot listen on \(address): \(error)")
+                throw NodeStartError(message: "\(prefix)cannot listen on \(address): \(error)")
             }
             let bound = serverChannel.localAddress?.port.map { BindAddress.hostname(host, port: $0) } ?? address
             return Listener(serverChannel: serverChannel, address: bound, inode: nil)
@@ -229,11 +284,11 @@ public final class Node: Sendable {
             // Created owner-only, then given its mode: never looser than `mode`, not for an instant.
             let previousMask = umask(0o177)
             do {
-                serverChannel = try await self.bootstrap(accepting: accepting, tcp: false).bind(unixDomainSocketPath: path).get()
+                serverChannel = try await makeBootstrap(false).bind(unixDomainSocketPath: path).get()
                 umask(previousMask)
             } catch {
                 umask(previousMask)
-                throw NodeStartError(message: "cannot listen on \(path): \(error)")
+                throw NodeStartError(message: "\(prefix)cannot listen on \(path): \(error)")
             }
             if let gid = socketGroup, chown(path, uid_t.max, gid) != 0 {
                 let reason = String(cString: strerror(errno))
@@ -275,9 +330,7 @@ public final class Node: Sendable {
         await self.drainEventLoops()
         for listener in listeners {
             try? await listener.serverChannel.close()
-            if case .unixDomainSocket(let path) = listener.address, let inode = listener.inode, UnixSocketFile.inode(path) == inode {
-                unlink(path)
-            }
+            UnixSocketFile.remove(listener)
         }
     }
 
@@ -285,6 +338,7 @@ public final class Node: Sendable {
     /// shutdown timeout for the clients to answer, drop the rest, remove socket files.
     public func shutdown() async {
         self.logger.notice("shutting down")
+        self.stopping.store(true, ordering: .relaxed)
         self.memoryTrim.withLockedValue { $0?.cancel(); $0 = nil }
         await self.closeListeners()
         // Connections accepted just before the listeners closed are set up by tasks already
@@ -304,9 +358,20 @@ public final class Node: Sendable {
             for connection in remaining { try? await connection.close() }
         }
         await self.link.shutdown()
+        // Last: /readyz says "shutting down" while connections drain.
+        await self.closeMetricsListener()
         if self.ownsGroup { try? await self.group.shutdownGracefully() }
-        var totals: Logger.Metadata = ["messages.in": "\(self.counters.messagesIn.load(ordering: .relaxed))"]
+        let received = self.hub.messagesReceived
+        var totals: Logger.Metadata = ["messages.in": "\(received.websocket + received.post)"]
         if self.link.isClustered { totals["cluster.unmatched"] = "\(self.counters.clusterUnmatched.load(ordering: .relaxed))" }
         self.logger.notice("stopped", metadata: totals)
+    }
+}
+
+extension UnixSocketFile {
+    /// Removes `listener`'s socket file if it is still the one this node made.
+    fileprivate static func remove(_ listener: Node.Listener) {
+        guard case .unixDomainSocket(let path) = listener.address, let inode = listener.inode, Self.inode(path) == inode else { return }
+        unlink(path)
     }
 }

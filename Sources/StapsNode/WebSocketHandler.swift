@@ -78,6 +78,8 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        // Gone while open: no close handshake (1006), whoever dropped it.
+        if self.state == .open { self.counters.closes.increment(code: 1006, byClient: true) }
         self.leave()
         self.state = .closed
         self.outbox.removeAll()
@@ -85,6 +87,12 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
         self.unread = nil
         self.logger.debug("websocket closed")
         context.fireChannelInactive()
+    }
+
+    /// The code of the client's close, from the close frame that echoes it (1005: none).
+    static func closeCode(ofReply reply: ByteBuffer) -> Int {
+        guard Framing.payloadLength(ofServerFrame: reply) >= 2, let code = reply.getInteger(at: reply.readerIndex + 2, as: UInt16.self) else { return 1005 }
+        return Int(code)
     }
 
     /// Stops the timers and leaves the staps channel (both idempotent).
@@ -192,6 +200,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// only), then closes with 1008.
     private func closeSlowConsumer() {
         self.counters.slowConsumersClosed.wrappingIncrement(ordering: .relaxed)
+        self.counters.slowConsumerDroppedBytes.wrappingIncrement(by: self.outbox.bytes, ordering: .relaxed)
         self.logger.warning("closing slow consumer", metadata: [
             "send_buffer": "\(self.limits.sendBuffer)", "queued": "\(self.queuedBytes)",
         ])
@@ -240,7 +249,9 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
                 }
                 return
             case .relay(let frame, let headerLength, let isText):
-                self.counters.messagesIn.wrappingIncrement(ordering: .relaxed)
+                let stats = self.loopHub.counters
+                LoopCounters.add(1, to: stats.websocketMessages)
+                LoopCounters.add(frame.readableBytes &- headerLength, to: stats.bytesReceived)
                 budget -= self.loopHub.publish(from: self, entry: self.entry, frame: frame, headerLength: headerLength, isText: isText)
                 if budget <= 0, bytes.readableBytes > 0 {
                     return self.pauseReading(holding: bytes, context: context)
@@ -260,6 +271,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
                 self.close(code: code, reason: reason)
                 if !self.machine.awaitsClose { return }
             case .replyToClose(let reply):
+                self.counters.closes.increment(code: Self.closeCode(ofReply: reply), byClient: true)
                 self.leave()
                 self.state = .closing
                 self.outbox.removeAll()
@@ -293,6 +305,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
         guard self.state == .open, let context = self.context else { return }
         self.state = .closing
         _ = self.machine.startClosing()
+        self.counters.closes.increment(code: Int(code), byClient: false)
         self.leave()
         self.logger.debug("closing websocket", metadata: ["close.code": "\(code)", "close.reason": "\(reason)"])
         while let frame = self.outbox.popFirst() {

@@ -28,6 +28,14 @@ public enum Framing {
         }
     }
 
+    /// The payload length of a complete unmasked frame made by `frame(opcode:payload:allocator:)`.
+    @inline(__always)
+    static func payloadLength(ofServerFrame frame: ByteBuffer) -> Int {
+        let second = frame.getInteger(at: frame.readerIndex + 1, as: UInt8.self) ?? 0
+        let header = second < 126 ? 2 : (second == 126 ? 4 : 10)
+        return frame.readableBytes - header
+    }
+
     /// A complete frame holding `payload` as it is.
     public static func frame(opcode: UInt8, payload: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer {
         var out = allocator.buffer(capacity: headerLength(payload: payload.readableBytes) + payload.readableBytes)

@@ -19,6 +19,7 @@ extension LinkWorker {
     /// until the broker confirms it.
     func publish(_ messages: [ClusterMessage], on publisher: AMQPConnection) throws(BrokerError) {
         guard !messages.isEmpty else { return }
+        self.counters.publishBatch.record(messages.count)
         let groups = PublishGroups.make(messages)
         self.batch.removeAll()
         let exchange = self.exchange.rawBytes

@@ -62,6 +62,8 @@ public final class RabbitCounters: Sendable {
     public let channelsBound = ManagedAtomic<Int>(0)
     /// Binding keys still to rebind after a reconnection (0 once all are back).
     public let rebindsLeft = ManagedAtomic<Int>(0)
+    /// Messages per publish (written by the link's thread only).
+    public let publishBatch = CountHistogram(bounds: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000])
     public init() {}
 }
 
@@ -106,6 +108,37 @@ public final class RabbitLink: ClusterLink, Sendable {
     public var statusDescription: String {
         if let broker = self.currentBroker { return "connected to \(broker)" }
         return "unreachable (serving local clients)"
+    }
+
+    public var report: ClusterLinkReport? {
+        let c = self.counters
+        let up = self.isConnected
+        let rebinds = c.rebindsLeft.load(ordering: .relaxed)
+        let notReady: String?
+        if self.stopped.load(ordering: .relaxed) {
+            notReady = "the broker link is stopping"
+        } else if !up {
+            notReady = "the broker is unreachable (reconnecting; local clients are served)"
+        } else if rebinds > 0 {
+            notReady = "rebinding \(rebinds) channels after reconnecting to the broker"
+        } else {
+            notReady = nil
+        }
+        return ClusterLinkReport(
+            up: up, notReady: notReady,
+            reconnects: c.reconnects.load(ordering: .relaxed),
+            published: c.published.load(ordering: .relaxed),
+            consumed: c.received.load(ordering: .relaxed),
+            dropped: [
+                ("broker_down", c.droppedWhileDown.load(ordering: .relaxed)),
+                ("buffer_full", c.droppedBufferFull.load(ordering: .relaxed)),
+                ("rejected", c.rejected.load(ordering: .relaxed)),
+                ("malformed", c.malformed.load(ordering: .relaxed)),
+            ],
+            bindings: c.channelsBound.load(ordering: .relaxed),
+            rebindsPending: rebinds,
+            publishBatch: c.publishBatch
+        )
     }
 
     /// The broker this node is on, while connected.

@@ -36,6 +36,9 @@ struct Staps: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("RabbitMQ URL amqp://user:pass@host:port/vhost (or amqps://), or several separated by commas; empty for standalone.", valueName: "url"))
     var amqp: String?
 
+    @Option(name: .long, help: ArgumentHelp("Serve /metrics, /healthz and /readyz on this host:port or unix socket path (off by default).", valueName: "host:port|path"))
+    var metrics: String?
+
     @Option(name: .long, help: ArgumentHelp("Configuration file to read instead of the default locations.", valueName: "path"))
     var config: String?
 
@@ -172,6 +175,7 @@ struct Staps: ParsableCommand {
         }
         let brokers = (try? AMQPURL.list(configuration.amqpURL))?.map(\.description) ?? []
         print("amqp: \(brokers.isEmpty ? "none (standalone)" : brokers.joined(separator: " "))")
+        print("metrics: \(configuration.metricsAddress.map(\.description) ?? "off")")
         if let user = plan.user { print("user: \(user.name) (uid \(user.uid))") }
         if let gid = plan.gid { print("group: gid \(gid)") }
         print("configuration OK")
@@ -195,11 +199,16 @@ struct Staps: ParsableCommand {
         if let amqp = self.amqp {
             do { try ValueParser.amqpURL(amqp) } catch { throw ConfigurationError(file: source, key: "--amqp", message: error.message) }
         }
+        var metrics: BindAddress?
+        if let text = self.metrics {
+            do { metrics = try ValueParser.listenAddress(text) } catch { throw ConfigurationError(file: source, key: "--metrics", message: error.message) }
+        }
         return fileSettings.withFlags(
             sockets: self.socket.isEmpty ? nil : self.socket,
             ports: ports.isEmpty ? nil : ports,
             mode: mode,
-            amqp: self.amqp
+            amqp: self.amqp,
+            metrics: metrics
         ).resolved(sourceFile: file)
     }
 

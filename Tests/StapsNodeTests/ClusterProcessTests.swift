@@ -114,6 +114,12 @@ struct Nginx {
         site = site.replacingOccurrences(of: "listen 80;", with: "listen 127.0.0.1:\(port);")
         site = site.replacingOccurrences(of: "listen [::]:80;", with: "")
         guard !site.contains("/run/staps/") else { throw TestError.unexpected("deploy/nginx/staps.conf names more sockets than the test started") }
+        return try await run(site: site, port: port, dir: dir)
+    }
+
+    /// Runs nginx with `site` (http-level blocks) in `dir`; `port` is the one `site` listens on.
+    static func run(site: String, port: Int, dir: String) async throws -> Nginx {
+        let binary = "/usr/sbin/nginx"
         try site.write(toFile: dir + "/site.conf", atomically: true, encoding: .utf8)
         let user = getuid() == 0 ? "user root;\n" : ""
         let main = """

@@ -113,6 +113,7 @@ import Testing
 @Suite struct MembershipTests {
     /// A link that records what the directory asks of it.
     final class RecordingLink: ClusterLink, @unchecked Sendable {
+        var report: ClusterLinkReport? { nil }
         // @unchecked: only touched on the test's thread (the embedded loop runs everything there).
         var subscribed: [String] = []
         var unsubscribed: [String] = []

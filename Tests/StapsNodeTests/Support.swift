@@ -53,7 +53,8 @@ final class TestNode: Sendable {
     let socketPath: String
     let dir: TempDir
 
-    static func start(limits: Limits = Limits(), access: AccessSettings = AccessSettings(), link: any ClusterLink = StandaloneLink()) async throws -> TestNode {
+    /// - Parameter metrics: where to serve `/metrics`, `/healthz` and `/readyz` (nil: nowhere).
+    static func start(limits: Limits = Limits(), access: AccessSettings = AccessSettings(), link: any ClusterLink = StandaloneLink(), metrics: BindAddress? = nil) async throws -> TestNode {
         let dir = TempDir()
         let socketPath = dir.path + "/staps.sock"
         var config = NodeConfiguration(
@@ -61,6 +62,7 @@ final class TestNode: Sendable {
             limits: limits
         )
         config.access = access
+        config.metricsAddress = metrics
         let node = Node(configuration: config, link: link, logger: testLogger("node"))
         try await node.start()
         guard case .hostname(_, let port) = node.boundAddresses.first! else { fatalError("first listener is TCP") }

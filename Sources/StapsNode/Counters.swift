@@ -1,0 +1,171 @@
+import Atomics
+
+/// What one event loop counts on the hot path. Each counter is written only by its loop, with
+/// a plain load and store (no read-modify-write, no lock, no allocation), and read from any
+/// thread when metrics are collected: a reader sees a value at most one message old.
+public final class LoopCounters: Sendable {
+    /// Messages received from websocket clients on this loop, and their payload bytes.
+    let websocketMessages = ManagedAtomic<Int>(0)
+    /// POST bodies published from this loop, and their bytes.
+    let postMessages = ManagedAtomic<Int>(0)
+    let bytesReceived = ManagedAtomic<Int>(0)
+    /// Receivers reached on this loop (one per message per receiver), and the payload bytes.
+    let messagesDelivered = ManagedAtomic<Int>(0)
+    let bytesDelivered = ManagedAtomic<Int>(0)
+    /// Websocket clients attached to a channel on this loop.
+    let websocketClients = ManagedAtomic<Int>(0)
+    /// Receivers on the node per message relayed from this loop.
+    let fanout = CountHistogram(bounds: CountHistogram.fanoutBounds)
+
+    @inline(__always)
+    public static func add(_ n: Int, to counter: ManagedAtomic<Int>) {
+        counter.store(counter.load(ordering: .relaxed) &+ n, ordering: .relaxed)
+    }
+}
+
+/// Counts of observations in fixed buckets (receivers per message, messages per broker
+/// publish). Like `LoopCounters`, written by one thread only; read by any.
+public final class CountHistogram: Sendable {
+    /// Upper bounds (inclusive) of the buckets; one more bucket holds what is above the last.
+    public let bounds: [Int]
+    /// Observations per bucket (not cumulative), the last one above every bound, and the sum
+    /// of each bucket's values.
+    private let counts: [ManagedAtomic<Int>]
+    private let sums: [ManagedAtomic<Int>]
+
+    public static let fanoutBounds = [0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000]
+
+    public init(bounds: [Int]) {
+        self.bounds = bounds
+        self.counts = (0...bounds.count).map { _ in ManagedAtomic<Int>(0) }
+        self.sums = (0...bounds.count).map { _ in ManagedAtomic<Int>(0) }
+    }
+
+    @inline(__always)
+    public func record(_ value: Int) {
+        var i = 0
+        let bounds = self.bounds
+        while i < bounds.count, value > bounds[i] { i &+= 1 }
+        LoopCounters.add(1, to: self.counts[i])
+        LoopCounters.add(value, to: self.sums[i])
+    }
+
+    public struct Snapshot: Sendable {
+        public var counts: [Int]
+        public var sums: [Int]
+    }
+
+    public var snapshot: Snapshot {
+        Snapshot(counts: self.counts.map { $0.load(ordering: .relaxed) }, sums: self.sums.map { $0.load(ordering: .relaxed) })
+    }
+}
+
+/// A counter per value of a small bounded key (an HTTP status, a close code): one atomic per
+/// possible value, made up front, so counting never allocates or locks.
+public final class KeyedCounter: Sendable {
+    public let keys: [String]
+    private let values: [ManagedAtomic<Int>]
+
+    public init(keys: [String]) {
+        self.keys = keys
+        self.values = keys.map { _ in ManagedAtomic<Int>(0) }
+    }
+
+    public func increment(_ index: Int) {
+        self.values[index].wrappingIncrement(ordering: .relaxed)
+    }
+
+    public func load(_ index: Int) -> Int { self.values[index].load(ordering: .relaxed) }
+
+    /// Each key with its count.
+    public var all: [(String, Int)] { zip(self.keys, self.values).map { ($0, $1.load(ordering: .relaxed)) } }
+
+    public subscript(key: String) -> Int {
+        self.keys.firstIndex(of: key).map { self.load($0) } ?? 0
+    }
+}
+
+/// HTTP statuses by code: 100–599, anything else is not a status.
+public final class StatusCounter: Sendable {
+    private let counter = KeyedCounter(keys: (100..<600).map(String.init))
+
+    public func increment(_ status: Int) {
+        guard (100..<600).contains(status) else { return }
+        self.counter.increment(status - 100)
+    }
+
+    public subscript(status: Int) -> Int { (100..<600).contains(status) ? self.counter.load(status - 100) : 0 }
+
+    /// The statuses counted at least once, with their counts.
+    public var seen: [(Int, Int)] {
+        (100..<600).compactMap { s in
+            let n = self.counter.load(s - 100)
+            return n > 0 ? (s, n) : nil
+        }
+    }
+}
+
+/// Websocket closes by code, and by who started them.
+public final class CloseCounter: Sendable {
+    /// The codes a close is counted under: RFC 6455's, 1005 for a close frame without a code,
+    /// 1006 for a connection that ended without a close handshake, and `application` for 3000–4999.
+    public static let codes = ["1000", "1001", "1002", "1003", "1005", "1006", "1007", "1008", "1009", "1010", "1011", "1012", "1013", "1014", "application", "other"]
+    public static let initiators = ["client", "node"]
+    private let counter = KeyedCounter(keys: CloseCounter.initiators.flatMap { by in CloseCounter.codes.map { "\(by) \($0)" } })
+
+    public static func label(of code: Int) -> String {
+        switch code {
+        case 1000...1003, 1005...1014: return String(code)
+        case 3000...4999: return "application"
+        default: return "other"
+        }
+    }
+
+    public func increment(code: Int, byClient: Bool) {
+        let label = Self.label(of: code)
+        let c = Self.codes.firstIndex(of: label)!
+        self.counter.increment((byClient ? 0 : Self.codes.count) + c)
+    }
+
+    public func count(code: String, by initiator: String) -> Int { self.counter["\(initiator) \(code)"] }
+
+    /// (code label, initiator, count) for every combination.
+    public var all: [(code: String, by: String, count: Int)] {
+        Self.initiators.enumerated().flatMap { (b, by) in
+            Self.codes.enumerated().map { (c, code) in (code, by, self.counter.load(b * Self.codes.count + c)) }
+        }
+    }
+}
+
+/// Counters a node keeps for events off the hot path (per connection, per close, per drop).
+/// The per-message ones are per event loop (`LoopCounters`).
+public final class NodeCounters: Sendable {
+    /// Receivers closed with 1008 for staying over their send buffer.
+    public let slowConsumersClosed = ManagedAtomic<Int>(0)
+    /// Bytes dropped with them: what was queued for them and not yet handed to NIO.
+    public let slowConsumerDroppedBytes = ManagedAtomic<Int>(0)
+    /// Connections refused with 503 for being over `max_connections`.
+    public let connectionsRefused = ManagedAtomic<Int>(0)
+    /// Messages between event loops dropped because the target loop was too far behind.
+    public let crossLoopDropped = ManagedAtomic<Int>(0)
+    /// Messages from other nodes for channels with no client here: what a shared (bucket)
+    /// binding brings a node that it then ignores.
+    public let clusterUnmatched = ManagedAtomic<Int>(0)
+    /// Times freed memory was given back to the system after a busy spell.
+    public let memoryTrims = ManagedAtomic<Int>(0)
+    /// HTTP responses written (pages, POST answers, errors), by status; 101s are not in it.
+    public let httpResponses = StatusCounter()
+    /// All of them (read every 2 s by the memory trim).
+    public let httpResponseTotal = ManagedAtomic<Int>(0)
+    /// Websocket upgrade requests answered with an error, by status.
+    public let handshakesRejected = StatusCounter()
+    /// Websocket closes by code and initiator.
+    public let closes = CloseCounter()
+    /// Open connections (HTTP and websocket) on TCP and on unix socket listeners.
+    public let tcpConnections = ManagedAtomic<Int>(0)
+    public let unixConnections = ManagedAtomic<Int>(0)
+    /// Messages from other nodes' fan-out here (written by the cluster link's thread only).
+    let clusterFanout = CountHistogram(bounds: CountHistogram.fanoutBounds)
+
+    public init() {}
+}

@@ -1,0 +1,235 @@
+import Atomics
+import CoreMetrics
+import NIOConcurrencyHelpers
+import Prometheus
+
+/// A swift-metrics factory over one node's swift-prometheus registry that gives every metric
+/// its help text (Prometheus's own factory leaves it empty, and `promtool` then refuses the
+/// output) and its histogram's buckets.
+struct HelpfulPrometheusFactory: MetricsFactory {
+    let registry: PrometheusCollectorRegistry
+    let help: @Sendable (String) -> String
+    var buckets: @Sendable (String) -> [Double] = { _ in [] }
+
+    private func descriptor(_ label: String) -> MetricNameDescriptor {
+        MetricNameDescriptor(metricName: label, unitName: "", helpText: self.help(label))
+    }
+
+    func makeCounter(label: String, dimensions: [(String, String)]) -> any CounterHandler {
+        self.registry.makeCounter(descriptor: self.descriptor(label), labels: dimensions)
+    }
+
+    func makeFloatingPointCounter(label: String, dimensions: [(String, String)]) -> any FloatingPointCounterHandler {
+        self.registry.makeCounter(descriptor: self.descriptor(label), labels: dimensions)
+    }
+
+    func makeRecorder(label: String, dimensions: [(String, String)], aggregate: Bool) -> any RecorderHandler {
+        guard aggregate else { return self.registry.makeGauge(descriptor: self.descriptor(label), labels: dimensions) }
+        return self.registry.makeValueHistogram(descriptor: self.descriptor(label), labels: dimensions, buckets: self.buckets(label))
+    }
+
+    func makeMeter(label: String, dimensions: [(String, String)]) -> any MeterHandler {
+        self.registry.makeGauge(descriptor: self.descriptor(label), labels: dimensions)
+    }
+
+    func makeTimer(label: String, dimensions: [(String, String)]) -> any TimerHandler {
+        self.registry.makeDurationHistogram(descriptor: self.descriptor(label), labels: dimensions, buckets: self.buckets(label).map { .nanoseconds(Int64($0)) })
+    }
+
+    func destroyCounter(_ handler: any CounterHandler) {
+        if let counter = handler as? Prometheus.Counter { self.registry.unregisterCounter(counter) }
+    }
+
+    func destroyFloatingPointCounter(_ handler: any FloatingPointCounterHandler) {
+        if let counter = handler as? Prometheus.Counter { self.registry.unregisterCounter(counter) }
+    }
+
+    func destroyRecorder(_ handler: any RecorderHandler) {
+        if let gauge = handler as? Prometheus.Gauge { self.registry.unregisterGauge(gauge) }
+        if let histogram = handler as? ValueHistogram { self.registry.unregisterValueHistogram(histogram) }
+    }
+
+    func destroyMeter(_ handler: any MeterHandler) {
+        if let gauge = handler as? Prometheus.Gauge { self.registry.unregisterGauge(gauge) }
+    }
+
+    func destroyTimer(_ handler: any TimerHandler) {
+        if let histogram = handler as? DurationHistogram { self.registry.unregisterDurationHistogram(histogram) }
+    }
+}
+
+/// Every metric a node exports: name, type and help. No label ever carries a channel name;
+/// every label has a small fixed set of values.
+enum MetricCatalog {
+    enum Kind { case counter, gauge, histogram }
+
+    static let all: [(name: String, kind: Kind, help: String)] = [
+        ("staps_connections", .gauge, "Open connections (HTTP and websocket), by listener kind (tcp, unix)."),
+        ("staps_websocket_clients", .gauge, "Websocket clients in a channel on this node."),
+        ("staps_channels", .gauge, "Channels with at least one client on this node."),
+        ("staps_messages_received_total", .counter, "Messages received from local clients, by source (websocket, post)."),
+        ("staps_messages_delivered_total", .counter, "Messages handed to local receivers: one per receiver reached."),
+        ("staps_message_bytes_received_total", .counter, "Payload bytes of the messages received from local clients (websocket and POST)."),
+        ("staps_message_bytes_delivered_total", .counter, "Payload bytes handed to local receivers: one message's bytes per receiver reached."),
+        ("staps_messages_dropped_total", .counter, "Messages not delivered, by reason (cross_loop_backlog: an event loop too far behind)."),
+        ("staps_fanout_receivers", .histogram, "Receivers on this node per message relayed (from local clients, POSTs and other nodes)."),
+        ("staps_websocket_closes_total", .counter, "Websocket closes by code (1006: no close handshake; application: 3000-4999) and by who started them (client, node)."),
+        ("staps_http_responses_total", .counter, "HTTP responses by status (pages, POSTs and refusals; 101s are not counted)."),
+        ("staps_handshakes_rejected_total", .counter, "Websocket upgrade requests refused, by HTTP status."),
+        ("staps_connections_refused_total", .counter, "Connections refused with 503 for being over max_connections."),
+        ("staps_slow_consumer_closes_total", .counter, "Receivers closed with 1008 for staying over their send buffer."),
+        ("staps_slow_consumer_dropped_bytes_total", .counter, "Bytes queued for slow consumers and dropped when they were closed."),
+        ("staps_cluster_unmatched_total", .counter, "Messages from other nodes for channels with no client here (brought by shared bucket bindings)."),
+        ("staps_memory_trims_total", .counter, "Times freed heap memory was returned to the system after a busy spell."),
+        ("staps_broker_up", .gauge, "1 while the broker link is connected (publishing and consuming), else 0."),
+        ("staps_broker_reconnects_total", .counter, "Times the broker link connected again after losing its broker."),
+        ("staps_broker_published_total", .counter, "Messages the broker confirmed."),
+        ("staps_broker_consumed_total", .counter, "Messages consumed from the broker (published by other nodes)."),
+        ("staps_broker_dropped_total", .counter, "Messages that did not get through the broker, by reason (broker_down, buffer_full, rejected, malformed)."),
+        ("staps_broker_bindings", .gauge, "Binding keys bound for this node's queue on the current broker connection."),
+        ("staps_broker_rebinds_pending", .gauge, "Binding keys still to bind again after a reconnection."),
+        ("staps_broker_publish_batch_messages", .histogram, "Messages per publish to the broker."),
+    ]
+
+    static let help: [String: String] = Dictionary(uniqueKeysWithValues: all.map { ($0.name, $0.help) })
+}
+
+/// A node's metrics: swift-metrics objects over a swift-prometheus registry, brought up to date
+/// from the node's own counters whenever they are read. The hot path only ever touches those
+/// counters (per event loop, no lock); everything here runs on the scrape's thread.
+public final class NodeMetrics: Sendable {
+    /// What the metrics are read from.
+    struct Sources: Sendable {
+        var hub: Hub
+        var counters: NodeCounters
+        var link: any ClusterLink
+    }
+
+    private let registry = PrometheusCollectorRegistry()
+    private let sources: Sources
+    private let feeds: NIOLockedValueBox<Feeds>
+
+    init(_ sources: Sources) {
+        self.sources = sources
+        let factory = HelpfulPrometheusFactory(registry: self.registry, help: { MetricCatalog.help[$0] ?? "" })
+        self.feeds = NIOLockedValueBox(Feeds(factory: factory, clustered: sources.link.isClustered))
+    }
+
+    /// The Prometheus text exposition of every metric, current as of this call.
+    public func render() -> [UInt8] {
+        self.feeds.withLockedValue { $0.update(from: self.sources) }
+        return self.registry.emitToBuffer()
+    }
+
+    /// Brings the metrics up to date without rendering them (keeps a scrape's work small).
+    public func refresh() {
+        self.feeds.withLockedValue { $0.update(from: self.sources) }
+    }
+}
+
+/// The swift-metrics objects and the counter values they last saw.
+private struct Feeds {
+    var factory: HelpfulPrometheusFactory
+    let clustered: Bool
+    private var counters: [String: (counter: CoreMetrics.Counter, last: Int)] = [:]
+    private var gauges: [String: CoreMetrics.Gauge] = [:]
+    private var histograms: [String: (recorder: CoreMetrics.Recorder, last: CountHistogram.Snapshot)] = [:]
+
+    init(factory: HelpfulPrometheusFactory, clustered: Bool) {
+        self.factory = factory
+        self.clustered = clustered
+    }
+
+    private static func key(_ name: String, _ labels: [(String, String)]) -> String {
+        labels.isEmpty ? name : name + "{" + labels.map { "\($0.0)=\($0.1)" }.joined(separator: ",") + "}"
+    }
+
+    /// Sets a counter to `value` by adding what it grew by since the last update.
+    mutating func count(_ name: String, _ value: Int) { self.count(name, [], value) }
+    mutating func gauge(_ name: String, _ value: Int) { self.gauge(name, [], value) }
+
+    mutating func count(_ name: String, _ labels: [(String, String)], _ value: Int) {
+        let key = Self.key(name, labels)
+        var feed = self.counters[key] ?? (CoreMetrics.Counter(label: name, dimensions: labels, factory: self.factory), 0)
+        if value > feed.last { feed.counter.increment(by: value - feed.last) }
+        feed.last = max(feed.last, value)
+        self.counters[key] = feed
+    }
+
+    mutating func gauge(_ name: String, _ labels: [(String, String)], _ value: Int) {
+        let key = Self.key(name, labels)
+        let gauge = self.gauges[key] ?? CoreMetrics.Gauge(label: name, dimensions: labels, factory: self.factory)
+        self.gauges[key] = gauge
+        gauge.record(value)
+    }
+
+    /// Replays what a count histogram gained since the last update into a swift-metrics
+    /// recorder: each new observation once, at the mean of its bucket's new values (so every
+    /// count lands in its bucket and the sum is exact).
+    mutating func histogram(_ name: String, _ snapshots: [CountHistogram.Snapshot], bounds: [Int]) {
+        var counts = [Int](repeating: 0, count: bounds.count + 1)
+        var sums = counts
+        for s in snapshots {
+            for i in counts.indices {
+                counts[i] += s.counts[i]
+                sums[i] += s.sums[i]
+            }
+        }
+        var factory = self.factory
+        factory.buckets = { _ in bounds.map(Double.init) }
+        var feed = self.histograms[name] ?? (CoreMetrics.Recorder(label: name, dimensions: [], aggregate: true, factory: factory), CountHistogram.Snapshot(counts: counts.map { _ in 0 }, sums: sums.map { _ in 0 }))
+        for i in counts.indices {
+            let n = counts[i] - feed.last.counts[i]
+            guard n > 0 else { continue }
+            let mean = Double(sums[i] - feed.last.sums[i]) / Double(n)
+            for _ in 0..<n { feed.recorder.record(mean) }
+        }
+        feed.last = CountHistogram.Snapshot(counts: counts, sums: sums)
+        self.histograms[name] = feed
+    }
+
+    mutating func update(from sources: NodeMetrics.Sources) {
+        let hub = sources.hub
+        let c = sources.counters
+        let loops = hub.loops.map(\.counters)
+        func sum(_ counter: KeyPath<LoopCounters, ManagedAtomic<Int>>) -> Int {
+            loops.reduce(0) { $0 + $1[keyPath: counter].load(ordering: .relaxed) }
+        }
+        self.gauge("staps_connections", [("listener", "tcp")], c.tcpConnections.load(ordering: .relaxed))
+        self.gauge("staps_connections", [("listener", "unix")], c.unixConnections.load(ordering: .relaxed))
+        self.gauge("staps_websocket_clients", sum(\.websocketClients))
+        self.gauge("staps_channels", hub.directory.count)
+        self.count("staps_messages_received_total", [("source", "websocket")], sum(\.websocketMessages))
+        self.count("staps_messages_received_total", [("source", "post")], sum(\.postMessages))
+        self.count("staps_messages_delivered_total", sum(\.messagesDelivered))
+        self.count("staps_message_bytes_received_total", sum(\.bytesReceived))
+        self.count("staps_message_bytes_delivered_total", sum(\.bytesDelivered))
+        self.count("staps_messages_dropped_total", [("reason", "cross_loop_backlog")], c.crossLoopDropped.load(ordering: .relaxed))
+        self.histogram("staps_fanout_receivers", loops.map(\.fanout.snapshot) + [c.clusterFanout.snapshot], bounds: CountHistogram.fanoutBounds)
+        for close in c.closes.all where close.count > 0 {
+            self.count("staps_websocket_closes_total", [("code", close.code), ("by", close.by)], close.count)
+        }
+        for (status, n) in c.httpResponses.seen {
+            self.count("staps_http_responses_total", [("status", String(status))], n)
+        }
+        for (status, n) in c.handshakesRejected.seen {
+            self.count("staps_handshakes_rejected_total", [("status", String(status))], n)
+        }
+        self.count("staps_connections_refused_total", c.connectionsRefused.load(ordering: .relaxed))
+        self.count("staps_slow_consumer_closes_total", c.slowConsumersClosed.load(ordering: .relaxed))
+        self.count("staps_slow_consumer_dropped_bytes_total", c.slowConsumerDroppedBytes.load(ordering: .relaxed))
+        self.count("staps_memory_trims_total", c.memoryTrims.load(ordering: .relaxed))
+        guard self.clustered, let link = sources.link.report else { return }
+        self.count("staps_cluster_unmatched_total", c.clusterUnmatched.load(ordering: .relaxed))
+        self.gauge("staps_broker_up", link.up ? 1 : 0)
+        self.count("staps_broker_reconnects_total", link.reconnects)
+        self.count("staps_broker_published_total", link.published)
+        self.count("staps_broker_consumed_total", link.consumed)
+        for (reason, n) in link.dropped {
+            self.count("staps_broker_dropped_total", [("reason", reason)], n)
+        }
+        self.gauge("staps_broker_bindings", link.bindings)
+        self.gauge("staps_broker_rebinds_pending", link.rebindsPending)
+        self.histogram("staps_broker_publish_batch_messages", [link.publishBatch.snapshot], bounds: link.publishBatch.bounds)
+    }
+}
