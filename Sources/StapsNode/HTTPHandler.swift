@@ -176,9 +176,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
         switch head.method {
         case .GET, .HEAD:
-            let page = Page.html(target: target, headers: head.headers)
+            let page = Page(target: target, requestHeaders: head.headers)
             self.state = .ignoringBody
-            self.writeResponse(context: context, head: head, status: .ok, contentType: "text/html; charset=utf-8", body: page, keepAlive: head.isKeepAlive, omitBody: head.method == .HEAD)
+            self.writeResponse(context: context, head: head, status: .ok, contentType: "text/html; charset=utf-8", body: page.html, keepAlive: head.isKeepAlive, omitBody: head.method == .HEAD, extraHeaders: page.headers)
         case .POST:
             guard case .channel(let name) = target else {
                 return self.reject(head, .badRequest, "/ is not a channel: POST to /<channel>", context: context)

@@ -121,28 +121,7 @@ import Glibc
 
     /// Runs scripts/autobahn with its output in `log`; its exit status.
     static func runScript(_ args: [String], log: String, seconds: Double) async throws -> Int32 {
-        try FileManager.default.createDirectory(atPath: (log as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
-        guard FileManager.default.createFile(atPath: log, contents: nil), let handle = FileHandle(forWritingAtPath: log) else {
-            throw TestError.unexpected("cannot write \(log)")
-        }
-        defer { try? handle.close() }
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/bin/bash")
-        process.arguments = [repository + "/scripts/autobahn"] + args
-        process.currentDirectoryURL = URL(fileURLWithPath: repository)
-        process.standardInput = FileHandle.nullDevice
-        process.standardOutput = handle
-        process.standardError = handle
-        try process.run()
-        let deadline = Date().addingTimeInterval(seconds)
-        while process.isRunning {
-            guard Date() < deadline else {
-                process.terminate()
-                throw TestError.timeout("scripts/autobahn still running after \(Int(seconds)) s (log: \(log))")
-            }
-            try await Task.sleep(nanoseconds: 200_000_000)
-        }
-        return process.terminationStatus
+        try await runRepositoryScript("scripts/autobahn", args, stdout: log, stderr: log, seconds: seconds)
     }
 
     // MARK: - Judging
@@ -254,9 +233,5 @@ import Glibc
             if ch == "<" { inTag = true } else if ch == ">" { inTag = false } else if !inTag { out.append(ch) }
         }
         return out.split(whereSeparator: \.isWhitespace).joined(separator: " ")
-    }
-
-    static func tail(_ text: String, lines: Int) -> String {
-        text.split(separator: "\n", omittingEmptySubsequences: false).suffix(lines).joined(separator: "\n")
     }
 }

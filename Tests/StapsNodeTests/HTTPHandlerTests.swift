@@ -166,6 +166,91 @@ func statusLines(_ output: String) -> [String] {
         #expect(statusLines(try strict.output(c)) == ["HTTP/1.1 403 Forbidden"])
     }
 
+    /// A response's head as (name, value) pairs, and its body.
+    static func headersAndBody(_ response: String) -> ([(String, String)], String) {
+        guard let split = response.range(of: "\r\n\r\n") else { return ([], response) }
+        let lines = response[..<split.lowerBound].components(separatedBy: "\r\n").dropFirst()
+        let headers = lines.compactMap { line -> (String, String)? in
+            guard let colon = line.firstIndex(of: ":") else { return nil }
+            return (line[..<colon].lowercased(), line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces))
+        }
+        return (headers, String(response[split.upperBound...]))
+    }
+
+    @Test func thePageComesWithItsPolicyAndEscapesWhatTheRequestSays() throws {
+        let node = InMemoryNode()
+        func get(_ request: String) throws -> (status: String, headers: [String: String], body: String) {
+            let c = try node.connect()
+            try node.send(c, request)
+            let out = try node.output(c)
+            let (pairs, body) = Self.headersAndBody(out)
+            return (statusLines(out).first ?? "nothing", Dictionary(pairs, uniquingKeysWith: { $0 + ", " + $1 }), body)
+        }
+        let page = try get("GET /room HTTP/1.1\r\nHost: staps.test:8080\r\n\r\n")
+        #expect(page.status == "HTTP/1.1 200 OK")
+        let csp = try #require(page.headers["content-security-policy"])
+        let nonce = try #require(csp.firstMatch(of: /script-src 'nonce-([A-Za-z0-9+\/]{22}==)'/)?.1)
+        #expect(csp == "default-src 'none'; script-src 'nonce-\(nonce)'; style-src 'nonce-\(nonce)'; connect-src ws://staps.test:8080; img-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+        #expect(page.headers["x-content-type-options"] == "nosniff")
+        #expect(page.headers["referrer-policy"] == "no-referrer")
+        // One script and one style, each with this response's nonce; nothing else runs or styles.
+        #expect(page.body.components(separatedBy: "<script").count == 2 && page.body.contains("<script nonce=\"\(nonce)\">"))
+        #expect(page.body.components(separatedBy: "<style").count == 2 && page.body.contains("<style nonce=\"\(nonce)\">"))
+        #expect(!page.body.contains(" style=") && page.body.firstMatch(of: /\ on[a-z]+=/) == nil, "inline styles or handlers need 'unsafe-inline'")
+        #expect(page.body.contains("data-channel-url=\"ws://staps.test:8080/room\""))
+
+        // Every response its own nonce; HEAD gets the same headers and no body.
+        let head = try get("HEAD /room HTTP/1.1\r\nHost: staps.test:8080\r\n\r\n")
+        let headCSP = try #require(head.headers["content-security-policy"])
+        #expect(headCSP != csp && headCSP.hasPrefix("default-src 'none'; script-src 'nonce-") && head.body.isEmpty)
+        #expect(head.headers["x-content-type-options"] == "nosniff" && head.headers["referrer-policy"] == "no-referrer")
+        // "/" opens no websocket: no connect-src at all.
+        let root = try get("GET / HTTP/1.1\r\nHost: staps.test\r\n\r\n")
+        #expect(root.headers["content-security-policy"].map { !$0.contains("connect-src") && $0.contains("frame-ancestors 'none'") } == true)
+        #expect(!root.body.contains("data-channel-url"))
+        // Behind a proxy: wss and the forwarded host, in the policy as in the page.
+        let proxied = try get("GET /room HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: pubsub.example\r\n\r\n")
+        #expect(proxied.headers["content-security-policy"]?.contains("; connect-src wss://pubsub.example; ") == true)
+        #expect(proxied.body.contains("data-channel-url=\"wss://pubsub.example/room\""))
+
+        // A hostile path, percent-encoded and raw: escaped in the title, percent-encoded in the URLs.
+        for path in ["/%22%3E%3Cscript%3Ealert(1)%3C/script%3E'", "/\"><script>alert(1)</script>'"] {
+            let hostile = try get("GET \(path) HTTP/1.1\r\nHost: staps.test\r\n\r\n")
+            #expect(hostile.status == "HTTP/1.1 200 OK", "\(path)")
+            #expect(hostile.body.components(separatedBy: "<script").count == 2, "\(path): \(hostile.body)")
+            #expect(hostile.body.contains("<title>staps: &quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt;&#39;</title>"), "\(path)")
+            #expect(hostile.body.contains("data-channel-url=\"ws://staps.test/%22%3E%3Cscript%3Ealert%281%29%3C/script%3E%27\""), "\(path)")
+        }
+        // A hostile host: escaped in the page, and never in the policy (then 'self').
+        for (header, value) in [("Host", "x\"><script>alert(1)</script>"), ("X-Forwarded-Host", "a.example; script-src *")] {
+            let request = header == "Host" ? "GET /room HTTP/1.1\r\nHost: \(value)\r\n\r\n" : "GET /room HTTP/1.1\r\nHost: staps.test\r\n\(header): \(value)\r\n\r\n"
+            let hostile = try get(request)
+            let policy = try #require(hostile.headers["content-security-policy"])
+            #expect(policy.contains("; connect-src 'self'; ") && policy.components(separatedBy: "script-src").count == 2, "\(policy)")
+            #expect(hostile.body.components(separatedBy: "<script").count == 2, "\(value)")
+            #expect(hostile.body.contains("data-base=\"ws://\(Page.escape(value))\""), "\(value)")
+        }
+
+        // The policy is the page's: other answers have none.
+        let receiver = try node.websocket("/room")
+        let post = try get("POST /room HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+        let refused = try get("DELETE /room HTTP/1.1\r\nHost: x\r\n\r\n")
+        #expect(post.status == "HTTP/1.1 202 Accepted" && refused.status == "HTTP/1.1 405 Method Not Allowed")
+        #expect(post.headers["content-security-policy"] == nil && refused.headers["content-security-policy"] == nil)
+        _ = try node.outputBytes(receiver)
+    }
+
+    @Test(arguments: [
+        ("staps.test", true), ("127.0.0.1:8080", true), ("[::1]:26951", true), ("[2001:db8::1]", true),
+        ("a-b.example:443", true), ("LOCALHOST", true),
+        ("", false), (":80", false), ("a b", false), ("a;b", false), ("x\"", false), ("[::1", false), ("[]", false),
+        ("[::1]x", false), ("host:", false), ("host:123456", false), ("host:8a", false), ("a.example; script-src *", false),
+        ("évil.example", false), ("a,b", false), ("user@host", false), ("*.example", false),
+    ])
+    func onlyAPlainHostGoesIntoThePolicy(authority: String, valid: Bool) {
+        #expect(Page.isHost(authority) == valid)
+    }
+
     @Test func aChunkedBodyIsRefusedAsSoonAsItIsTooLarge() throws {
         var limits = Limits()
         limits.maxMessageSize = 1000

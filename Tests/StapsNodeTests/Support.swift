@@ -262,3 +262,41 @@ func requireRoot(_ what: String) throws {
         throw TestError.unexpected("\(what): needs root\(ci); run scripts/test as root (sudo scripts/test)")
     }
 }
+
+/// Runs one of the repository's scripts (`scripts/…`, by bash, from the repository's root) with
+/// its output in files (the same path for both: one log), killing it after `seconds`; its exit
+/// status.
+func runRepositoryScript(_ script: String, _ args: [String], stdout: String, stderr: String, seconds: Double) async throws -> Int32 {
+    let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    var handles: [String: FileHandle] = [:]
+    defer { for handle in handles.values { try? handle.close() } }
+    for path in Set([stdout, stderr]) {
+        try FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        guard FileManager.default.createFile(atPath: path, contents: nil), let handle = FileHandle(forWritingAtPath: path) else {
+            throw TestError.unexpected("cannot write \(path)")
+        }
+        handles[path] = handle
+    }
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/bin/bash")
+    process.arguments = [repository.appendingPathComponent(script).path] + args
+    process.currentDirectoryURL = repository
+    process.standardInput = FileHandle.nullDevice
+    process.standardOutput = handles[stdout]
+    process.standardError = handles[stderr]
+    try process.run()
+    let deadline = Date().addingTimeInterval(seconds)
+    while process.isRunning {
+        guard Date() < deadline else {
+            process.terminate()
+            throw TestError.timeout("\(script) still running after \(Int(seconds)) s (output: \(stdout))")
+        }
+        try await Task.sleep(nanoseconds: 200_000_000)
+    }
+    return process.terminationStatus
+}
+
+/// The last `lines` lines of `text`, for failure messages.
+func tail(_ text: String, lines: Int) -> String {
+    text.split(separator: "\n", omittingEmptySubsequences: false).suffix(lines).joined(separator: "\n")
+}
