@@ -104,7 +104,8 @@ public final class Node: Sendable {
     ///   - accepting: false to bind without accepting yet (to drop privileges first); then
     ///     `startAccepting()`.
     ///   - socketGroup: the group to give created socket files (they get `mode` too, and never
-    ///     exist with a looser one: they are created under a umask of 0177).
+    ///     exist with a looser one: each socket is made 0600 before it is bound, see
+    ///     `UnixSocketFile.listen(at:backlog:)`).
     public func start(accepting: Bool = true, inherited: [InheritedListener] = [], socketGroup: gid_t? = nil) async throws {
         self.link.start(inbound: self.hub)
         self.startMemoryTrim()
@@ -282,12 +283,17 @@ public final class Node: Sendable {
             try UnixSocketFile.prepare(path)
             let serverChannel: Channel
             // Created owner-only, then given its mode: never looser than `mode`, not for an instant.
-            let previousMask = umask(0o177)
+            let fd: Int32
             do {
-                serverChannel = try await makeBootstrap(false).bind(unixDomainSocketPath: path).get()
-                umask(previousMask)
+                fd = try UnixSocketFile.listen(at: path, backlog: 1024)
             } catch {
-                umask(previousMask)
+                throw NodeStartError(message: "\(prefix)\(error)")
+            }
+            do {
+                serverChannel = try await makeBootstrap(false).withBoundSocket(fd).get()
+            } catch {
+                close(fd)
+                unlink(path)
                 throw NodeStartError(message: "\(prefix)cannot listen on \(path): \(error)")
             }
             if let gid = socketGroup, chown(path, uid_t.max, gid) != 0 {

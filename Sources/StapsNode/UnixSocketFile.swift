@@ -29,26 +29,61 @@ enum UnixSocketFile {
 
     /// True when some process accepts connections on the socket at `path`.
     static func isLive(_ path: String) -> Bool {
+        guard let fd = try? makeSocket() else { return false }
+        defer { close(fd) }
+        let result = withAddress(path) { connect(fd, $0, $1) }
+        // ECONNREFUSED: nobody listens (stale). EAGAIN: listening but the backlog is full (live).
+        return result == 0 || errno == EAGAIN
+    }
+
+    /// A socket listening at `path` whose file is created owner-only (0600 less the umask),
+    /// for the caller to give its group and mode. The socket's own inode is made 0600 before
+    /// `bind` (Linux creates the file with that mode, less the umask), so the process umask,
+    /// which every thread shares (a file another thread creates meanwhile would get it), is
+    /// never touched.
+    static func listen(at path: String, backlog: Int32) throws -> Int32 {
+        let fd = try makeSocket()
+        func fail(_ what: String) -> NodeStartError {
+            let reason = String(cString: strerror(errno))
+            close(fd)
+            return NodeStartError(message: "cannot listen on \(path): \(what): \(reason)")
+        }
+        guard fchmod(fd, 0o600) == 0 else { throw fail("fchmod") }
+        guard withAddress(path, { bind(fd, $0, $1) }) == 0 else { throw fail("bind") }
+        guard Glibc.listen(fd, backlog) == 0 else {
+            let error = fail("listen")
+            unlink(path)
+            throw error
+        }
+        return fd
+    }
+
+    private static func makeSocket() throws -> Int32 {
         #if canImport(Darwin)
         let fd = socket(AF_UNIX, SOCK_STREAM, 0)
         #else
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         #endif
-        guard fd >= 0 else { return false }
-        defer { close(fd) }
+        guard fd >= 0 else { throw NodeStartError(message: "cannot make a unix socket: \(String(cString: strerror(errno)))") }
+        return fd
+    }
+
+    /// Calls `body` with `path` as a `sockaddr_un` (-1 with ENAMETOOLONG when it does not fit).
+    private static func withAddress(_ path: String, _ body: (UnsafePointer<sockaddr>, socklen_t) -> Int32) -> Int32 {
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
         let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { return false }
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
+            errno = ENAMETOOLONG
+            return -1
+        }
         withUnsafeMutableBytes(of: &addr.sun_path) { dst in
             for (i, b) in bytes.enumerated() { dst[i] = b }
             dst[bytes.count] = 0
         }
-        let result = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        return withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
-        // ECONNREFUSED: nobody listens (stale). EAGAIN: listening but the backlog is full (live).
-        return result == 0 || errno == EAGAIN
     }
 
     /// True when `fd` is an IPv4 or IPv6 socket.
