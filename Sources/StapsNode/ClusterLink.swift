@@ -69,7 +69,7 @@ public protocol ClusterLink: AnyObject, Sendable {
     var report: ClusterLinkReport? { get }
 }
 
-/// A cluster link's state and counters at one moment.
+/// A cluster link's state and counters when asked.
 public struct ClusterLinkReport: Sendable {
     /// Connected to a broker, consuming, publishing.
     public var up: Bool
@@ -81,10 +81,11 @@ public struct ClusterLinkReport: Sendable {
     public var consumed: Int
     /// Messages that never reached the broker or were not delivered, by reason (a fixed set).
     public var dropped: [(reason: String, count: Int)]
-    /// Binding keys bound on the current connection, and those still to rebind.
+    /// Binding keys (channels, or buckets of them) bound on the current connection, and those
+    /// still to bind again.
     public var bindings: Int
     public var rebindsPending: Int
-    /// Messages per publish to the broker.
+    /// Messages per publish to the broker: the link's live histogram, not a copy.
     public var publishBatch: CountHistogram
 
     public init(up: Bool, notReady: String?, reconnects: Int, published: Int, consumed: Int, dropped: [(reason: String, count: Int)], bindings: Int, rebindsPending: Int, publishBatch: CountHistogram) {

@@ -46,8 +46,11 @@ public final class CountHistogram: Sendable {
         var i = 0
         let bounds = self.bounds
         while i < bounds.count, value > bounds[i] { i &+= 1 }
-        LoopCounters.add(1, to: self.counts[i])
+        // The sum first, the count released after it: a reader that sees the count sees at
+        // least the sum of the observations it counts.
         LoopCounters.add(value, to: self.sums[i])
+        let count = self.counts[i]
+        count.store(count.load(ordering: .relaxed) &+ 1, ordering: .releasing)
     }
 
     public struct Snapshot: Sendable {
@@ -55,8 +58,10 @@ public final class CountHistogram: Sendable {
         public var sums: [Int]
     }
 
+    /// Counts, then sums: a sum may already hold observations its count does not show yet.
     public var snapshot: Snapshot {
-        Snapshot(counts: self.counts.map { $0.load(ordering: .relaxed) }, sums: self.sums.map { $0.load(ordering: .relaxed) })
+        let counts = self.counts.map { $0.load(ordering: .acquiring) }
+        return Snapshot(counts: counts, sums: self.sums.map { $0.load(ordering: .relaxed) })
     }
 }
 

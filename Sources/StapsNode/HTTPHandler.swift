@@ -42,6 +42,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// response, whatever the state of reading); re-armed for the next keep-alive request.
     private var requestTimer: Scheduled<Void>?
     private var shuttingDown = false
+    /// The head of the request being answered, until its response is written.
+    private var currentHead: HTTPRequestHead?
 
     /// Requests pipelined behind the one being answered are read only after its response is
     /// written: what one read already brought is held here, at most `pipelineDepth` requests.
@@ -83,7 +85,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             if self.responding || self.closing { return context.close(promise: nil) }
             if case .upgrading = self.state { return context.close(promise: nil) }
             self.state = .ignoringBody
-            self.respond(context: context, head: HTTPRequestHead(version: .http1_1, method: .GET, uri: "/"), status: .requestTimeout, text: "request not complete within \(self.shared.limits.handshakeTimeout.nanoseconds / 1_000_000) ms", close: true)
+            // The request's own head when it has arrived (an upgrade's 408 counts as a refused handshake).
+            self.respond(context: context, head: self.currentHead ?? HTTPRequestHead(version: .http1_1, method: .GET, uri: "/"), status: .requestTimeout, text: "request not complete within \(self.shared.limits.handshakeTimeout.nanoseconds / 1_000_000) ms", close: true)
         }
     }
 
@@ -156,6 +159,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func requestHead(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
+        self.currentHead = head
         self.lastRequestEndsParsing = head.method == .CONNECT
             || (head.headers[canonicalForm: "connection"].contains { $0.lowercased() == "upgrade" } && head.headers.contains(name: "upgrade"))
         if self.overConnectionLimit {
@@ -260,6 +264,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         for (name, value) in extraHeaders { headers.add(name: name, value: value) }
         let keepAlive = keepAlive && !self.shuttingDown && !self.lastRequestEndsParsing
         self.responses += 1
+        self.currentHead = nil
         self.shared.counters.httpResponses.increment(Int(status.code))
         self.shared.counters.httpResponseTotal.wrappingIncrement(ordering: .relaxed)
         if Self.isUpgradeToWebSocket(head.headers) { self.shared.counters.handshakesRejected.increment(Int(status.code)) }
@@ -329,9 +334,15 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         ready.assumeIsolated().whenComplete { result in
             switch result {
             case .success:
-                guard context.channel.isActive, !self.shuttingDown else {
+                guard context.channel.isActive else {
                     membership.leave()
                     context.close(promise: nil)
+                    return
+                }
+                guard !self.shuttingDown else {
+                    membership.leave()
+                    self.state = .idle
+                    self.respond(context: context, head: head, status: .serviceUnavailable, text: "server shutting down", close: true)
                     return
                 }
                 do {

@@ -102,8 +102,7 @@ final class LoopHub: @unchecked Sendable {
             work &+= local.members.count
             var reached = 0
             for member in local.members where member !== sender {
-                member.enqueue(frame)
-                reached &+= 1
+                if member.enqueue(frame) { reached &+= 1 }
             }
             LoopCounters.add(reached, to: self.counters.messagesDelivered)
             LoopCounters.add(reached &* (frame.readableBytes &- headerLength), to: self.counters.bytesDelivered)
@@ -195,9 +194,10 @@ final class LoopHub: @unchecked Sendable {
         var payloadBytes = 0
         for (entry, frame) in batch {
             guard let local = self.channels[ObjectIdentifier(entry)] else { continue }
-            for member in local.members { member.enqueue(frame) }
-            reached &+= local.members.count
-            payloadBytes &+= local.members.count &* Framing.payloadLength(ofServerFrame: frame)
+            var n = 0
+            for member in local.members where member.enqueue(frame) { n &+= 1 }
+            reached &+= n
+            payloadBytes &+= n &* Framing.payloadLength(ofServerFrame: frame)
         }
         LoopCounters.add(reached, to: self.counters.messagesDelivered)
         LoopCounters.add(payloadBytes, to: self.counters.bytesDelivered)

@@ -121,7 +121,9 @@ public final class NodeMetrics: Sendable {
         return self.registry.emitToBuffer()
     }
 
-    /// Brings the metrics up to date without rendering them (keeps a scrape's work small).
+    /// Brings the metrics up to date without rendering them: run every second while the
+    /// metrics listener is up, so that a scrape (or the first after Prometheus was away)
+    /// replays at most a second's worth of histogram observations.
     public func refresh() {
         self.feeds.withLockedValue { $0.update(from: self.sources) }
     }
@@ -164,8 +166,9 @@ private struct Feeds {
     }
 
     /// Replays what a count histogram gained since the last update into a swift-metrics
-    /// recorder: each new observation once, at the mean of its bucket's new values (so every
-    /// count lands in its bucket and the sum is exact).
+    /// recorder: each new observation once, at the mean of its bucket's new values. Counts are
+    /// exact; a sum read a moment after its count may hold values still in flight, so the mean
+    /// is kept inside its bucket and the sum catches up at the next update.
     mutating func histogram(_ name: String, _ snapshots: [CountHistogram.Snapshot], bounds: [Int]) {
         var counts = [Int](repeating: 0, count: bounds.count + 1)
         var sums = counts
@@ -181,10 +184,13 @@ private struct Feeds {
         for i in counts.indices {
             let n = counts[i] - feed.last.counts[i]
             guard n > 0 else { continue }
-            let mean = Double(sums[i] - feed.last.sums[i]) / Double(n)
+            let lower = i == 0 ? -Double.infinity : Double(bounds[i - 1])
+            let upper = i < bounds.count ? Double(bounds[i]) : Double.infinity
+            let mean = min(max(Double(sums[i] - feed.last.sums[i]) / Double(n), lower.nextUp), upper)
             for _ in 0..<n { feed.recorder.record(mean) }
+            feed.last.counts[i] = counts[i]
+            feed.last.sums[i] = sums[i]
         }
-        feed.last = CountHistogram.Snapshot(counts: counts, sums: sums)
         self.histograms[name] = feed
     }
 

@@ -9,12 +9,13 @@ struct MetricsEndpoint: Sendable {
     /// Why the node should get no traffic now (nil when ready), for `/readyz`.
     let notReady: @Sendable () -> String?
     /// Metrics are rendered here, never on an event loop: a scrape's work never delays a client.
-    let queue = DispatchQueue(label: "staps.metrics")
+    let queue: DispatchQueue
 
-    /// Requests a connection may send before its previous answer is written.
-    static let pipelineDepth = 4
-    /// Time a connection has to send a complete request (then it is closed).
+    /// Time a connection has to send a complete request, from accept or its previous answer
+    /// (then it is closed); the answer itself is not timed.
     static let requestTimeout = TimeAmount.seconds(10)
+    /// Connections the metrics listener serves at once; more are closed on accept.
+    static let maxConnections = 64
 
     /// The answer to one request: status, content type and body.
     enum Answer {
@@ -50,14 +51,14 @@ struct MetricsEndpoint: Sendable {
     }
 }
 
-/// One connection to the metrics listener: requests answered in order, one at a time.
+/// One connection to the metrics listener. NIO's server pipeline handler in front holds back a
+/// pipelined request until the previous answer is written, so there is one request at a time.
 final class MetricsHTTPHandler: ChannelInboundHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
 
     private let endpoint: MetricsEndpoint
-    private var waiting: CircularBuffer<HTTPRequestHead> = []
-    private var busy = false
+    private var head: HTTPRequestHead?
     private var timer: Scheduled<Void>?
 
     init(endpoint: MetricsEndpoint) { self.endpoint = endpoint }
@@ -73,23 +74,24 @@ final class MetricsHTTPHandler: ChannelInboundHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        guard case .end = self.unwrapInboundIn(data) else {
-            if case .head(let head) = self.unwrapInboundIn(data) {
-                guard self.waiting.count < MetricsEndpoint.pipelineDepth else { return context.close(promise: nil) }
-                self.waiting.append(head)
-            }
-            return  // request bodies are ignored
+        switch self.unwrapInboundIn(data) {
+        case .head(let head):
+            self.head = head
+        case .body:
+            break  // request bodies are ignored
+        case .end:
+            guard let head = self.head else { return }
+            self.head = nil
+            self.timer?.cancel()
+            self.answer(head, context: context)
         }
-        self.next(context: context)
     }
 
-    private func next(context: ChannelHandlerContext) {
-        guard !self.busy, let head = self.waiting.first else { return }
+    private func answer(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
         switch self.endpoint.answer(method: head.method, uri: head.uri) {
         case .now(let status, let type, let body, let extra):
             self.write(context: context, head: head, status: status, contentType: type, body: ByteBuffer(string: body), extra: extra)
         case .metrics:
-            self.busy = true
             let loop = context.eventLoop
             let metrics = self.endpoint.metrics
             // Handler and context stay on their loop: the queue only carries them back to it.
@@ -98,7 +100,6 @@ final class MetricsHTTPHandler: ChannelInboundHandler {
                 let text = metrics.render()
                 loop.execute {
                     let (handler, context) = here.value
-                    handler.busy = false
                     // The connection may be gone by now: then there is nothing to answer.
                     guard context.channel.isActive else { return }
                     handler.write(context: context, head: head, status: .ok, contentType: "text/plain; version=0.0.4; charset=utf-8", body: ByteBuffer(bytes: text), extra: [])
@@ -108,7 +109,6 @@ final class MetricsHTTPHandler: ChannelInboundHandler {
     }
 
     private func write(context: ChannelHandlerContext, head: HTTPRequestHead, status: HTTPResponseStatus, contentType: String, body: ByteBuffer, extra: [(String, String)]) {
-        self.waiting.removeFirst()
         var headers = HTTPHeaders()
         headers.add(name: "Content-Type", value: contentType)
         headers.add(name: "Content-Length", value: "\(body.readableBytes)")
@@ -124,7 +124,6 @@ final class MetricsHTTPHandler: ChannelInboundHandler {
             return
         }
         self.armTimer(context: context)
-        self.next(context: context)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {

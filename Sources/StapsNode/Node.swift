@@ -43,6 +43,9 @@ public final class Node: Sendable {
     }
     private let listeners = NIOLockedValueBox<[Listener]>([])
     private let metricsListener = NIOLockedValueBox<Listener?>(nil)
+    private let metricsConnections = NIOLockedValueBox<[ObjectIdentifier: Channel]>([:])
+    private let metricsRefresh = NIOLockedValueBox<RepeatedTask?>(nil)
+    private let metricsQueue = DispatchQueue(label: "staps.metrics")
     private let memoryTrim = NIOLockedValueBox<RepeatedTask?>(nil)
     private let accepting = ManagedAtomic<Bool>(false)
     private let stopping = ManagedAtomic<Bool>(false)
@@ -67,6 +70,10 @@ public final class Node: Sendable {
         self.hub = Hub(eventLoops: Array(self.group.makeIterator()), link: link, counters: self.counters, logger: logger)
         self.metrics = NodeMetrics(NodeMetrics.Sources(hub: self.hub, counters: self.counters, link: link))
     }
+
+    /// Connections a listener's kernel queue holds before they are accepted (capped by
+    /// net.core.somaxconn; systemd's own default for socket units).
+    static let backlog: Int32 = 4096
 
     /// The metrics listener's address (TCP port 0 resolved), when there is one.
     public var metricsAddress: BindAddress? { self.metricsListener.withLockedValue { $0?.address } }
@@ -105,7 +112,7 @@ public final class Node: Sendable {
     ///     `startAccepting()`.
     ///   - socketGroup: the group to give created socket files (they get `mode` too, and never
     ///     exist with a looser one: each socket is made 0600 before it is bound, see
-    ///     `UnixSocketFile.listen(at:backlog:)`).
+    ///     `UnixSocketFile.bindPrivately(at:backlog:)`).
     public func start(accepting: Bool = true, inherited: [InheritedListener] = [], socketGroup: gid_t? = nil) async throws {
         self.link.start(inbound: self.hub)
         self.startMemoryTrim()
@@ -124,6 +131,8 @@ public final class Node: Sendable {
                     } catch {
                         throw NodeStartError(message: "cannot serve the inherited socket \(socket.name) (fd \(socket.fd)): \(error)")
                     }
+                    // NIO listens again with a backlog of 128 when it takes a socket over.
+                    _ = listen(socket.fd, Self.backlog)
                     let address: BindAddress
                     switch serverChannel.localAddress {
                     case .some(.unixDomainSocket): address = .unixDomainSocket(path: serverChannel.localAddress?.pathname ?? socket.name)
@@ -138,6 +147,7 @@ public final class Node: Sendable {
             if let address = self.configuration.metricsAddress {
                 let listener = try await self.bind(address, socketGroup: socketGroup, what: "metrics") { _ in self.metricsBootstrap() }
                 self.metricsListener.withLockedValue { $0 = listener }
+                self.startMetricsRefresh()
                 self.logger.notice("serving metrics", metadata: ["address": "\(listener.address)"])
             }
         } catch {
@@ -158,22 +168,57 @@ public final class Node: Sendable {
 
     /// The metrics listener: `/metrics`, `/healthz`, `/readyz`, nothing else.
     private func metricsBootstrap() -> ServerBootstrap {
-        let endpoint = MetricsEndpoint(metrics: self.metrics, notReady: { [self] in self.notReady })
+        let endpoint = MetricsEndpoint(metrics: self.metrics, notReady: { [self] in self.notReady }, queue: self.metricsQueue)
+        let connections = self.metricsConnections
         return ServerBootstrap(group: self.group)
             .serverChannelOption(.backlog, value: 64)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.maxMessagesPerRead, value: 4)
             .childChannelInitializer { connection in
-                connection.eventLoop.makeCompletedFuture {
+                let key = ObjectIdentifier(connection)
+                let admitted = connections.withLockedValue { open -> Bool in
+                    guard open.count < MetricsEndpoint.maxConnections else { return false }
+                    open[key] = connection
+                    return true
+                }
+                guard admitted else { return connection.close() }
+                connection.closeFuture.whenComplete { _ in connections.withLockedValue { $0[key] = nil } }
+                return connection.eventLoop.makeCompletedFuture {
                     try connection.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
                     try connection.pipeline.syncOperations.addHandler(MetricsHTTPHandler(endpoint: endpoint))
                 }
             }
     }
 
+    /// Every second, off the event loops: a scrape then replays at most a second's counts.
+    private func startMetricsRefresh() {
+        let metrics = self.metrics
+        let queue = self.metricsQueue
+        let pending = ManagedAtomic<Bool>(false)
+        let task = self.group.next().scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { _ in
+            // One at a time: a refresh still running is not queued behind again.
+            guard !pending.exchange(true, ordering: .relaxed) else { return }
+            queue.async {
+                metrics.refresh()
+                pending.store(false, ordering: .relaxed)
+            }
+        }
+        self.metricsRefresh.withLockedValue { $0 = task }
+    }
+
+    /// Closes the metrics listener and its connections, and lets a render under way finish
+    /// (it answers only connections still open) before the event loops go.
     private func closeMetricsListener() async {
+        self.metricsRefresh.withLockedValue { $0?.cancel(); $0 = nil }
         guard let listener = self.metricsListener.withLockedValue({ l -> Listener? in defer { l = nil }; return l }) else { return }
         try? await listener.serverChannel.close()
         UnixSocketFile.remove(listener)
+        for connection in self.metricsConnections.withLockedValue({ Array($0.values) }) {
+            try? await connection.close()
+        }
+        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+            self.metricsQueue.async { done.resume() }
+        }
     }
 
     /// One line for the service manager: connections, channels, broker link.
@@ -239,7 +284,7 @@ public final class Node: Sendable {
         let bootstrap = ServerBootstrap(group: self.group)
         if tcp { _ = bootstrap.childChannelOption(.tcpOption(.tcp_nodelay), value: 1) }
         return bootstrap
-            .serverChannelOption(.backlog, value: 1024)
+            .serverChannelOption(.backlog, value: Self.backlog)
             .serverChannelOption(.autoRead, value: accepting)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.writeBufferWaterMark, value: .init(low: limits.sendBuffer / 2, high: limits.sendBuffer))
@@ -285,26 +330,31 @@ public final class Node: Sendable {
             // Created owner-only, then given its mode: never looser than `mode`, not for an instant.
             let fd: Int32
             do {
-                fd = try UnixSocketFile.listen(at: path, backlog: 1024)
+                fd = try UnixSocketFile.bindPrivately(at: path, backlog: Self.backlog)
             } catch {
                 throw NodeStartError(message: "\(prefix)\(error)")
             }
             do {
                 serverChannel = try await makeBootstrap(false).withBoundSocket(fd).get()
             } catch {
-                close(fd)
+                // NIO closed the descriptor if it made a channel of it; closing it here again
+                // could close another's. Only a failure before that leaks it, on a failed start.
                 unlink(path)
                 throw NodeStartError(message: "\(prefix)cannot listen on \(path): \(error)")
             }
-            if let gid = socketGroup, chown(path, uid_t.max, gid) != 0 {
+            // NIO listens again with a backlog of 128 when it takes a socket over.
+            _ = listen(fd, Self.backlog)
+            func fail(_ message: String) async -> NodeStartError {
                 let reason = String(cString: strerror(errno))
                 try? await serverChannel.close()
-                throw NodeStartError(message: "cannot give \(path) to group \(gid): \(reason)")
+                unlink(path)
+                return NodeStartError(message: "\(prefix)\(message): \(reason)")
+            }
+            if let gid = socketGroup, chown(path, uid_t.max, gid) != 0 {
+                throw await fail("cannot give \(path) to group \(gid)")
             }
             guard chmod(path, mode_t(self.configuration.socketMode)) == 0 else {
-                let reason = String(cString: strerror(errno))
-                try? await serverChannel.close()
-                throw NodeStartError(message: "cannot set mode \(String(self.configuration.socketMode, radix: 8)) on \(path): \(reason)")
+                throw await fail("cannot set mode \(String(self.configuration.socketMode, radix: 8)) on \(path)")
             }
             return Listener(serverChannel: serverChannel, address: address, inode: UnixSocketFile.inode(path))
         }

@@ -37,11 +37,12 @@ enum UnixSocketFile {
     }
 
     /// A socket listening at `path` whose file is created owner-only (0600 less the umask),
-    /// for the caller to give its group and mode. The socket's own inode is made 0600 before
+    /// for the caller to give its group and mode. Linux only: elsewhere the file's mode at
+    /// `bind` follows the umask alone. The socket's own inode is made 0600 before
     /// `bind` (Linux creates the file with that mode, less the umask), so the process umask,
     /// which every thread shares (a file another thread creates meanwhile would get it), is
     /// never touched.
-    static func listen(at path: String, backlog: Int32) throws -> Int32 {
+    static func bindPrivately(at path: String, backlog: Int32) throws -> Int32 {
         let fd = try makeSocket()
         func fail(_ what: String) -> NodeStartError {
             let reason = String(cString: strerror(errno))
@@ -50,7 +51,7 @@ enum UnixSocketFile {
         }
         guard fchmod(fd, 0o600) == 0 else { throw fail("fchmod") }
         guard withAddress(path, { bind(fd, $0, $1) }) == 0 else { throw fail("bind") }
-        guard Glibc.listen(fd, backlog) == 0 else {
+        guard listen(fd, backlog) == 0 else {
             let error = fail("listen")
             unlink(path)
             throw error

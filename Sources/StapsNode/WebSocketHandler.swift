@@ -35,6 +35,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var context: ChannelHandlerContext!
     private var machine: WebSocketStateMachine
     private enum State { case open, closing, closed }
+    private var closeCounted = false
     private var state = State.open
     private var isDirty = false
 
@@ -78,8 +79,9 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        // Gone while open: no close handshake (1006), whoever dropped it.
-        if self.state == .open { self.counters.closes.increment(code: 1006, byClient: true) }
+        // Gone without a close handshake (1006): the client dropped it (the node's own drops
+        // are counted where it makes them).
+        self.countClose(code: 1006, byClient: true)
         self.leave()
         self.state = .closed
         self.outbox.removeAll()
@@ -89,10 +91,20 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
         context.fireChannelInactive()
     }
 
-    /// The code of the client's close, from the close frame that echoes it (1005: none).
-    static func closeCode(ofReply reply: ByteBuffer) -> Int {
-        guard Framing.payloadLength(ofServerFrame: reply) >= 2, let code = reply.getInteger(at: reply.readerIndex + 2, as: UInt16.self) else { return 1005 }
-        return Int(code)
+    /// The code of the close frame the node answers a client's close with (1005: none), and
+    /// whether it carries a reason (the client's close was broken).
+    static func closeCode(ofReply reply: ByteBuffer) -> (Int, failed: Bool) {
+        let length = Framing.payloadLength(ofServerFrame: reply)
+        guard length >= 2, let code = reply.getInteger(at: reply.readerIndex + 2, as: UInt16.self) else { return (1005, false) }
+        return (Int(code), length > 2)
+    }
+
+    /// Counts this connection's close once: the first of the client's close, the node's, or
+    /// the connection ending without either.
+    private func countClose(code: Int, byClient: Bool) {
+        guard !self.closeCounted else { return }
+        self.closeCounted = true
+        self.counters.closes.increment(code: code, byClient: byClient)
     }
 
     /// Stops the timers and leaves the staps channel (both idempotent).
@@ -105,16 +117,17 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     // MARK: Outbound (called by the loop hub)
 
-    /// Queues a framed message; the hub flushes once per tick.
-    @inline(__always)
-    func enqueue(_ frame: ByteBuffer) {
-        guard self.state == .open else { return }
+    /// Queues a framed message; the hub flushes once per tick. False when it was not queued
+    /// (the receiver is closing, or is closed for it now as a slow consumer).
+    @inline(__always) @discardableResult
+    func enqueue(_ frame: ByteBuffer) -> Bool {
+        guard self.state == .open else { return false }
         let context = self.context!
         if !context.channel.isWritable {
             // NIO holds a full send buffer: a hard cap at twice it, and a grace timer.
             if self.queuedBytes + frame.readableBytes > 2 * self.limits.sendBuffer {
                 self.closeSlowConsumer()
-                return
+                return false
             }
             if self.slowTimer == nil {
                 self.armSlowTimer(context: context)
@@ -127,6 +140,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
             self.handOver(context: context)
         }
         self.markDirty()
+        return true
     }
 
     /// Bytes the outbox may collect in one tick before they are handed to NIO early.
@@ -271,7 +285,10 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
                 self.close(code: code, reason: reason)
                 if !self.machine.awaitsClose { return }
             case .replyToClose(let reply):
-                self.counters.closes.increment(code: Self.closeCode(ofReply: reply), byClient: true)
+                // A valid close is echoed without a reason; one with a reason is the node
+                // failing a broken close (1002, 1007).
+                let (code, failed) = Self.closeCode(ofReply: reply)
+                self.countClose(code: code, byClient: !failed)
                 self.leave()
                 self.state = .closing
                 self.outbox.removeAll()
@@ -305,7 +322,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
         guard self.state == .open, let context = self.context else { return }
         self.state = .closing
         _ = self.machine.startClosing()
-        self.counters.closes.increment(code: Int(code), byClient: false)
+        self.countClose(code: Int(code), byClient: false)
         self.leave()
         self.logger.debug("closing websocket", metadata: ["close.code": "\(code)", "close.reason": "\(reason)"])
         while let frame = self.outbox.popFirst() {
@@ -348,6 +365,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         self.logger.debug("websocket error", metadata: ["error": "\(error)"])
+        self.countClose(code: 1006, byClient: false)
         context.close(promise: nil)
     }
 }

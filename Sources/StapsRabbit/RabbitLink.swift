@@ -120,7 +120,7 @@ public final class RabbitLink: ClusterLink, Sendable {
         } else if !up {
             notReady = "the broker is unreachable (reconnecting; local clients are served)"
         } else if rebinds > 0 {
-            notReady = "rebinding \(rebinds) channels after reconnecting to the broker"
+            notReady = "binding \(rebinds) binding keys again after reconnecting to the broker"
         } else {
             notReady = nil
         }

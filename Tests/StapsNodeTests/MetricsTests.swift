@@ -93,7 +93,13 @@ enum MetricsTools {
         #expect(try await b.nextClose().0 == 1000)
         c.send(String(repeating: "x", count: 2000))
         #expect(try await c.nextClose().0 == 1009)
-        try await eventually("both clients are gone") { node.node.status.hasPrefix("connections 1,") }
+        // A broken close (1004 may not be sent) is the node's 1002; a vanished client is 1006.
+        let d = try await TestClient.connect(node.tcp, "/m2")
+        d.client.close(code: 1004)
+        #expect(try await d.nextClose().0 == 1002)
+        let e = try await TestClient.connect(node.tcp, "/m2")
+        await e.close()
+        try await eventually("the other clients are gone") { node.node.status.hasPrefix("connections 1,") }
 
         let after = try MetricsTools.scrape(address)
         func moved(_ key: String) -> Double { after[key] - before[key] }
@@ -112,6 +118,9 @@ enum MetricsTools {
         #expect(moved(#"staps_http_responses_total{status="202"}"#) == 1)
         #expect(moved(#"staps_websocket_closes_total{code="1000",by="client"}"#) == 1)
         #expect(moved(#"staps_websocket_closes_total{code="1009",by="node"}"#) == 1)
+        #expect(moved(#"staps_websocket_closes_total{code="1002",by="node"}"#) == 1)
+        #expect(moved(#"staps_websocket_closes_total{code="1002",by="client"}"#) == 0)
+        #expect(moved(#"staps_websocket_closes_total{code="1006",by="client"}"#) == 1)
         #expect(after["staps_websocket_clients"] == 1)
         #expect(after[#"staps_connections{listener="unix"}"#] == 0)
         // No channel name anywhere: not as a label, not in a value.
@@ -233,7 +242,7 @@ enum MetricsTools {
         guard case .hostname(_, let metricsPort) = try #require(node.node.metricsAddress) else { throw TestError.unexpected("TCP metrics") }
         let port = try await Nginx.freePort()
         var site = try String(contentsOfFile: Broker.repositoryRoot + "/deploy/nginx/staps-metrics.conf", encoding: .utf8)
-        site = site.replacingOccurrences(of: "listen 127.0.0.1:9100;", with: "listen 127.0.0.1:\(port);")
+        site = site.replacingOccurrences(of: "listen 127.0.0.1:9190;", with: "listen 127.0.0.1:\(port);")
         site = site.replacingOccurrences(of: "127.0.0.1:9101", with: "127.0.0.1:\(metricsPort)")
         site = site.replacingOccurrences(of: "/etc/nginx/staps-metrics.htpasswd", with: dir.path + "/htpasswd")
         let (hashed, hash) = try run("/usr/bin/openssl", ["passwd", "-apr1", "s3cret"])

@@ -336,3 +336,37 @@ import WebSocketClient
         await node.stop()
     }
 }
+
+/// The kernel queues of the unix listeners: NIO listens again with 128 when it takes over a
+/// socket; the node's own backlog must win.
+@Suite struct ListenBacklogTests {
+    @Test func aPausedUnixListenerQueuesFarMoreThan128Connections() async throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let path = dir.path + "/backlog.sock"
+        let node = Node(configuration: NodeConfiguration(addresses: [.unixDomainSocket(path: path)]), logger: testLogger("node"))
+        try await node.start(accepting: false)
+        var fds: [Int32] = []
+        defer { for fd in fds { close(fd) } }
+        var queued = 0
+        for _ in 0..<600 {
+            let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+            fds.append(fd)
+            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+            var addr = sockaddr_un()
+            addr.sun_family = sa_family_t(AF_UNIX)
+            withUnsafeMutableBytes(of: &addr.sun_path) { dst in
+                for (i, b) in path.utf8.enumerated() { dst[i] = b }
+            }
+            let ok = withUnsafePointer(to: &addr) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            }
+            if ok == 0 { queued += 1 } else { break }  // EAGAIN: the queue is full
+        }
+        // Linux queues backlog + 1; the node asks for 4096, capped by net.core.somaxconn.
+        let somaxconn = Int((try? String(contentsOfFile: "/proc/sys/net/core/somaxconn", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "") ?? 4096
+        #expect(queued >= min(600, somaxconn), "queued \(queued) connections while not accepting")
+        try await node.startAccepting()
+        await node.shutdown()
+    }
+}
