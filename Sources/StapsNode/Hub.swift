@@ -100,6 +100,26 @@ public final class NodeCounters: Sendable {
     /// HTTP responses written (pages, POST answers, errors).
     public let httpResponses = ManagedAtomic<Int>(0)
 
+    // The authorization hook (`auth_url`): one outcome counted per websocket handshake or
+    // POST that was asked about. A client that left before the answer is counted in none.
+
+    /// Requests the hook admitted (a 2xx with a valid `X-Staps-Allow`, or none).
+    public let authAdmitted = ManagedAtomic<Int>(0)
+    /// Requests the hook refused: its 401 or 403, passed on to the client.
+    public let authDenied = ManagedAtomic<Int>(0)
+    /// 503s because the hook answered another status (3xx, 404, 5xx, ...).
+    public let authFailedStatus = ManagedAtomic<Int>(0)
+    /// 503s because the hook could not be reached (refused, reset, no such socket).
+    public let authFailedUnreachable = ManagedAtomic<Int>(0)
+    /// 503s because the hook had not answered within `auth_timeout` (or the request deadline).
+    public let authFailedTimeout = ManagedAtomic<Int>(0)
+    /// 503s at once because `auth_concurrency` calls to the hook were already in flight.
+    public let authFailedOverConcurrency = ManagedAtomic<Int>(0)
+    /// 503s because the hook's answer was unusable: an invalid `X-Staps-Allow`, or not HTTP.
+    public let authFailedBadAnswer = ManagedAtomic<Int>(0)
+    /// Messages dropped because their sender may only subscribe (`X-Staps-Allow: subscribe`).
+    public let messagesDroppedSubscribeOnly = ManagedAtomic<Int>(0)
+
     public init() {}
 }
 
@@ -222,8 +242,10 @@ public final class Hub: Sendable, ClusterInbound {
 /// One client's membership in one staps channel, from `Hub.join` until `leave()`.
 ///
 /// Joining counts the client in the node's directory; `attach(_:)` then makes its websocket
-/// handler receive the channel's messages on its event loop. `leave()` undoes whichever of the
-/// two has happened, once: every path that ends the client (a failed upgrade, a close, an
+/// handler receive the channel's messages on its event loop (a publish-only client, as the
+/// authorization hook may make one, is never attached: it stays counted, so its channel stays
+/// subscribed cluster-wide while it is there, and receives nothing). `leave()` undoes whichever
+/// of the two has happened, once: every path that ends the client (a failed upgrade, a close, an
 /// inactive or removed handler) calls it, and only the first call does anything. The last
 /// client out of the node unsubscribes the channel from the cluster link.
 ///
