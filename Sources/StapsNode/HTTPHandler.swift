@@ -527,6 +527,12 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             self.shuttingDown = true
             // Idle between keep-alive requests: done. Not asked anything yet: wait for the request.
             if case .idle = self.state, self.responses > 0, !self.responding, self.held.isEmpty { context.close(promise: nil) }
+            // An upgrade waiting for the hook would be dropped once admitted (no websocket
+            // starts during shutdown): drop it now, its call with it. A POST is still answered.
+            if case .authorizing(_, _, .upgrade) = self.state {
+                self.abandonHookCall()
+                context.close(promise: nil)
+            }
             return
         }
         context.fireUserInboundEventTriggered(event)

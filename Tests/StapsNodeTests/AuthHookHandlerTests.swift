@@ -204,6 +204,22 @@ final class ScriptedHook: HookTransport {
         _ = try Self.websocket(node, hook, "/room")
     }
 
+    @Test func atShutdownAPendingUpgradeIsDroppedAndAPendingPostStillAnswered() throws {
+        let (node, hook) = Self.node()
+        let upgrade = try node.connect()
+        try node.send(upgrade, upgradeRequest("/room"))
+        let post = try node.connect()
+        try node.send(post, "POST /room HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+        for c in [upgrade, post] { c.pipeline.fireUserInboundEventTriggered(ShutdownEvent()) }
+        node.loop.run()
+        #expect(!upgrade.isActive && hook.calls[0].cancelled && node.hub.directory.count == 0)
+        #expect(post.isActive && !hook.calls[1].cancelled)
+        hook.answer(1, .admit(.both))
+        let out = try node.output(post)
+        #expect(statusLines(out) == ["HTTP/1.1 202 Accepted"] && out.contains("Connection: close\r\n"), "\(out)")
+        #expect(node.shared.authorizer?.callsInFlight == 0)
+    }
+
     @Test func pastTheConcurrencyBoundIs503AtOnce() throws {
         let (node, hook) = Self.node(concurrency: 2)
         let pending = try (0..<2).map { _ in
