@@ -1,10 +1,13 @@
 import NIOCore
 import NIOHTTP1
 
+// The authorization hook's pure parts: its settings, its URL, the headers it is sent and the
+// reading of its answer. `Authorizer` bounds and counts the calls; `HTTPHookTransport`
+// (module StapsHook) makes them.
+
 /// The authorization hook (`auth_url`, `auth_timeout`, `auth_concurrency`): before a websocket
 /// handshake or a POST is accepted, staps asks an HTTP service of the operator's, as nginx's
-/// `auth_request` does. This file holds the pure parts: the settings, the URL, the headers
-/// sent, and the reading of the answer. `AuthHookClient.swift` does the asking.
+/// `auth_request` does.
 ///
 /// The `init` defaults are the documented defaults (see `staps.conf`).
 public struct HookSettings: Sendable, Equatable {
