@@ -1,6 +1,7 @@
-/// Who may use a node from where: the `Origin` allowlist and the POST token. staps has no
-/// authentication of its own; these keep a foreign web page from using a visitor's browser
-/// against the service, and keep publishing over HTTP to those who hold the token.
+/// Who may use a node from where: the `Origin` allowlist, the POST token and the authorization
+/// hook. staps has no authentication of its own; these keep a foreign web page from using a
+/// visitor's browser against the service, keep publishing over HTTP to those who hold the
+/// token, and let the operator's own service decide the rest (`HookSettings`).
 public struct AccessSettings: Sendable, Equatable {
     /// Origins a websocket handshake or POST may come from; empty: any.
     public var origins: [OriginPattern]
@@ -8,11 +9,14 @@ public struct AccessSettings: Sendable, Equatable {
     public var originRequired: Bool
     /// POST needs `Authorization: Bearer <postToken>`; nil: no token needed.
     public var postToken: String?
+    /// The authorization hook, asked after the checks above.
+    public var hook: HookSettings
 
-    public init(origins: [OriginPattern] = [], originRequired: Bool = false, postToken: String? = nil) {
+    public init(origins: [OriginPattern] = [], originRequired: Bool = false, postToken: String? = nil, hook: HookSettings = HookSettings()) {
         self.origins = origins
         self.originRequired = originRequired
         self.postToken = postToken
+        self.hook = hook
     }
 
     /// Why a request with these `Origin` header values is refused (403), or nil to admit it.

@@ -105,6 +105,9 @@ public struct ConfigurationOverrides: Sendable, Equatable {
     public var origins: [OriginPattern]?
     public var originRequired: Bool?
     public var postToken: String?
+    public var authURL: HookURL?
+    public var authTimeout: TimeAmount?
+    public var authConcurrency: Int?
     public var cluster = ClusterOverrides()
     public var daemon = DaemonSettings()
     /// The line each `section.key` was set on, for errors found after parsing (a user that
@@ -238,6 +241,12 @@ public struct ConfigurationOverrides: Sendable, Equatable {
                         throw fail("needs at least 16 printable characters, no spaces")
                     }
                     out.postToken = v
+                case "auth_url":
+                    do { out.authURL = try HookURL(v) } catch { throw fail(error.message) }
+                case "auth_timeout":
+                    do { out.authTimeout = try ValueParser.duration(v, positive: true) } catch { throw fail(error.message) }
+                case "auth_concurrency":
+                    do { out.authConcurrency = try ValueParser.integer(v, min: 1, max: 100_000) } catch { throw fail(error.message) }
                 default:
                     throw fail("unknown key in [staps]")
                 }
@@ -306,6 +315,9 @@ public struct ConfigurationOverrides: Sendable, Equatable {
         if let v = self.origins { config.access.origins = v }
         if let v = self.originRequired { config.access.originRequired = v }
         if let v = self.postToken { config.access.postToken = v }
+        if let v = self.authURL { config.access.hook.url = v }
+        if let v = self.authTimeout { config.access.hook.timeout = v }
+        if let v = self.authConcurrency { config.access.hook.concurrency = v }
         config.daemon = self.daemon
         config.lines = SourceLines(self.lines)
         return config

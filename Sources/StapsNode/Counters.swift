@@ -12,6 +12,8 @@ public final class LoopCounters: Sendable {
     /// Receivers reached on this loop (one per message per receiver), and the payload bytes.
     let messagesDelivered = ManagedAtomic<Int>(0)
     let bytesDelivered = ManagedAtomic<Int>(0)
+    /// Messages dropped because their sender may only subscribe (`X-Staps-Allow: subscribe`).
+    let droppedSubscribeOnly = ManagedAtomic<Int>(0)
     /// Websocket clients attached to a channel on this loop.
     let websocketClients = ManagedAtomic<Int>(0)
     /// Receivers on the node per message relayed from this loop.
@@ -169,6 +171,24 @@ public final class NodeCounters: Sendable {
     /// Open connections (HTTP and websocket) on TCP and on unix socket listeners.
     public let tcpConnections = ManagedAtomic<Int>(0)
     public let unixConnections = ManagedAtomic<Int>(0)
+    // The authorization hook (`auth_url`): one outcome counted per websocket handshake or
+    // POST that was asked about. A client that left before the answer is counted in none.
+
+    /// Requests the hook admitted (a 2xx with a valid `X-Staps-Allow`, or none).
+    public let authAdmitted = ManagedAtomic<Int>(0)
+    /// Requests the hook refused: its 401 or 403, passed on to the client.
+    public let authDenied = ManagedAtomic<Int>(0)
+    /// 503s because the hook answered another status (3xx, 404, 5xx, ...).
+    public let authFailedStatus = ManagedAtomic<Int>(0)
+    /// 503s because the hook could not be reached (refused, reset, no such socket).
+    public let authFailedUnreachable = ManagedAtomic<Int>(0)
+    /// 503s because the hook had not answered within `auth_timeout` (or the request deadline).
+    public let authFailedTimeout = ManagedAtomic<Int>(0)
+    /// 503s at once because `auth_concurrency` calls to the hook were already in flight.
+    public let authFailedOverConcurrency = ManagedAtomic<Int>(0)
+    /// 503s because the hook's answer was unusable: an invalid `X-Staps-Allow`, or not HTTP.
+    public let authFailedBadAnswer = ManagedAtomic<Int>(0)
+
     /// Messages from other nodes' fan-out here (written by the cluster link's thread only).
     let clusterFanout = CountHistogram(bounds: CountHistogram.fanoutBounds)
 

@@ -19,6 +19,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         let connectionIDs: ManagedAtomic<UInt64>
         let nodeID: String
         var access = AccessSettings()
+        /// Asks the authorization hook; nil when `auth_url` is not set.
+        var authorizer: Authorizer? = nil
     }
 
     private let shared: Shared
@@ -35,12 +37,26 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case ignoringBody
         /// A valid upgrade request whose `.end` has not arrived yet.
         case awaitingUpgradeEnd(HTTPRequestHead, channel: String, key: String)
+        /// Waiting for the authorization hook, reading nothing: for an upgrade, after its
+        /// `.end`; for a POST, before its body.
+        case authorizing(HTTPRequestHead, channel: String, then: Authorized)
         case upgrading
+    }
+    /// What an admitted request goes on to.
+    private enum Authorized {
+        case upgrade(key: String)
+        case post
     }
     private var state = State.idle
     /// One deadline from accept until the request is complete and answered (head, body and
     /// response, whatever the state of reading); re-armed for the next keep-alive request.
     private var requestTimer: Scheduled<Void>?
+    private var requestDeadline = NIODeadline.now()
+    /// The hook call the request in `.authorizing` waits for, its timer (when `auth_timeout`
+    /// ends before the request's deadline, whose timer serves otherwise), and when it was asked.
+    private var hookCall: HookCall?
+    private var hookTimer: Scheduled<Void>?
+    private var hookAsked = NIODeadline.now()
     private var shuttingDown = false
     /// The head of the request being answered, until its response is written.
     private var currentHead: HTTPRequestHead?
@@ -76,11 +92,23 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     func handlerRemoved(context: ChannelHandlerContext) {
         self.requestTimer?.cancel()
+        self.abandonHookCall()
+    }
+
+    /// A client that leaves while its hook call is pending: the call stops, its slot is given
+    /// back, and its answer (if any still comes) is ignored.
+    func channelInactive(context: ChannelHandlerContext) {
+        self.abandonHookCall()
+        context.fireChannelInactive()
     }
 
     private func armRequestTimer(context: ChannelHandlerContext) {
         self.requestTimer?.cancel()
-        self.requestTimer = context.eventLoop.assumeIsolated().scheduleTask(in: self.shared.limits.handshakeTimeout) { [self] in
+        // The loop's clock (virtual on an EmbeddedEventLoop), like every deadline here.
+        self.requestDeadline = context.eventLoop.now + self.shared.limits.handshakeTimeout
+        self.requestTimer = context.eventLoop.assumeIsolated().scheduleTask(deadline: self.requestDeadline) { [self] in
+            // Still waiting for the hook: the hook's failure (503), not the client's (408).
+            if case .authorizing = self.state { return self.hookTimedOut(context: context) }
             // Mid-response or mid-upgrade there is nothing left to say.
             if self.responding || self.closing { return context.close(promise: nil) }
             if case .upgrading = self.state { return context.close(promise: nil) }
@@ -93,8 +121,13 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let part = self.unwrapInboundIn(data)
         guard !self.closing else { return }
-        guard !self.responding, self.held.isEmpty else { return self.hold(part, context: context) }
+        guard !self.responding, !self.isAuthorizing, self.held.isEmpty else { return self.hold(part, context: context) }
         self.handle(part, context: context)
+    }
+
+    private var isAuthorizing: Bool {
+        if case .authorizing = self.state { return true }
+        return false
     }
 
     /// Keeps a part of a pipelined request until the response before it is written.
@@ -113,11 +146,11 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     /// Handles held parts until a response is in flight again.
     private func releaseHeld(context: ChannelHandlerContext) {
-        while !self.responding, !self.closing, let part = self.held.popFirst() {
+        while !self.responding, !self.closing, !self.isAuthorizing, let part = self.held.popFirst() {
             if case .head = part { self.heldRequests -= 1 }
             self.handle(part, context: context)
         }
-        if self.held.isEmpty, self.closeAfterHeld, !self.responding, context.channel.isActive {
+        if self.held.isEmpty, self.closeAfterHeld, !self.responding, !self.isAuthorizing, context.channel.isActive {
             context.close(promise: nil)
         }
     }
@@ -151,8 +184,12 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             case .ignoringBody:
                 self.state = .idle
             case .awaitingUpgradeEnd(let head, let channel, let key):
-                self.join(head, channel: channel, key: key, context: context)
-            case .idle, .upgrading:
+                if self.shared.authorizer != nil {
+                    self.authorize(head, channel: channel, then: .upgrade(key: key), context: context)
+                } else {
+                    self.join(head, channel: channel, key: key, permission: .both, context: context)
+                }
+            case .idle, .upgrading, .authorizing:
                 break
             }
         }
@@ -196,12 +233,20 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             if let length = head.headers.first(name: "content-length"), (Int(length) ?? .max) > self.shared.limits.maxMessageSize {
                 return self.reject(head, .payloadTooLarge, "body larger than \(self.shared.limits.maxMessageSize) bytes", close: true, context: context)
             }
-            self.state = .receivingBody(head, name, context.channel.allocator.buffer(capacity: 0))
-            if head.headers[canonicalForm: "expect"].contains(where: { $0.lowercased() == "100-continue" }) {
-                context.writeAndFlush(self.wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .continue))), promise: nil)
+            if self.shared.authorizer != nil {
+                // Asked before the body is read: a refused body is never read.
+                return self.authorize(head, channel: name, then: .post, context: context)
             }
+            self.receiveBody(head, channel: name, context: context)
         default:
             self.reject(head, .methodNotAllowed, "method not allowed: use GET, POST or a websocket upgrade", extraHeaders: [("Allow", "GET, HEAD, POST")], context: context)
+        }
+    }
+
+    private func receiveBody(_ head: HTTPRequestHead, channel name: String, context: ChannelHandlerContext) {
+        self.state = .receivingBody(head, name, context.channel.allocator.buffer(capacity: 0))
+        if head.headers[canonicalForm: "expect"].contains(where: { $0.lowercased() == "100-continue" }) {
+            context.writeAndFlush(self.wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .continue))), promise: nil)
         }
     }
 
@@ -325,7 +370,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// Joins the staps channel (cluster-wide when clustered), then upgrades. Runs on the
     /// request's `.end`, so the HTTP decoder has nothing more to hand on when the pipeline changes.
     /// Until the websocket handler holds the membership, every path that gives up leaves it.
-    private func join(_ head: HTTPRequestHead, channel name: String, key: String, context: ChannelHandlerContext) {
+    private func join(_ head: HTTPRequestHead, channel name: String, key: String, permission: Permission, context: ChannelHandlerContext) {
         self.state = .upgrading
         let (membership, ready) = self.shared.hub.join(name, on: context.eventLoop)
         let id = self.shared.connectionIDs.wrappingIncrementThenLoad(ordering: .relaxed)
@@ -346,7 +391,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                     return
                 }
                 do {
-                    try self.completeUpgrade(context: context, head: head, key: key, membership: membership, id: id)
+                    try self.completeUpgrade(context: context, head: head, key: key, membership: membership, id: id, permission: permission)
                 } catch {
                     membership.leave()
                     self.logger.warning("upgrade failed", metadata: ["error": "\(error)"])
@@ -362,10 +407,10 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     /// Attaches, swaps the pipeline and answers 101, all in this one event-loop step.
-    private func completeUpgrade(context: ChannelHandlerContext, head: HTTPRequestHead, key: String, membership: Membership, id: UInt64) throws {
+    private func completeUpgrade(context: ChannelHandlerContext, head: HTTPRequestHead, key: String, membership: Membership, id: UInt64, permission: Permission) throws {
         let limits = self.shared.limits
         let ops = context.pipeline.syncOperations
-        let websocket = WebSocketHandler(id: id, membership: membership, limits: limits, counters: self.shared.counters, logger: self.logger)
+        let websocket = WebSocketHandler(id: id, membership: membership, limits: limits, counters: self.shared.counters, logger: self.logger, permission: permission)
         try ops.addHandler(IdleStateHandler(readTimeout: limits.pingInterval), position: .after(self))
         let idle = try ops.context(handlerType: IdleStateHandler.self)
         // The directory already counts this client; adding the handler attaches its membership,
@@ -390,11 +435,117 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
     }
 
+    // MARK: Authorization hook
+
+    /// Asks the hook about a request that passed every other check, reading nothing more from
+    /// the connection until it has answered. The hook gets until `auth_timeout` or the
+    /// request's deadline, whichever comes first; then the client gets 503.
+    private func authorize(_ head: HTTPRequestHead, channel name: String, then next: Authorized, context: ChannelHandlerContext) {
+        guard let authorizer = self.shared.authorizer else { preconditionFailure("authorize without a hook") }
+        context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
+        self.state = .authorizing(head, channel: name, then: next)
+        let headers = HookRequest.headers(for: head, channel: name, peerIP: context.channel.remoteAddress?.ipAddress)
+        self.hookAsked = context.eventLoop.now
+        let deadline = min(self.hookAsked + authorizer.settings.timeout, self.requestDeadline)
+        let call = authorizer.ask(headers: headers, within: deadline - self.hookAsked, on: context.eventLoop)
+        self.hookCall = call
+        if deadline < self.requestDeadline {
+            self.hookTimer = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [self] in
+                self.hookTimedOut(context: context)
+            }
+        }
+        call.answer.assumeIsolated().whenSuccess { [self] decision in
+            // A call given up on (time ran out, the client left) has nothing more to say.
+            guard self.hookCall === call else { return }
+            self.hookCall = nil
+            self.hookTimer?.cancel()
+            self.hookTimer = nil
+            self.authorized(decision, context: context)
+        }
+    }
+
+    /// The hook's deadline or the request's passed with the call still pending.
+    private func hookTimedOut(context: ChannelHandlerContext) {
+        guard let call = self.hookCall else { return }
+        self.hookCall = nil
+        self.hookTimer?.cancel()
+        self.hookTimer = nil
+        call.cancel()
+        let waited = context.eventLoop.now - self.hookAsked
+        self.authorized(.unavailable(HookFailure(.timeout, "authorization hook did not answer within \(waited.nanoseconds / 1_000_000) ms")), context: context)
+    }
+
+    private func abandonHookCall() {
+        self.hookTimer?.cancel()
+        self.hookTimer = nil
+        if let call = self.hookCall {
+            self.hookCall = nil
+            call.cancel()
+        }
+    }
+
+    /// Acts on the hook's decision for the request in `.authorizing`.
+    private func authorized(_ decision: HookDecision, context: ChannelHandlerContext) {
+        guard case .authorizing(let head, let name, let next) = self.state else { return }
+        guard context.channel.isActive else {
+            self.state = .idle
+            return
+        }
+        self.shared.authorizer?.record(decision)
+        switch decision {
+        case .admit(let permission):
+            self.logger.debug("authorization hook admitted", metadata: ["auth.allow": "\(permission.rawValue)"])
+            switch next {
+            case .upgrade(let key):
+                self.join(head, channel: name, key: key, permission: permission, context: context)
+            case .post where !permission.mayPublish:
+                self.refuseAuthorized(head, next, .forbidden, "this client may only subscribe (X-Staps-Allow: subscribe)", context: context)
+            case .post:
+                self.receiveBody(head, channel: name, context: context)
+                self.resumeReading(context: context)
+            }
+        case .passOn(let status, let wwwAuthenticate):
+            self.logger.debug("authorization hook refused", metadata: ["http.status": "\(status)"])
+            let reason = status == 401 ? "authorization required" : "forbidden by the authorization hook"
+            self.refuseAuthorized(head, next, HTTPResponseStatus(statusCode: status), reason, extraHeaders: wwwAuthenticate.map { ("WWW-Authenticate", $0) }, context: context)
+        case .unavailable(let failure):
+            self.logger.debug("authorization hook failed", metadata: ["auth.failure": "\(failure.reason.rawValue)"])
+            self.refuseAuthorized(head, next, .serviceUnavailable, failure.message, close: true, context: context)
+        }
+    }
+
+    /// Answers a request the hook did not admit: an upgrade at once (its `.end` was read, and
+    /// NIO's parser reads nothing after it, so the connection closes); a POST as `reject` does,
+    /// never reading a body.
+    private func refuseAuthorized(_ head: HTTPRequestHead, _ next: Authorized, _ status: HTTPResponseStatus, _ reason: String, extraHeaders: [(String, String)] = [], close: Bool = false, context: ChannelHandlerContext) {
+        switch next {
+        case .upgrade:
+            self.state = .idle
+            self.respond(context: context, head: head, status: status, text: reason, extraHeaders: extraHeaders, close: true)
+        case .post:
+            self.reject(head, status, reason, close: close, extraHeaders: extraHeaders, context: context)
+            self.resumeReading(context: context)
+        }
+    }
+
+    /// Reads again after the hook answered a POST, beginning with what arrived meanwhile.
+    private func resumeReading(context: ChannelHandlerContext) {
+        guard !self.closing, !self.responding else { return }
+        context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+        self.releaseHeld(context: context)
+    }
+
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if event is ShutdownEvent {
             self.shuttingDown = true
             // Idle between keep-alive requests: done. Not asked anything yet: wait for the request.
             if case .idle = self.state, self.responses > 0, !self.responding, self.held.isEmpty { context.close(promise: nil) }
+            // An upgrade waiting for the hook would be dropped once admitted (no websocket
+            // starts during shutdown): drop it now, its call with it. A POST is still answered.
+            if case .authorizing(_, _, .upgrade) = self.state {
+                self.abandonHookCall()
+                context.close(promise: nil)
+            }
             return
         }
         context.fireUserInboundEventTriggered(event)

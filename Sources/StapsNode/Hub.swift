@@ -212,8 +212,10 @@ public final class Hub: Sendable, ClusterInbound {
 /// One client's membership in one staps channel, from `Hub.join` until `leave()`.
 ///
 /// Joining counts the client in the node's directory; `attach(_:)` then makes its websocket
-/// handler receive the channel's messages on its event loop. `leave()` undoes whichever of the
-/// two has happened, once: every path that ends the client (a failed upgrade, a close, an
+/// handler receive the channel's messages on its event loop (a publish-only client, as the
+/// authorization hook may make one, is never attached: it stays counted, so its channel stays
+/// subscribed cluster-wide while it is there, and receives nothing). `leave()` undoes whichever
+/// of the two has happened, once: every path that ends the client (a failed upgrade, a close, an
 /// inactive or removed handler) calls it, and only the first call does anything. The last
 /// client out of the node unsubscribes the channel from the cluster link.
 ///

@@ -95,8 +95,9 @@ final class LoopHub: @unchecked Sendable {
     @inline(__always) @discardableResult
     func publish(from sender: WebSocketHandler?, entry: ChannelEntry, frame: ByteBuffer, headerLength: Int, isText: Bool) -> Int {
         var work = 1
-        // Receivers node-wide, the sender (a member) excluded; a POST (nil) has no sender.
-        let receivers = entry.receivers.load(ordering: .relaxed) &- (sender == nil ? 0 : 1)
+        // Receivers node-wide, the sender excluded when it is one (a publish-only client is
+        // not; a POST has no sender).
+        let receivers = entry.receivers.load(ordering: .relaxed) &- (sender?.receives == true ? 1 : 0)
         self.counters.fanout.record(receivers)
         if let local = self.channels[ObjectIdentifier(entry)] {
             work &+= local.members.count

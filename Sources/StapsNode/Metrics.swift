@@ -71,7 +71,8 @@ enum MetricCatalog {
         ("staps_messages_delivered_total", .counter, "Messages handed to local receivers: one per receiver reached."),
         ("staps_message_bytes_received_total", .counter, "Payload bytes of the messages received from local clients (websocket and POST)."),
         ("staps_message_bytes_delivered_total", .counter, "Payload bytes handed to local receivers: one message's bytes per receiver reached."),
-        ("staps_messages_dropped_total", .counter, "Messages not delivered, by reason (cross_loop_backlog: an event loop too far behind)."),
+        ("staps_messages_dropped_total", .counter, "Messages not delivered, by reason (cross_loop_backlog: an event loop too far behind; subscribe_only: the hook let the sender only receive)."),
+        ("staps_auth_requests_total", .counter, "Handshakes and POSTs the authorization hook was asked about, by result (admitted, denied: its 401/403; else a 503: error_status, unreachable, timeout, over_concurrency, bad_answer)."),
         ("staps_fanout_receivers", .histogram, "Receivers on this node per message relayed (from local clients, POSTs and other nodes)."),
         ("staps_websocket_closes_total", .counter, "Websocket closes by code (1006: no close handshake; application: 3000-4999) and by who started them (client, node)."),
         ("staps_http_responses_total", .counter, "HTTP responses by status (pages, POSTs and refusals; 101s are not counted)."),
@@ -103,6 +104,7 @@ public final class NodeMetrics: Sendable {
         var hub: Hub
         var counters: NodeCounters
         var link: any ClusterLink
+        var hooked: Bool
     }
 
     private let registry = PrometheusCollectorRegistry()
@@ -112,7 +114,7 @@ public final class NodeMetrics: Sendable {
     init(_ sources: Sources) {
         self.sources = sources
         let factory = HelpfulPrometheusFactory(registry: self.registry, help: { MetricCatalog.help[$0] ?? "" })
-        self.feeds = NIOLockedValueBox(Feeds(factory: factory, clustered: sources.link.isClustered))
+        self.feeds = NIOLockedValueBox(Feeds(factory: factory, clustered: sources.link.isClustered, hooked: sources.hooked))
     }
 
     /// The Prometheus text exposition of every metric, current as of this call.
@@ -133,13 +135,16 @@ public final class NodeMetrics: Sendable {
 private struct Feeds {
     var factory: HelpfulPrometheusFactory
     let clustered: Bool
+    /// Whether `auth_url` is set (the hook's metrics exist only then).
+    let hooked: Bool
     private var counters: [String: (counter: CoreMetrics.Counter, last: Int)] = [:]
     private var gauges: [String: CoreMetrics.Gauge] = [:]
     private var histograms: [String: (recorder: CoreMetrics.Recorder, last: CountHistogram.Snapshot)] = [:]
 
-    init(factory: HelpfulPrometheusFactory, clustered: Bool) {
+    init(factory: HelpfulPrometheusFactory, clustered: Bool, hooked: Bool) {
         self.factory = factory
         self.clustered = clustered
+        self.hooked = hooked
     }
 
     private static func key(_ name: String, _ labels: [(String, String)]) -> String {
@@ -211,6 +216,16 @@ private struct Feeds {
         self.count("staps_message_bytes_received_total", sum(\.bytesReceived))
         self.count("staps_message_bytes_delivered_total", sum(\.bytesDelivered))
         self.count("staps_messages_dropped_total", [("reason", "cross_loop_backlog")], c.crossLoopDropped.load(ordering: .relaxed))
+        self.count("staps_messages_dropped_total", [("reason", "subscribe_only")], sum(\.droppedSubscribeOnly))
+        if self.hooked {
+            for (result, counter) in [
+                ("admitted", c.authAdmitted), ("denied", c.authDenied), ("error_status", c.authFailedStatus),
+                ("unreachable", c.authFailedUnreachable), ("timeout", c.authFailedTimeout),
+                ("over_concurrency", c.authFailedOverConcurrency), ("bad_answer", c.authFailedBadAnswer),
+            ] {
+                self.count("staps_auth_requests_total", [("result", result)], counter.load(ordering: .relaxed))
+            }
+        }
         self.histogram("staps_fanout_receivers", loops.map(\.fanout.snapshot) + [c.clusterFanout.snapshot], bounds: CountHistogram.fanoutBounds)
         for close in c.closes.all where close.count > 0 {
             self.count("staps_websocket_closes_total", [("code", close.code), ("by", close.by)], close.count)

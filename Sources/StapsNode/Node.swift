@@ -17,6 +17,7 @@ import Darwin
 /// Why a node could not start.
 public struct NodeStartError: Error, CustomStringConvertible {
     public var message: String
+    public init(message: String) { self.message = message }
     public var description: String { message }
 }
 
@@ -51,12 +52,20 @@ public final class Node: Sendable {
     private let stopping = ManagedAtomic<Bool>(false)
     /// The node's metrics (served by the metrics listener when `metrics` is set).
     public let metrics: NodeMetrics
+    /// The authorization hook's client: made by `start()` when `auth_url` is set, shut down
+    /// by `shutdown()` once no connection can ask it any more.
+    private let authorizer = NIOLockedValueBox<Authorizer?>(nil)
+    private let hookTransport: HookTransportFactory?
 
     /// - Parameters:
     ///   - link: how to reach other nodes; `StandaloneLink()` when there is no broker.
     ///   - group: event loops to run on; by default one per core, owned by the node.
-    public init(configuration: NodeConfiguration, link: any ClusterLink = StandaloneLink(), logger: Logger, nodeID: String = String(UUID4.make().prefix(8)), group: MultiThreadedEventLoopGroup? = nil) {
+    ///   - hookTransport: makes the authorization hook's client at start when `auth_url` is
+    ///     set (`HTTPHookTransport.factory`, module `StapsHook`); without it such a node does
+    ///     not start.
+    public init(configuration: NodeConfiguration, link: any ClusterLink = StandaloneLink(), logger: Logger, nodeID: String = String(UUID4.make().prefix(8)), group: MultiThreadedEventLoopGroup? = nil, hookTransport: HookTransportFactory? = nil) {
         self.configuration = configuration
+        self.hookTransport = hookTransport
         self.nodeID = nodeID
         self.logger = logger
         self.link = link
@@ -68,12 +77,15 @@ public final class Node: Sendable {
             self.ownsGroup = true
         }
         self.hub = Hub(eventLoops: Array(self.group.makeIterator()), link: link, counters: self.counters, logger: logger)
-        self.metrics = NodeMetrics(NodeMetrics.Sources(hub: self.hub, counters: self.counters, link: link))
+        self.metrics = NodeMetrics(NodeMetrics.Sources(hub: self.hub, counters: self.counters, link: link, hooked: configuration.access.hook.url != nil))
     }
 
     /// Connections a listener's kernel queue holds before they are accepted (capped by
     /// net.core.somaxconn; systemd's own default for socket units).
     static let backlog: Int32 = 4096
+
+    /// Messages received from local clients so far (websocket messages relayed, POSTs).
+    public var messagesReceived: (websocket: Int, post: Int) { self.hub.messagesReceived }
 
     /// The metrics listener's address (TCP port 0 resolved), when there is one.
     public var metricsAddress: BindAddress? { self.metricsListener.withLockedValue { $0?.address } }
@@ -114,6 +126,17 @@ public final class Node: Sendable {
     ///     exist with a looser one: each socket is made 0600 before it is bound, see
     ///     `UnixSocketFile.bindPrivately(at:backlog:)`).
     public func start(accepting: Bool = true, inherited: [InheritedListener] = [], socketGroup: gid_t? = nil) async throws {
+        if let url = self.configuration.access.hook.url {
+            let settings = self.configuration.access.hook
+            guard let makeTransport = self.hookTransport else {
+                throw NodeStartError(message: "auth_url is set, but this node was made without a hook client")
+            }
+            let transport = try makeTransport(url, settings, self.group)
+            self.authorizer.withLockedValue { $0 = Authorizer(settings: settings, transport: transport, counters: self.counters, logger: self.logger) }
+            self.logger.notice("authorization hook", metadata: [
+                "auth.url": "\(url.logged)", "auth.timeout_ms": "\(settings.timeout.nanoseconds / 1_000_000)", "auth.concurrency": "\(settings.concurrency)",
+            ])
+        }
         self.link.start(inbound: self.hub)
         self.startMemoryTrim()
         do {
@@ -153,9 +176,23 @@ public final class Node: Sendable {
         } catch {
             await self.closeListeners()
             await self.closeMetricsListener()
+            await self.shutdownAuthorizer()
             throw error
         }
         if accepting { self.accepting.store(true, ordering: .relaxed) }
+    }
+
+    private func shutdownAuthorizer() async {
+        let authorizer = self.authorizer.withLockedValue { a -> Authorizer? in
+            defer { a = nil }
+            return a
+        }
+        await authorizer?.shutdown()
+    }
+
+    /// Calls to the authorization hook in flight now (0 without a hook).
+    public var authorizationCallsInFlight: Int {
+        self.authorizer.withLockedValue { $0?.callsInFlight ?? 0 }
     }
 
     /// Starts accepting on listeners bound with `accepting: false`.
@@ -278,7 +315,7 @@ public final class Node: Sendable {
     /// - Parameter tcp: TCP listeners get `TCP_NODELAY` on their connections (an option unix
     ///   sockets refuse).
     private func bootstrap(accepting: Bool = true, tcp: Bool) -> ServerBootstrap {
-        let shared = HTTPHandler.Shared(hub: self.hub, limits: self.configuration.limits, counters: self.counters, connectionIDs: self.connectionIDs, nodeID: self.nodeID, access: self.configuration.access)
+        let shared = HTTPHandler.Shared(hub: self.hub, limits: self.configuration.limits, counters: self.counters, connectionIDs: self.connectionIDs, nodeID: self.nodeID, access: self.configuration.access, authorizer: self.authorizer.withLockedValue { $0 })
         let limits = self.configuration.limits
         let logger = self.logger
         let bootstrap = ServerBootstrap(group: self.group)
@@ -413,6 +450,8 @@ public final class Node: Sendable {
             self.logger.notice("dropping connections that did not close in time", metadata: ["count": "\(remaining.count)"])
             for connection in remaining { try? await connection.close() }
         }
+        // No connection is left to wait for the hook: its pending calls, if any, are cancelled.
+        await self.shutdownAuthorizer()
         await self.link.shutdown()
         // Last: /readyz says "shutting down" while connections drain.
         await self.closeMetricsListener()

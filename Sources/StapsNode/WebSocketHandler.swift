@@ -9,7 +9,10 @@ struct ShutdownEvent: Sendable {}
 /// bounded by its send buffer.
 ///
 /// It owns the client's `Membership` in its staps channel: attached when the handler is added
-/// (in the event-loop step that writes the 101), left on close, inactive or removal.
+/// (in the event-loop step that writes the 101), left on close, inactive or removal. What the
+/// authorization hook allowed narrows it: a publish-only client is never attached (it receives
+/// nothing, at no cost to anyone's hot path); a subscribe-only client's messages are dropped
+/// and counted after the state machine has checked them (one Bool per message).
 final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -31,6 +34,12 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
     private let limits: Limits
     private let counters: NodeCounters
     private var logger: Logger
+    /// What the hook allowed (`.both` without a hook).
+    let permission: Permission
+    /// `permission.mayPublish`, read per message.
+    private let mayPublish: Bool
+    /// `permission.mayReceive`: attached to its channel, so one of its receivers.
+    let receives: Bool
 
     private var context: ChannelHandlerContext!
     private var machine: WebSocketStateMachine
@@ -56,8 +65,11 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var slowTimer: Scheduled<Void>?
     private var closeTimer: Scheduled<Void>?
 
-    init(id: UInt64, membership: Membership, limits: Limits, counters: NodeCounters, logger: Logger) {
+    init(id: UInt64, membership: Membership, limits: Limits, counters: NodeCounters, logger: Logger, permission: Permission = .both) {
         self.id = id
+        self.permission = permission
+        self.mayPublish = permission.mayPublish
+        self.receives = permission.mayReceive
         self.membership = membership
         self.entry = membership.entry
         self.loopHub = membership.loopHub
@@ -69,8 +81,8 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
-        self.membership.attach(self)
-        self.logger.debug("websocket open")
+        if self.permission.mayReceive { self.membership.attach(self) }
+        self.logger.debug("websocket open", metadata: self.permission == .both ? [:] : ["auth.allow": "\(self.permission.rawValue)"])
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -264,9 +276,14 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
                 return
             case .relay(let frame, let headerLength, let isText):
                 let stats = self.loopHub.counters
-                LoopCounters.add(1, to: stats.websocketMessages)
-                LoopCounters.add(frame.readableBytes &- headerLength, to: stats.bytesReceived)
-                budget -= self.loopHub.publish(from: self, entry: self.entry, frame: frame, headerLength: headerLength, isText: isText)
+                if self.mayPublish {
+                    LoopCounters.add(1, to: stats.websocketMessages)
+                    LoopCounters.add(frame.readableBytes &- headerLength, to: stats.bytesReceived)
+                    budget -= self.loopHub.publish(from: self, entry: self.entry, frame: frame, headerLength: headerLength, isText: isText)
+                } else {
+                    LoopCounters.add(1, to: stats.droppedSubscribeOnly)
+                    budget -= 1
+                }
                 if budget <= 0, bytes.readableBytes > 0 {
                     return self.pauseReading(holding: bytes, context: context)
                 }

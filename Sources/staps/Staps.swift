@@ -3,6 +3,7 @@ import Atomics
 import Dispatch
 import Logging
 import NIOCore
+import StapsHook
 import StapsNode
 import StapsRabbit
 
@@ -115,7 +116,7 @@ struct Staps: ParsableCommand {
                 Self.exitWithError("amqp: \(error)")
             }
         }
-        let node = Node(configuration: configuration, link: link, logger: logger, nodeID: nodeID)
+        let node = Node(configuration: configuration, link: link, logger: logger, nodeID: nodeID, hookTransport: HTTPHookTransport.factory)
         let inherited = Systemd.takeListeners()
         let dropping = plan.dropsPrivileges
         do {
@@ -176,6 +177,8 @@ struct Staps: ParsableCommand {
         let brokers = (try? AMQPURL.list(configuration.amqpURL))?.map(\.description) ?? []
         print("amqp: \(brokers.isEmpty ? "none (standalone)" : brokers.joined(separator: " "))")
         print("metrics: \(configuration.metricsAddress.map(\.description) ?? "off")")
+        let hook = configuration.access.hook
+        print("auth: \(hook.url.map { "\($0) (timeout \(hook.timeout.nanoseconds / 1_000_000) ms, at most \(hook.concurrency) at once)" } ?? "none (no hook)")")
         if let user = plan.user { print("user: \(user.name) (uid \(user.uid))") }
         if let gid = plan.gid { print("group: gid \(gid)") }
         print("configuration OK")

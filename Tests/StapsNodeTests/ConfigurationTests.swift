@@ -120,6 +120,16 @@ import Testing
         ("[staps]\norigin = https://a.*.example\n", "t.conf:2: origin: 'https://a.*.example' is not an origin: scheme://host[:port], or scheme://*.domain for its subdomains (http or https)"),
         ("[staps]\norigin_required = maybe\n", "t.conf:2: origin_required: 'maybe' is not yes or no"),
         ("[staps]\npost_token = short\n", "t.conf:2: post_token: needs at least 16 printable characters, no spaces"),
+        ("[staps]\nauth_url = https://hook.example/check\n", "t.conf:2: auth_url: 'https://hook.example/check': https is not supported; run the hook on loopback or a unix socket"),
+        ("[staps]\nauth_url = hook.example/check\n", "t.conf:2: auth_url: 'hook.example/check' is not http://host[:port]/path or http://unix:/path/to.sock:/path"),
+        ("[staps]\nauth_url = http://127.0.0.1:0/check\n", "t.conf:2: auth_url: 'http://127.0.0.1:0/check' is not http://host[:port]/path or http://unix:/path/to.sock:/path: bad port"),
+        ("[staps]\nauth_url = http://u:p@127.0.0.1/check\n", "t.conf:2: auth_url: 'http://u:p@127.0.0.1/check': no user or password in auth_url (the hook is sent the client's Authorization)"),
+        ("[staps]\nauth_url = http://unix:run/auth.sock:/check\n", "t.conf:2: auth_url: 'http://unix:run/auth.sock:/check' is not http://host[:port]/path or http://unix:/path/to.sock:/path: the socket path must be absolute"),
+        ("[staps]\nauth_url = http://unix:/run/auth.sock:check\n", "t.conf:2: auth_url: 'http://unix:/run/auth.sock:check' is not http://host[:port]/path or http://unix:/path/to.sock:/path: the part after the socket path must start with /"),
+        ("[staps]\nauth_url = http://127.0.0.1/check#x\n", "t.conf:2: auth_url: 'http://127.0.0.1/check#x' is not http://host[:port]/path or http://unix:/path/to.sock:/path (no spaces, controls or #)"),
+        ("[staps]\nauth_timeout = 0\n", "t.conf:2: auth_timeout: '0' is not a duration (e.g. 500ms, 10s, 2m)"),
+        ("[staps]\nauth_timeout = soon\n", "t.conf:2: auth_timeout: 'soon' is not a duration (e.g. 500ms, 10s, 2m)"),
+        ("[staps]\nauth_concurrency = 0\n", "t.conf:2: auth_concurrency: '0' is not a whole number from 1 to 100000"),
     ])
     func errorsNameFileLineAndKey(text: String, expected: String) {
         #expect(throws: ConfigurationError.self) { try ConfigurationOverrides.parse(text, file: "t.conf") }
@@ -137,6 +147,15 @@ import Testing
         #expect(config.access.originRequired)
         #expect(config.access.postToken == "0123456789abcdef-token")
         #expect(NodeConfiguration().access == AccessSettings())
+    }
+
+    @Test func authKeysParse() throws {
+        let text = "[staps]\nauth_url = http://unix:/run/staps/auth.sock:/check?v=1\nauth_timeout = 750ms\nauth_concurrency = 8\n"
+        let config = try ConfigurationOverrides.parse(text, file: "t.conf").resolved(sourceFile: "t.conf")
+        #expect(config.access.hook == HookSettings(url: HookURL(target: .unix(path: "/run/staps/auth.sock"), uri: "/check?v=1"), timeout: .milliseconds(750), concurrency: 8))
+        let tcp = try ConfigurationOverrides.parse("[staps]\nauth_url = http://127.0.0.1:9000/check\n", file: "t.conf").resolved(sourceFile: nil)
+        #expect(tcp.access.hook == HookSettings(url: HookURL(target: .tcp(host: "127.0.0.1", port: 9000), uri: "/check")))
+        #expect(NodeConfiguration().access.hook == HookSettings(url: nil, timeout: .seconds(5), concurrency: 64))
     }
 
     @Test func passwordNeverAppearsInErrors() {

@@ -83,9 +83,10 @@ import Glibc
         let dir = TempDir()
         defer { dir.cleanup() }
         let good = dir.path + "/good.conf"
-        try "[staps]\nsocket = \(dir.path)/s.sock\nport = 127.0.0.1:0\n".write(toFile: good, atomically: true, encoding: .utf8)
+        try "[staps]\nsocket = \(dir.path)/s.sock\nport = 127.0.0.1:0\nauth_url = http://unix:/run/auth.sock:/check\n".write(toFile: good, atomically: true, encoding: .utf8)
         let (ok, text) = try run(try stapsBinary(), ["--config", good, "--check"])
         #expect(ok == 0 && text.contains("listen: unix:\(dir.path)/s.sock (mode 660)") && text.contains("configuration OK"), "\(text)")
+        #expect(text.contains("auth: http://unix:/run/auth.sock:/check (timeout 5000 ms, at most 64 at once)\n"), "\(text)")
         #expect(!FileManager.default.fileExists(atPath: dir.path + "/s.sock"), "--check binds nothing")
         let bad = dir.path + "/bad.conf"
         try "[staps]\nsocket = \(dir.path)/s.sock\n\n[daemon]\nuser = stpas-no-such-user\n".write(toFile: bad, atomically: true, encoding: .utf8)

@@ -12,12 +12,15 @@ final class InMemoryNode {
     let hub: Hub
     let shared: HTTPHandler.Shared
     let limits: Limits
+    let counters = NodeCounters()
 
-    init(limits: Limits = Limits(), access: AccessSettings = AccessSettings()) {
+    /// - Parameter hook: the authorization hook's transport (with `access.hook`'s settings); nil: no hook.
+    init(limits: Limits = Limits(), access: AccessSettings = AccessSettings(), hook: (any HookTransport)? = nil) {
         self.limits = limits
-        let counters = NodeCounters()
-        self.hub = Hub(eventLoops: [self.loop], link: StandaloneLink(), counters: counters, logger: testLogger())
-        self.shared = HTTPHandler.Shared(hub: self.hub, limits: limits, counters: counters, connectionIDs: .init(0), nodeID: "test", access: access)
+        self.hub = Hub(eventLoops: [self.loop], link: StandaloneLink(), counters: self.counters, logger: testLogger())
+        let counters = self.counters
+        let authorizer = hook.map { Authorizer(settings: access.hook, transport: $0, counters: counters, logger: testLogger()) }
+        self.shared = HTTPHandler.Shared(hub: self.hub, limits: limits, counters: self.counters, connectionIDs: .init(0), nodeID: "test", access: access, authorizer: authorizer)
     }
 
     func connect() throws -> EmbeddedChannel {

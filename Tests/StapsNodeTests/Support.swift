@@ -3,6 +3,7 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import StapsHook
 import StapsNode
 import Testing
 import WebSocketClient
@@ -63,7 +64,7 @@ final class TestNode: Sendable {
         )
         config.access = access
         config.metricsAddress = metrics
-        let node = Node(configuration: config, link: link, logger: testLogger("node"))
+        let node = Node(configuration: config, link: link, logger: testLogger("node"), hookTransport: HTTPHookTransport.factory)
         try await node.start()
         guard case .hostname(_, let port) = node.boundAddresses.first! else { fatalError("first listener is TCP") }
         return TestNode(node: node, tcp: .tcp(host: "127.0.0.1", port: port), unix: .unix(path: socketPath), socketPath: socketPath, dir: dir)
