@@ -39,7 +39,9 @@ public final class HTTPHookTransport: HookTransport {
         configuration.timeout = .init(connect: settings.timeout, read: settings.timeout)
         // One connection per call in flight, kept alive for the next ones.
         configuration.connectionPool = .init(idleTimeout: .seconds(30), concurrentHTTP1ConnectionsPerHostSoftLimit: settings.concurrency)
-        // A hook that is not there is a 503 now, not retries until the deadline.
+        // A hook that is not there is a 503 now, not retries until the deadline. The price: a
+        // connect that fails fails every call then waiting for a connection, so a hook must
+        // listen with a queue for a burst (the README's example asks for 1024).
         configuration.connectionPool.retryConnectionEstablishment = false
         self.client = HTTPClient(eventLoopGroupProvider: .shared(group), configuration: configuration)
     }

@@ -186,7 +186,8 @@ public final class NodeCounters: Sendable {
     public let authFailedTimeout = ManagedAtomic<Int>(0)
     /// 503s at once because `auth_concurrency` calls to the hook were already in flight.
     public let authFailedOverConcurrency = ManagedAtomic<Int>(0)
-    /// 503s because the hook's answer was unusable: an invalid `X-Staps-Allow`, or not HTTP.
+    /// 503s because the hook's answer was unusable: an invalid `X-Staps-Allow`, not HTTP, or
+    /// the connection closed without an answer.
     public let authFailedBadAnswer = ManagedAtomic<Int>(0)
 
     /// Messages from other nodes' fan-out here (written by the cluster link's thread only).

@@ -58,6 +58,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var hookTimer: Scheduled<Void>?
     private var hookAsked = NIODeadline.now()
     private var shuttingDown = false
+    /// Whether requests are asked about (`auth_url` is set): then a missing hook client refuses.
+    private var hooked: Bool { self.shared.access.hook.url != nil || self.shared.authorizer != nil }
     /// The head of the request being answered, until its response is written.
     private var currentHead: HTTPRequestHead?
 
@@ -184,7 +186,11 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             case .ignoringBody:
                 self.state = .idle
             case .awaitingUpgradeEnd(let head, let channel, let key):
-                if self.shared.authorizer != nil {
+                if self.shuttingDown {
+                    // No websocket starts now: answer at once, without asking the hook.
+                    self.state = .idle
+                    self.respond(context: context, head: head, status: .serviceUnavailable, text: "server shutting down", close: true)
+                } else if self.hooked {
                     self.authorize(head, channel: channel, then: .upgrade(key: key), context: context)
                 } else {
                     self.join(head, channel: channel, key: key, permission: .both, context: context)
@@ -233,7 +239,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             if let length = head.headers.first(name: "content-length"), (Int(length) ?? .max) > self.shared.limits.maxMessageSize {
                 return self.reject(head, .payloadTooLarge, "body larger than \(self.shared.limits.maxMessageSize) bytes", close: true, context: context)
             }
-            if self.shared.authorizer != nil {
+            if self.hooked {
                 // Asked before the body is read: a refused body is never read.
                 return self.authorize(head, channel: name, then: .post, context: context)
             }
@@ -441,7 +447,10 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// the connection until it has answered. The hook gets until `auth_timeout` or the
     /// request's deadline, whichever comes first; then the client gets 503.
     private func authorize(_ head: HTTPRequestHead, channel name: String, then next: Authorized, context: ChannelHandlerContext) {
-        guard let authorizer = self.shared.authorizer else { preconditionFailure("authorize without a hook") }
+        guard let authorizer = self.shared.authorizer else {
+            // auth_url is set but there is no client to ask it with: refuse, never admit.
+            return self.reject(head, .serviceUnavailable, "authorization hook not available", close: true, context: context)
+        }
         context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
         self.state = .authorizing(head, channel: name, then: next)
         let headers = HookRequest.headers(for: head, channel: name, peerIP: context.channel.remoteAddress?.ipAddress)
@@ -542,9 +551,10 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             if case .idle = self.state, self.responses > 0, !self.responding, self.held.isEmpty { context.close(promise: nil) }
             // An upgrade waiting for the hook would be dropped once admitted (no websocket
             // starts during shutdown): drop it now, its call with it. A POST is still answered.
-            if case .authorizing(_, _, .upgrade) = self.state {
+            if case .authorizing(let head, _, .upgrade) = self.state {
                 self.abandonHookCall()
-                context.close(promise: nil)
+                self.state = .idle
+                self.respond(context: context, head: head, status: .serviceUnavailable, text: "server shutting down", close: true)
             }
             return
         }

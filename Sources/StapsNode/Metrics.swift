@@ -72,7 +72,7 @@ enum MetricCatalog {
         ("staps_message_bytes_received_total", .counter, "Payload bytes of the messages received from local clients (websocket and POST)."),
         ("staps_message_bytes_delivered_total", .counter, "Payload bytes handed to local receivers: one message's bytes per receiver reached."),
         ("staps_messages_dropped_total", .counter, "Messages not delivered, by reason (cross_loop_backlog: an event loop too far behind; subscribe_only: the hook let the sender only receive)."),
-        ("staps_auth_requests_total", .counter, "Handshakes and POSTs the authorization hook was asked about, by result (admitted, denied: its 401/403; else a 503: error_status, unreachable, timeout, over_concurrency, bad_answer)."),
+        ("staps_auth_requests_total", .counter, "Handshakes and POSTs the authorization hook was asked about, by result (admitted, also a subscribe-only POST then refused 403; denied: its 401/403; else a 503: error_status, unreachable, timeout, over_concurrency, bad_answer: an invalid X-Staps-Allow, not HTTP, or closed unanswered)."),
         ("staps_fanout_receivers", .histogram, "Receivers on this node per message relayed (from local clients, POSTs and other nodes)."),
         ("staps_websocket_closes_total", .counter, "Websocket closes by code (1006: no close handshake; application: 3000-4999) and by who started them (client, node)."),
         ("staps_http_responses_total", .counter, "HTTP responses by status (pages, POSTs and refusals; 101s are not counted)."),

@@ -178,7 +178,7 @@ struct Staps: ParsableCommand {
         print("amqp: \(brokers.isEmpty ? "none (standalone)" : brokers.joined(separator: " "))")
         print("metrics: \(configuration.metricsAddress.map(\.description) ?? "off")")
         let hook = configuration.access.hook
-        print("auth: \(hook.url.map { "\($0) (timeout \(hook.timeout.nanoseconds / 1_000_000) ms, at most \(hook.concurrency) at once)" } ?? "none (no hook)")")
+        print("auth: \(hook.url.map { "\($0.logged) (timeout \(hook.timeout.nanoseconds / 1_000_000) ms, at most \(hook.concurrency) at once)" } ?? "none (no hook)")")
         if let user = plan.user { print("user: \(user.name) (uid \(user.uid))") }
         if let gid = plan.gid { print("group: gid \(gid)") }
         print("configuration OK")

@@ -204,7 +204,7 @@ final class ScriptedHook: HookTransport {
         _ = try Self.websocket(node, hook, "/room")
     }
 
-    @Test func atShutdownAPendingUpgradeIsDroppedAndAPendingPostStillAnswered() throws {
+    @Test func atShutdownAPendingUpgradeGets503AndAPendingPostIsStillAnswered() throws {
         let (node, hook) = Self.node()
         let upgrade = try node.connect()
         try node.send(upgrade, upgradeRequest("/room"))
@@ -212,12 +212,24 @@ final class ScriptedHook: HookTransport {
         try node.send(post, "POST /room HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
         for c in [upgrade, post] { c.pipeline.fireUserInboundEventTriggered(ShutdownEvent()) }
         node.loop.run()
+        let refused = try node.output(upgrade)
+        #expect(statusLines(refused) == ["HTTP/1.1 503 Service Unavailable"] && refused.hasSuffix("server shutting down\n"), "\(refused)")
         #expect(!upgrade.isActive && hook.calls[0].cancelled && node.hub.directory.count == 0)
         #expect(post.isActive && !hook.calls[1].cancelled)
         hook.answer(1, .admit(.both))
         let out = try node.output(post)
         #expect(statusLines(out) == ["HTTP/1.1 202 Accepted"] && out.contains("Connection: close\r\n"), "\(out)")
         #expect(node.shared.authorizer?.callsInFlight == 0)
+    }
+
+    @Test func aHookURLWithoutAClientRefusesInsteadOfAdmitting() throws {
+        let access = AccessSettings(hook: HookSettings(url: HookURL(target: .tcp(host: "127.0.0.1", port: 9), uri: "/check")))
+        let node = InMemoryNode(access: access)
+        let c = try node.connect()
+        try node.send(c, upgradeRequest("/room"))
+        let out = try node.output(c)
+        #expect(statusLines(out) == ["HTTP/1.1 503 Service Unavailable"] && out.hasSuffix("authorization hook not available\n"), "\(out)")
+        #expect(node.hub.directory.count == 0)
     }
 
     @Test func pastTheConcurrencyBoundIs503AtOnce() throws {
@@ -247,7 +259,7 @@ final class ScriptedHook: HookTransport {
         let writer = try Self.websocket(node, hook, "/room", .publish)
         try node.send(reader, clientFrame(Framing.opText, Array("from reader".utf8)))
         #expect(try node.outputBytes(full).isEmpty && node.outputBytes(writer).isEmpty)
-        #expect(node.counters.messagesDroppedSubscribeOnly.load(ordering: .relaxed) == 1)
+        #expect(node.hub.loops[0].counters.droppedSubscribeOnly.load(ordering: .relaxed) == 1)
         #expect(reader.isActive, "the connection stays open")
         try node.send(writer, clientFrame(Framing.opText, Array("w".utf8)))
         #expect(try node.outputBytes(full) == [0x81, 1, 0x77] && node.outputBytes(reader) == [0x81, 1, 0x77])
@@ -255,7 +267,7 @@ final class ScriptedHook: HookTransport {
         #expect(try node.outputBytes(reader) == [0x82, 2, 1, 2])
         #expect(try node.outputBytes(writer).isEmpty, "publish-only receives nothing")
         #expect(node.hub.directory.lookup("room")?.1 == 3, "all three are the channel's clients")
-        #expect(node.counters.messagesIn.load(ordering: .relaxed) == 2)
+        #expect(node.hub.messagesReceived.websocket == 2)
         // The state machine still judges what a subscribe-only client sends.
         try node.send(reader, clientFrame(Framing.opText, [0xFF]))
         let closing = try node.outputBytes(reader)
