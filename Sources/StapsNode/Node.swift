@@ -27,29 +27,29 @@ public final class Node: Sendable {
     /// This node's id: sent as `X-Staps-Node` on every response, and used by the cluster link.
     public let nodeID: String
     public let counters = NodeCounters()
-    private let logger: Logger
-    private let group: MultiThreadedEventLoopGroup
+    let logger: Logger
+    let group: MultiThreadedEventLoopGroup
     private let ownsGroup: Bool
-    private let hub: Hub
-    private let link: any ClusterLink
-    private let connectionCount = ManagedAtomic<Int>(0)
+    let hub: Hub
+    let link: any ClusterLink
+    let connectionCount = ManagedAtomic<Int>(0)
     private let connectionIDs = ManagedAtomic<UInt64>(0)
     private let openConnections = NIOLockedValueBox<[ObjectIdentifier: Channel]>([:])
 
-    fileprivate struct Listener: Sendable {
+    struct Listener: Sendable {
         var serverChannel: Channel
         var address: BindAddress
         /// The socket file's inode, so shutdown removes only the file this node made.
         var inode: UInt64?
     }
-    private let listeners = NIOLockedValueBox<[Listener]>([])
-    private let metricsListener = NIOLockedValueBox<Listener?>(nil)
-    private let metricsConnections = NIOLockedValueBox<[ObjectIdentifier: Channel]>([:])
-    private let metricsRefresh = NIOLockedValueBox<RepeatedTask?>(nil)
-    private let metricsQueue = DispatchQueue(label: "staps.metrics")
-    private let memoryTrim = NIOLockedValueBox<RepeatedTask?>(nil)
-    private let accepting = ManagedAtomic<Bool>(false)
-    private let stopping = ManagedAtomic<Bool>(false)
+    let listeners = NIOLockedValueBox<[Listener]>([])
+    let metricsListener = NIOLockedValueBox<Listener?>(nil)
+    let metricsConnections = NIOLockedValueBox<[ObjectIdentifier: Channel]>([:])
+    let metricsRefresh = NIOLockedValueBox<RepeatedTask?>(nil)
+    let metricsQueue = DispatchQueue(label: "staps.metrics")
+    let memoryTrim = NIOLockedValueBox<RepeatedTask?>(nil)
+    let accepting = ManagedAtomic<Bool>(false)
+    let stopping = ManagedAtomic<Bool>(false)
     /// The node's metrics (served by the metrics listener when `metrics` is set).
     public let metrics: NodeMetrics
     /// The authorization hook's client: made by `start()` when `auth_url` is set, shut down
@@ -86,20 +86,6 @@ public final class Node: Sendable {
 
     /// Messages received from local clients so far (websocket messages relayed, POSTs).
     public var messagesReceived: (websocket: Int, post: Int) { self.hub.messagesReceived }
-
-    /// The metrics listener's address (TCP port 0 resolved), when there is one.
-    public var metricsAddress: BindAddress? { self.metricsListener.withLockedValue { $0?.address } }
-
-    /// Why a load balancer should send this node nothing now, or nil when it is ready: every
-    /// listener is up and accepting and, when clustered, the broker link is up and bound.
-    public var notReady: String? {
-        if self.stopping.load(ordering: .relaxed) { return "shutting down" }
-        if !self.accepting.load(ordering: .relaxed) { return "not accepting connections yet" }
-        let listeners = self.listeners.withLockedValue { $0 }
-        if listeners.isEmpty { return "no listener is up" }
-        if let down = listeners.first(where: { !$0.serverChannel.isActive }) { return "listener \(down.address) is down" }
-        return self.link.report?.notReady
-    }
 
     /// The addresses actually bound (TCP port 0 resolved).
     public var boundAddresses: [BindAddress] {
@@ -203,102 +189,9 @@ public final class Node: Sendable {
         self.accepting.store(true, ordering: .relaxed)
     }
 
-    /// The metrics listener: `/metrics`, `/healthz`, `/readyz`, nothing else.
-    private func metricsBootstrap() -> ServerBootstrap {
-        let endpoint = MetricsEndpoint(metrics: self.metrics, notReady: { [self] in self.notReady }, queue: self.metricsQueue)
-        let connections = self.metricsConnections
-        return ServerBootstrap(group: self.group)
-            .serverChannelOption(.backlog, value: 64)
-            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.maxMessagesPerRead, value: 4)
-            .childChannelInitializer { connection in
-                let key = ObjectIdentifier(connection)
-                let admitted = connections.withLockedValue { open -> Bool in
-                    guard open.count < MetricsEndpoint.maxConnections else { return false }
-                    open[key] = connection
-                    return true
-                }
-                guard admitted else { return connection.close() }
-                connection.closeFuture.whenComplete { _ in connections.withLockedValue { $0[key] = nil } }
-                return connection.eventLoop.makeCompletedFuture {
-                    try connection.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
-                    try connection.pipeline.syncOperations.addHandler(MetricsHTTPHandler(endpoint: endpoint))
-                }
-            }
-    }
-
-    /// Every second, off the event loops: a scrape then replays at most a second's counts.
-    private func startMetricsRefresh() {
-        let metrics = self.metrics
-        let queue = self.metricsQueue
-        let pending = ManagedAtomic<Bool>(false)
-        let task = self.group.next().scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { _ in
-            // One at a time: a refresh still running is not queued behind again.
-            guard !pending.exchange(true, ordering: .relaxed) else { return }
-            queue.async {
-                metrics.refresh()
-                pending.store(false, ordering: .relaxed)
-            }
-        }
-        self.metricsRefresh.withLockedValue { $0 = task }
-    }
-
-    /// Closes the metrics listener and its connections, and lets a render under way finish
-    /// (it answers only connections still open) before the event loops go.
-    private func closeMetricsListener() async {
-        self.metricsRefresh.withLockedValue { $0?.cancel(); $0 = nil }
-        guard let listener = self.metricsListener.withLockedValue({ l -> Listener? in defer { l = nil }; return l }) else { return }
-        try? await listener.serverChannel.close()
-        UnixSocketFile.remove(listener)
-        for connection in self.metricsConnections.withLockedValue({ Array($0.values) }) {
-            try? await connection.close()
-        }
-        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
-            self.metricsQueue.async { done.resume() }
-        }
-    }
-
     /// One line for the service manager: connections, channels, broker link.
     public var status: String {
         "connections \(self.connectionCount.load(ordering: .relaxed)), channels \(self.hub.directory.count), broker \(self.link.statusDescription)"
-    }
-
-    /// Gives freed heap memory back to the system when a busy spell ends: glibc keeps what was
-    /// freed in its arenas, so a node that once held thousands of connections or buffered a
-    /// flood would keep that high-water mark. Every 2 s, activity (messages, HTTP responses,
-    /// connections opened or closed) is compared with the busiest interval since the last trim;
-    /// once it has fallen to an eighth of that, the heap is trimmed (on a background thread).
-    private func startMemoryTrim() {
-        // glibc's malloc_trim(3), looked up at run time: no Swift module declares it.
-        typealias MallocTrim = @convention(c) (Int) -> Int32
-        guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "malloc_trim") else { return }
-        let mallocTrim = unsafeBitCast(symbol, to: MallocTrim.self)
-        let counters = self.counters
-        let hub = self.hub
-        let connections = self.connectionCount
-        struct Spell { var messages = 0, responses = 0, connections = 0, peak = 0 }
-        let spell = NIOLockedValueBox(Spell())
-        let task = self.group.next().scheduleRepeatedTask(initialDelay: .seconds(2), delay: .seconds(2)) { _ in
-            let trim = spell.withLockedValue { s -> Bool in
-                let received = hub.messagesReceived
-                let now = Spell(messages: received.websocket &+ received.post, responses: counters.httpResponseTotal.load(ordering: .relaxed), connections: connections.load(ordering: .relaxed))
-                let activity = (now.messages &- s.messages) &+ (now.responses &- s.responses) &+ abs(now.connections &- s.connections)
-                let peak = max(s.peak, activity)
-                s = now
-                s.peak = peak
-                guard peak >= 1000, activity * 8 <= peak else { return false }
-                s.peak = 0
-                return true
-            }
-            if trim {
-                // Off the event loop: trimming holds the allocator's locks for a while.
-                DispatchQueue.global(qos: .utility).async {
-                    _ = mallocTrim(0)
-                    counters.memoryTrims.wrappingIncrement(ordering: .relaxed)
-                }
-            }
-        }
-        self.memoryTrim.withLockedValue { $0 = task }
     }
 
     /// Runs a no-op on every event loop in turn and calls `done` once all have run it: a
@@ -465,7 +358,7 @@ public final class Node: Sendable {
 
 extension UnixSocketFile {
     /// Removes `listener`'s socket file if it is still the one this node made.
-    fileprivate static func remove(_ listener: Node.Listener) {
+    static func remove(_ listener: Node.Listener) {
         guard case .unixDomainSocket(let path) = listener.address, let inode = listener.inode, Self.inode(path) == inode else { return }
         unlink(path)
     }
