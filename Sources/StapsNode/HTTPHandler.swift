@@ -23,13 +23,13 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         var authorizer: Authorizer? = nil
     }
 
-    private let shared: Shared
-    private let overConnectionLimit: Bool
-    private let encoder: HTTPResponseEncoder
-    private let decoder: ByteToMessageHandler<HTTPRequestDecoder>
-    private var logger: Logger
+    let shared: Shared
+    let overConnectionLimit: Bool
+    let encoder: HTTPResponseEncoder
+    let decoder: ByteToMessageHandler<HTTPRequestDecoder>
+    var logger: Logger
 
-    private enum State {
+    enum State {
         case idle
         case receivingBody(HTTPRequestHead, String, ByteBuffer)
         /// A bodiless request that gets an error: answered at its `.end`.
@@ -43,42 +43,42 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case upgrading
     }
     /// What an admitted request goes on to.
-    private enum Authorized {
+    enum Authorized {
         case upgrade(key: String)
         case post
     }
-    private var state = State.idle
+    var state = State.idle
     /// One deadline from accept until the request is complete and answered (head, body and
     /// response, whatever the state of reading); re-armed for the next keep-alive request.
-    private var requestTimer: Scheduled<Void>?
-    private var requestDeadline = NIODeadline.now()
+    var requestTimer: Scheduled<Void>?
+    var requestDeadline = NIODeadline.now()
     /// The hook call the request in `.authorizing` waits for, its timer (when `auth_timeout`
     /// ends before the request's deadline, whose timer serves otherwise), and when it was asked.
-    private var hookCall: HookCall?
-    private var hookTimer: Scheduled<Void>?
-    private var hookAsked = NIODeadline.now()
-    private var shuttingDown = false
+    var hookCall: HookCall?
+    var hookTimer: Scheduled<Void>?
+    var hookAsked = NIODeadline.now()
+    var shuttingDown = false
     /// Whether requests are asked about (`auth_url` is set): then a missing hook client refuses.
-    private var hooked: Bool { self.shared.access.hook.url != nil || self.shared.authorizer != nil }
+    var hooked: Bool { self.shared.access.hook.url != nil || self.shared.authorizer != nil }
     /// The head of the request being answered, until its response is written.
-    private var currentHead: HTTPRequestHead?
+    var currentHead: HTTPRequestHead?
 
     /// Requests pipelined behind the one being answered are read only after its response is
     /// written: what one read already brought is held here, at most `pipelineDepth` requests.
     static let pipelineDepth = 16
-    private var responding = false
+    var responding = false
     /// A response with `Connection: close` is under way: nothing more is read or answered.
-    private var closing = false
+    var closing = false
     /// The request is one after which NIO's parser stops (an upgrade it does not become, or
     /// CONNECT): its answer must close the connection.
-    private var lastRequestEndsParsing = false
-    private var held = CircularBuffer<HTTPServerRequestPart>()
-    private var heldRequests = 0
-    private var closeAfterHeld = false
+    var lastRequestEndsParsing = false
+    var held = CircularBuffer<HTTPServerRequestPart>()
+    var heldRequests = 0
+    var closeAfterHeld = false
     /// Responses written on this connection: one that has none yet is answered (with
     /// `Connection: close`) even when shutdown begins, so a restart drops no request that
     /// was already accepted.
-    private var responses = 0
+    var responses = 0
 
     init(shared: Shared, overConnectionLimit: Bool, encoder: HTTPResponseEncoder, decoder: ByteToMessageHandler<HTTPRequestDecoder>, logger: Logger) {
         self.shared = shared
@@ -104,7 +104,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         context.fireChannelInactive()
     }
 
-    private func armRequestTimer(context: ChannelHandlerContext) {
+    func armRequestTimer(context: ChannelHandlerContext) {
         self.requestTimer?.cancel()
         // The loop's clock (virtual on an EmbeddedEventLoop), like every deadline here.
         self.requestDeadline = context.eventLoop.now + self.shared.limits.handshakeTimeout
@@ -127,13 +127,13 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         self.handle(part, context: context)
     }
 
-    private var isAuthorizing: Bool {
+    var isAuthorizing: Bool {
         if case .authorizing = self.state { return true }
         return false
     }
 
     /// Keeps a part of a pipelined request until the response before it is written.
-    private func hold(_ part: HTTPServerRequestPart, context: ChannelHandlerContext) {
+    func hold(_ part: HTTPServerRequestPart, context: ChannelHandlerContext) {
         guard !self.closeAfterHeld else { return }
         if case .head = part {
             self.heldRequests += 1
@@ -147,7 +147,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     /// Handles held parts until a response is in flight again.
-    private func releaseHeld(context: ChannelHandlerContext) {
+    func releaseHeld(context: ChannelHandlerContext) {
         while !self.responding, !self.closing, !self.isAuthorizing, let part = self.held.popFirst() {
             if case .head = part { self.heldRequests -= 1 }
             self.handle(part, context: context)
@@ -157,7 +157,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
-    private func handle(_ part: HTTPServerRequestPart, context: ChannelHandlerContext) {
+    func handle(_ part: HTTPServerRequestPart, context: ChannelHandlerContext) {
         switch part {
         case .head(let head):
             self.requestHead(head, context: context)
@@ -201,7 +201,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
-    private func requestHead(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
+    func requestHead(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
         self.currentHead = head
         self.lastRequestEndsParsing = head.method == .CONNECT
             || (head.headers[canonicalForm: "connection"].contains { $0.lowercased() == "upgrade" } && head.headers.contains(name: "upgrade"))
@@ -249,7 +249,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
-    private func receiveBody(_ head: HTTPRequestHead, channel name: String, context: ChannelHandlerContext) {
+    func receiveBody(_ head: HTTPRequestHead, channel name: String, context: ChannelHandlerContext) {
         self.state = .receivingBody(head, name, context.channel.allocator.buffer(capacity: 0))
         if head.headers[canonicalForm: "expect"].contains(where: { $0.lowercased() == "100-continue" }) {
             context.writeAndFlush(self.wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .continue))), promise: nil)
@@ -258,7 +258,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     /// Answers an error: at the request's `.end` when it has no body, else at once, closing
     /// the connection (a body nobody wants is never read).
-    private func reject(_ head: HTTPRequestHead, _ status: HTTPResponseStatus, _ reason: String, close: Bool = false, extraHeaders: [(String, String)] = [], context: ChannelHandlerContext) {
+    func reject(_ head: HTTPRequestHead, _ status: HTTPResponseStatus, _ reason: String, close: Bool = false, extraHeaders: [(String, String)] = [], context: ChannelHandlerContext) {
         if close || Self.hasBody(head) {
             self.state = .ignoringBody
             self.respond(context: context, head: head, status: status, text: reason, extraHeaders: extraHeaders, close: true)
@@ -288,7 +288,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         return bytes[..<22].allSatisfy(isBase64) && "AQgw".utf8.contains(bytes[21])
     }
 
-    private func post(_ head: HTTPRequestHead, channel: String, body: ByteBuffer, context: ChannelHandlerContext) {
+    func post(_ head: HTTPRequestHead, channel: String, body: ByteBuffer, context: ChannelHandlerContext) {
         let contentType = head.headers.first(name: "content-type")?.lowercased() ?? ""
         let isText = contentType.hasPrefix("text/")
         if isText, !UTF8Validation.isValid(body) {
@@ -302,11 +302,11 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         self.writeResponse(context: context, head: head, status: .accepted, contentType: "application/json", body: json, keepAlive: head.isKeepAlive)
     }
 
-    private func respond(context: ChannelHandlerContext, head: HTTPRequestHead, status: HTTPResponseStatus, text: String, extraHeaders: [(String, String)] = [], close: Bool = false) {
+    func respond(context: ChannelHandlerContext, head: HTTPRequestHead, status: HTTPResponseStatus, text: String, extraHeaders: [(String, String)] = [], close: Bool = false) {
         self.writeResponse(context: context, head: head, status: status, contentType: "text/plain; charset=utf-8", body: text + "\n", keepAlive: head.isKeepAlive && !close, extraHeaders: extraHeaders)
     }
 
-    private func writeResponse(context: ChannelHandlerContext, head: HTTPRequestHead, status: HTTPResponseStatus, contentType: String, body: String, keepAlive: Bool, omitBody: Bool = false, extraHeaders: [(String, String)] = []) {
+    func writeResponse(context: ChannelHandlerContext, head: HTTPRequestHead, status: HTTPResponseStatus, contentType: String, body: String, keepAlive: Bool, omitBody: Bool = false, extraHeaders: [(String, String)] = []) {
         var headers = HTTPHeaders()
         headers.add(name: "Content-Type", value: contentType)
         headers.add(name: "Content-Length", value: "\(body.utf8.count)")
@@ -341,207 +341,6 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
             self.releaseHeld(context: context)
         }
-    }
-
-    // MARK: Upgrade
-
-    private func upgradeRequest(_ head: HTTPRequestHead, target: RequestTarget, context: ChannelHandlerContext) {
-        guard head.method == .GET else {
-            return self.reject(head, .methodNotAllowed, "websocket upgrade needs GET", extraHeaders: [("Allow", "GET")], context: context)
-        }
-        guard case .channel(let name) = target else {
-            return self.reject(head, .badRequest, "/ is not a channel: connect to /<channel>", context: context)
-        }
-        if let reason = self.shared.access.refusal(origin: head.headers["origin"]) {
-            return self.reject(head, .forbidden, reason, context: context)
-        }
-        guard head.version.major > 1 || (head.version.major == 1 && head.version.minor >= 1) else {
-            return self.reject(head, .badRequest, "websocket upgrade needs HTTP/1.1", close: true, context: context)
-        }
-        guard !Self.hasBody(head) else {
-            return self.reject(head, .badRequest, "a websocket upgrade request has no body", close: true, context: context)
-        }
-        guard head.headers["sec-websocket-version"] == ["13"] else {
-            return self.reject(head, .upgradeRequired, "unsupported websocket version: use 13", extraHeaders: [("Sec-WebSocket-Version", "13")], context: context)
-        }
-        let keys = head.headers["sec-websocket-key"]
-        guard keys.count == 1, let key = keys.first?.trimmingWhitespace(), Self.isValidKey(key) else {
-            return self.reject(head, .badRequest, "missing, repeated or malformed Sec-WebSocket-Key (base64 of 16 bytes)", context: context)
-        }
-        // Nothing more is read until the pipeline is a websocket one.
-        context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
-        self.state = .awaitingUpgradeEnd(head, channel: name, key: key)
-    }
-
-    /// Joins the staps channel (cluster-wide when clustered), then upgrades. Runs on the
-    /// request's `.end`, so the HTTP decoder has nothing more to hand on when the pipeline changes.
-    /// Until the websocket handler holds the membership, every path that gives up leaves it.
-    private func join(_ head: HTTPRequestHead, channel name: String, key: String, permission: Permission, context: ChannelHandlerContext) {
-        self.state = .upgrading
-        let (membership, ready) = self.shared.hub.join(name, on: context.eventLoop)
-        let id = self.shared.connectionIDs.wrappingIncrementThenLoad(ordering: .relaxed)
-        self.logger[metadataKey: "connection.id"] = "\(id)"
-        self.logger[metadataKey: "channel"] = "\(name)"
-        ready.assumeIsolated().whenComplete { result in
-            switch result {
-            case .success:
-                guard context.channel.isActive else {
-                    membership.leave()
-                    context.close(promise: nil)
-                    return
-                }
-                guard !self.shuttingDown else {
-                    membership.leave()
-                    self.state = .idle
-                    self.respond(context: context, head: head, status: .serviceUnavailable, text: "server shutting down", close: true)
-                    return
-                }
-                do {
-                    try self.completeUpgrade(context: context, head: head, key: key, membership: membership, id: id, permission: permission)
-                } catch {
-                    membership.leave()
-                    self.logger.warning("upgrade failed", metadata: ["error": "\(error)"])
-                    context.close(promise: nil)
-                }
-            case .failure(let error):
-                membership.leave()
-                self.logger.warning("channel subscription failed", metadata: ["error": "\(error)"])
-                self.state = .idle
-                self.respond(context: context, head: head, status: .serviceUnavailable, text: "channel subscription failed: \(error)", close: true)
-            }
-        }
-    }
-
-    /// Attaches, swaps the pipeline and answers 101, all in this one event-loop step.
-    private func completeUpgrade(context: ChannelHandlerContext, head: HTTPRequestHead, key: String, membership: Membership, id: UInt64, permission: Permission) throws {
-        let limits = self.shared.limits
-        let ops = context.pipeline.syncOperations
-        let websocket = WebSocketHandler(id: id, membership: membership, limits: limits, counters: self.shared.counters, logger: self.logger, permission: permission)
-        try ops.addHandler(IdleStateHandler(readTimeout: limits.pingInterval), position: .after(self))
-        let idle = try ops.context(handlerType: IdleStateHandler.self)
-        // The directory already counts this client; adding the handler attaches its membership,
-        // so it receives from here on, and the handler leaves it when removed (`leave()` is
-        // idempotent, so the catch in `join` may leave it too).
-        try ops.addHandler(websocket, position: .after(idle.handler))
-
-        var headers = HTTPHeaders()
-        headers.add(name: "Upgrade", value: "websocket")
-        headers.add(name: "Connection", value: "Upgrade")
-        headers.add(name: "Sec-WebSocket-Accept", value: WebSocketAccept.value(forKey: key))
-        headers.add(name: "X-Staps-Node", value: self.shared.nodeID)
-        context.write(self.wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .switchingProtocols, headers: headers))), promise: nil)
-        context.writeAndFlush(self.wrapOutboundOut(.end(nil)), promise: nil)
-
-        ops.removeHandler(context: context, promise: nil)
-        ops.removeHandler(self.decoder, promise: nil)
-        ops.removeHandler(self.encoder, promise: nil)
-        // One read per event-loop turn: with the handler's per-turn message budget, one
-        // flooding client cannot hold its loop.
-        context.channel.setOption(ChannelOptions.maxMessagesPerRead, value: 1).whenComplete { _ in }
-        context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
-    }
-
-    // MARK: Authorization hook
-
-    /// Asks the hook about a request that passed every other check, reading nothing more from
-    /// the connection until it has answered. The hook gets until `auth_timeout` or the
-    /// request's deadline, whichever comes first; then the client gets 503.
-    private func authorize(_ head: HTTPRequestHead, channel name: String, then next: Authorized, context: ChannelHandlerContext) {
-        guard let authorizer = self.shared.authorizer else {
-            // auth_url is set but there is no client to ask it with: refuse, never admit.
-            return self.reject(head, .serviceUnavailable, "authorization hook not available", close: true, context: context)
-        }
-        context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
-        self.state = .authorizing(head, channel: name, then: next)
-        let headers = HookRequest.headers(for: head, channel: name, peerIP: context.channel.remoteAddress?.ipAddress)
-        self.hookAsked = context.eventLoop.now
-        let deadline = min(self.hookAsked + authorizer.settings.timeout, self.requestDeadline)
-        let call = authorizer.ask(headers: headers, within: deadline - self.hookAsked, on: context.eventLoop)
-        self.hookCall = call
-        if deadline < self.requestDeadline {
-            self.hookTimer = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [self] in
-                self.hookTimedOut(context: context)
-            }
-        }
-        call.answer.assumeIsolated().whenSuccess { [self] decision in
-            // A call given up on (time ran out, the client left) has nothing more to say.
-            guard self.hookCall === call else { return }
-            self.hookCall = nil
-            self.hookTimer?.cancel()
-            self.hookTimer = nil
-            self.authorized(decision, context: context)
-        }
-    }
-
-    /// The hook's deadline or the request's passed with the call still pending.
-    private func hookTimedOut(context: ChannelHandlerContext) {
-        guard let call = self.hookCall else { return }
-        self.hookCall = nil
-        self.hookTimer?.cancel()
-        self.hookTimer = nil
-        call.cancel()
-        let waited = context.eventLoop.now - self.hookAsked
-        self.authorized(.unavailable(HookFailure(.timeout, "authorization hook did not answer within \(waited.nanoseconds / 1_000_000) ms")), context: context)
-    }
-
-    private func abandonHookCall() {
-        self.hookTimer?.cancel()
-        self.hookTimer = nil
-        if let call = self.hookCall {
-            self.hookCall = nil
-            call.cancel()
-        }
-    }
-
-    /// Acts on the hook's decision for the request in `.authorizing`.
-    private func authorized(_ decision: HookDecision, context: ChannelHandlerContext) {
-        guard case .authorizing(let head, let name, let next) = self.state else { return }
-        guard context.channel.isActive else {
-            self.state = .idle
-            return
-        }
-        self.shared.authorizer?.record(decision)
-        switch decision {
-        case .admit(let permission):
-            self.logger.debug("authorization hook admitted", metadata: ["auth.allow": "\(permission.rawValue)"])
-            switch next {
-            case .upgrade(let key):
-                self.join(head, channel: name, key: key, permission: permission, context: context)
-            case .post where !permission.mayPublish:
-                self.refuseAuthorized(head, next, .forbidden, "this client may only subscribe (X-Staps-Allow: subscribe)", context: context)
-            case .post:
-                self.receiveBody(head, channel: name, context: context)
-                self.resumeReading(context: context)
-            }
-        case .passOn(let status, let wwwAuthenticate):
-            self.logger.debug("authorization hook refused", metadata: ["http.status": "\(status)"])
-            let reason = status == 401 ? "authorization required" : "forbidden by the authorization hook"
-            self.refuseAuthorized(head, next, HTTPResponseStatus(statusCode: status), reason, extraHeaders: wwwAuthenticate.map { ("WWW-Authenticate", $0) }, context: context)
-        case .unavailable(let failure):
-            self.logger.debug("authorization hook failed", metadata: ["auth.failure": "\(failure.reason.rawValue)"])
-            self.refuseAuthorized(head, next, .serviceUnavailable, failure.message, close: true, context: context)
-        }
-    }
-
-    /// Answers a request the hook did not admit: an upgrade at once (its `.end` was read, and
-    /// NIO's parser reads nothing after it, so the connection closes); a POST as `reject` does,
-    /// never reading a body.
-    private func refuseAuthorized(_ head: HTTPRequestHead, _ next: Authorized, _ status: HTTPResponseStatus, _ reason: String, extraHeaders: [(String, String)] = [], close: Bool = false, context: ChannelHandlerContext) {
-        switch next {
-        case .upgrade:
-            self.state = .idle
-            self.respond(context: context, head: head, status: status, text: reason, extraHeaders: extraHeaders, close: true)
-        case .post:
-            self.reject(head, status, reason, close: close, extraHeaders: extraHeaders, context: context)
-            self.resumeReading(context: context)
-        }
-    }
-
-    /// Reads again after the hook answered a POST, beginning with what arrived meanwhile.
-    private func resumeReading(context: ChannelHandlerContext) {
-        guard !self.closing, !self.responding else { return }
-        context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
-        self.releaseHeld(context: context)
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
