@@ -18,9 +18,6 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-atomics", from: "1.3.0"),
         .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
-        // The authorization hook's client (`auth_url`): pooled keep-alive connections,
-        // deadlines per request, http+unix.
-        .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
     ],
     targets: [
         // rabbitmq-c (Debian: librabbitmq-dev). Only StapsRabbit imports it.
@@ -56,14 +53,14 @@ let package = Package(
                 .product(name: "Prometheus", package: "swift-prometheus"),
             ]
         ),
-        // The authorization hook's HTTP client (`auth_url`), the only module that imports
-        // AsyncHTTPClient: the node library, and so the fuzz package, build without it.
+        // The authorization hook's HTTP client (`auth_url`) over NIO's HTTP codec.
         .target(
             name: "StapsHook",
             dependencies: [
                 "StapsNode",
-                .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Atomics", package: "swift-atomics"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ]

@@ -4,7 +4,7 @@ import NIOCore
 import NIOHTTP1
 
 /// What carries the calls to the authorization hook: `HTTPHookTransport` (module `StapsHook`,
-/// AsyncHTTPClient) in the node, a scripted one in the tests.
+/// NIO's HTTP codec) in the node, a scripted one in the tests.
 public protocol HookTransport: Sendable {
     /// Sends the hook's `GET` with `headers`. The future completes on `eventLoop`, never
     /// fails (a failure is a decision), at the latest soon after `timeout`; `cancel` stops

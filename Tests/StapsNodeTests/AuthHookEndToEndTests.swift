@@ -2,6 +2,7 @@ import Atomics
 import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
+import NIOPosix
 import StapsNode
 import Testing
 import WebSocketClient
@@ -52,7 +53,8 @@ func refusedHandshake(_ endpoint: Endpoint, _ path: String, authorization: Strin
         #expect(error.status == 503 && error.body == "authorization hook answered 500\n")
         let bad = try await refusedHandshake(node.unix, "/room", authorization: "Bearer bad")
         #expect(bad.status == 503 && bad.body == "authorization hook answered X-Staps-Allow: everything, not subscribe, publish or both\n")
-        #expect(hook.connectionsAccepted == 1, "one kept-alive connection to the hook served all \(hook.requests.count) calls")
+        // Connections are kept per event loop (a call goes out on its client's loop).
+        #expect(hook.connectionsAccepted <= System.coreCount && hook.connectionsAccepted < hook.requests.count, "\(hook.connectionsAccepted) kept-alive connections to the hook served all \(hook.requests.count) calls")
         for authorization in ["Bearer slow", "Bearer never"] {
             let late = try await refusedHandshake(node.tcp, "/room", authorization: authorization)
             #expect(late.status == 503 && late.body.hasPrefix("authorization hook did not answer within 5"), "\(late.body)")
