@@ -40,7 +40,9 @@ public final class HTTPHookTransport: HookTransport {
         self.pool = NIOLockedValueBox(Pool())
     }
 
+    /// Called on `eventLoop` (the asking connection's): its kept connections are used there.
     public func call(headers: HTTPHeaders, timeout: TimeAmount, on eventLoop: EventLoop) -> (EventLoopFuture<HookDecision>, cancel: @Sendable () -> Void) {
+        eventLoop.preconditionInEventLoop()
         let call = HookCallState(eventLoop: eventLoop)
         let deadline = NIODeadline.now() + timeout
         var request = HTTPRequestHead(version: .http1_1, method: .GET, uri: self.url.uri, headers: headers)
@@ -54,18 +56,18 @@ public final class HTTPHookTransport: HookTransport {
             call.finish(.unavailable(HookFailure(.timeout, "authorization hook did not answer in time")))
         }
         call.future.whenComplete { _ in timer.cancel() }
-        self.attempt(request, call: call, deadline: deadline, retry: true)
+        self.attempt(request, call: call, deadline: deadline, retry: true, reuse: true)
         return (call.future, { call.finish(.unavailable(HookFailure(.unreachable, "authorization check cancelled"))) })
     }
 
-    /// Sends the request on a kept-alive connection of `call`'s loop, or a new one. A reused
-    /// connection the hook closed before answering is tried once more on a new one.
-    private func attempt(_ request: HTTPRequestHead, call: HookCallState, deadline: NIODeadline, retry: Bool) {
+    /// Sends the request on a kept-alive connection of `call`'s loop (when `reuse`), or a new
+    /// one. A reused connection the hook closed before answering is tried once more on a new one.
+    private func attempt(_ request: HTTPRequestHead, call: HookCallState, deadline: NIODeadline, retry: Bool, reuse: Bool) {
         guard !self.stopped.load(ordering: .relaxed) else {
             call.finish(.unavailable(HookFailure(.unreachable, "authorization hook unreachable (the node is stopping)")))
             return
         }
-        if let reused = self.takeIdle(on: call.eventLoop) {
+        if reuse, let reused = self.takeIdle(on: call.eventLoop) {
             return self.send(request, on: reused, call: call, deadline: deadline, retry: retry)
         }
         let bootstrap = ClientBootstrap(group: call.eventLoop)
@@ -84,7 +86,12 @@ public final class HTTPHookTransport: HookTransport {
         connecting.whenComplete { result in
             switch result {
             case .success(let connection):
-                self.track(connection)
+                guard self.track(connection) else {
+                    // Connected as the node began to stop: shutdown has closed the others.
+                    connection.close(promise: nil)
+                    call.finish(.unavailable(HookFailure(.unreachable, "authorization hook unreachable (the node is stopping)")))
+                    return
+                }
                 self.send(request, on: connection, call: call, deadline: deadline, retry: false)
             case .failure(let error):
                 let timedOut = (error as? ChannelError).map { if case .connectTimeout = $0 { true } else { false } } ?? false
@@ -96,15 +103,21 @@ public final class HTTPHookTransport: HookTransport {
     }
 
     private func send(_ request: HTTPRequestHead, on connection: Channel, call: HookCallState, deadline: NIODeadline, retry: Bool) {
+        // The call may have ended (cancel, deadline) while this connection was made: then it
+        // carries nothing (and is closed with the call otherwise).
+        guard call.onFinish({ connection.close(promise: nil) }) else {
+            connection.close(promise: nil)
+            return
+        }
         let answered = connection.eventLoop.makePromise(of: HookResponseHandler.Outcome.self)
-        call.onFinish { connection.close(promise: nil) }
         connection.pipeline.handler(type: HookResponseHandler.self).assumeIsolated().whenComplete { result in
-            guard case .success(let handler) = result else {
+            guard connection.isActive, case .success(let handler) = result else {
                 return answered.succeed(.closed(sawResponse: false))
             }
             handler.expect(answered)
             connection.write(HTTPClientRequestPart.head(request), promise: nil)
-            connection.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
+            // A request that cannot be written ends the connection: then `.closed`, not a wait.
+            connection.writeAndFlush(HTTPClientRequestPart.end(nil)).whenFailure { _ in connection.close(promise: nil) }
         }
         answered.futureResult.whenSuccess { outcome in
             switch outcome {
@@ -120,19 +133,25 @@ public final class HTTPHookTransport: HookTransport {
             case .closed(let sawResponse):
                 if retry, !sawResponse, NIODeadline.now() < deadline, !call.isFinished {
                     call.removeOnFinish()
-                    return self.attempt(request, call: call, deadline: deadline, retry: false)
+                    return self.attempt(request, call: call, deadline: deadline, retry: false, reuse: false)
                 }
                 call.finish(.unavailable(HookFailure(.badAnswer, "authorization hook closed the connection without a complete answer")))
             case .notHTTP:
                 connection.close(promise: nil)
-                call.finish(.unavailable(HookFailure(.badAnswer, "authorization hook's answer is not HTTP")))
+                call.finish(.unavailable(HookFailure(.badAnswer, "authorization hook's answer is not HTTP, or was cut short")))
             }
         }
     }
 
-    private func track(_ connection: Channel) {
+    /// Counts `connection` in for shutdown; false when shutdown has begun.
+    private func track(_ connection: Channel) -> Bool {
         let key = ObjectIdentifier(connection)
-        self.pool.withLockedValue { $0.open[key] = connection }
+        let tracked = self.pool.withLockedValue { pool -> Bool in
+            guard !self.stopped.load(ordering: .relaxed) else { return false }
+            pool.open[key] = connection
+            return true
+        }
+        guard tracked else { return false }
         connection.closeFuture.whenComplete { _ in
             self.pool.withLockedValue { pool in
                 pool.open[key] = nil
@@ -141,6 +160,7 @@ public final class HTTPHookTransport: HookTransport {
                 }
             }
         }
+        return true
     }
 
     private func takeIdle(on eventLoop: EventLoop) -> Channel? {
@@ -166,8 +186,8 @@ public final class HTTPHookTransport: HookTransport {
     }
 
     public func shutdown() async {
-        self.stopped.store(true, ordering: .relaxed)
         let open = self.pool.withLockedValue { pool -> [Channel] in
+            self.stopped.store(true, ordering: .relaxed)
             for entry in pool.idle { entry.expiry.cancel() }
             pool.idle.removeAll()
             return Array(pool.open.values)
@@ -206,9 +226,14 @@ private final class HookCallState: Sendable {
         return true
     }
 
-    /// What to do if the call ends before its connection is done with (close it).
-    func onFinish(_ body: @escaping @Sendable () -> Void) {
-        self.state.withLockedValue { $0.onFinish = body }
+    /// What to do if the call ends before its connection is done with (close it); false (and
+    /// nothing kept) when the call has ended already.
+    func onFinish(_ body: @escaping @Sendable () -> Void) -> Bool {
+        self.state.withLockedValue { state -> Bool in
+            guard !state.finished else { return false }
+            state.onFinish = body
+            return true
+        }
     }
 
     /// The connection's part is over (it answered, or is given up for a retry).
@@ -255,6 +280,11 @@ private final class HookResponseHandler: ChannelInboundHandler, RemovableChannel
         self.waiting?.succeed(.closed(sawResponse: self.head != nil))
         self.waiting = nil
         context.fireChannelInactive()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.waiting?.succeed(.closed(sawResponse: self.head != nil))
+        self.waiting = nil
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {

@@ -6,7 +6,7 @@ import NIOHTTP1
 /// What carries the calls to the authorization hook: `HTTPHookTransport` (module `StapsHook`,
 /// NIO's HTTP codec) in the node, a scripted one in the tests.
 public protocol HookTransport: Sendable {
-    /// Sends the hook's `GET` with `headers`. The future completes on `eventLoop`, never
+    /// Sends the hook's `GET` with `headers`; called on `eventLoop`. The future completes on `eventLoop`, never
     /// fails (a failure is a decision), at the latest soon after `timeout`; `cancel` stops
     /// the call (the future then completes soon, with whatever decision).
     func call(headers: HTTPHeaders, timeout: TimeAmount, on eventLoop: EventLoop) -> (EventLoopFuture<HookDecision>, cancel: @Sendable () -> Void)
