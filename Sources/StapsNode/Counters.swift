@@ -86,10 +86,6 @@ public final class KeyedCounter: Sendable {
 
     /// Each key with its count.
     public var all: [(String, Int)] { zip(self.keys, self.values).map { ($0, $1.load(ordering: .relaxed)) } }
-
-    public subscript(key: String) -> Int {
-        self.keys.firstIndex(of: key).map { self.load($0) } ?? 0
-    }
 }
 
 /// HTTP statuses by code: 100–599, anything else is not a status.
@@ -133,8 +129,6 @@ public final class CloseCounter: Sendable {
         let c = Self.codes.firstIndex(of: label)!
         self.counter.increment((byClient ? 0 : Self.codes.count) + c)
     }
-
-    public func count(code: String, by initiator: String) -> Int { self.counter["\(initiator) \(code)"] }
 
     /// (code label, initiator, count) for every combination.
     public var all: [(code: String, by: String, count: Int)] {

@@ -59,7 +59,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     var hookAsked = NIODeadline.now()
     var shuttingDown = false
     /// Whether requests are asked about (`auth_url` is set): then a missing hook client refuses.
-    var hooked: Bool { self.shared.access.hook.url != nil || self.shared.authorizer != nil }
+    var hooked: Bool { self.shared.access.hook.url != nil }
     /// The head of the request being answered, until its response is written.
     var currentHead: HTTPRequestHead?
 

@@ -58,41 +58,37 @@ struct HelpfulPrometheusFactory: MetricsFactory {
     }
 }
 
-/// Every metric a node exports: name, type and help. No label ever carries a channel name;
+/// Every metric a node exports, with its help text. No label ever carries a channel name;
 /// every label has a small fixed set of values.
 enum MetricCatalog {
-    enum Kind { case counter, gauge, histogram }
-
-    static let all: [(name: String, kind: Kind, help: String)] = [
-        ("staps_connections", .gauge, "Open connections (HTTP and websocket), by listener kind (tcp, unix)."),
-        ("staps_websocket_clients", .gauge, "Websocket clients in a channel on this node."),
-        ("staps_channels", .gauge, "Channels with at least one client on this node."),
-        ("staps_messages_received_total", .counter, "Messages received from local clients, by source (websocket, post)."),
-        ("staps_messages_delivered_total", .counter, "Messages handed to local receivers: one per receiver reached."),
-        ("staps_message_bytes_received_total", .counter, "Payload bytes of the messages received from local clients (websocket and POST)."),
-        ("staps_message_bytes_delivered_total", .counter, "Payload bytes handed to local receivers: one message's bytes per receiver reached."),
-        ("staps_messages_dropped_total", .counter, "Messages not delivered, by reason (cross_loop_backlog: an event loop too far behind; subscribe_only: the hook let the sender only receive)."),
-        ("staps_auth_requests_total", .counter, "Handshakes and POSTs the authorization hook was asked about, by result (admitted, also a subscribe-only POST then refused 403; denied: its 401/403; else a 503: error_status, unreachable, timeout, over_concurrency, bad_answer: an invalid X-Staps-Allow, not HTTP, or closed unanswered)."),
-        ("staps_fanout_receivers", .histogram, "Receivers on this node per message relayed (from local clients, POSTs and other nodes)."),
-        ("staps_websocket_closes_total", .counter, "Websocket closes by code (1006: no close handshake; application: 3000-4999) and by who started them (client, node)."),
-        ("staps_http_responses_total", .counter, "HTTP responses by status (pages, POSTs and refusals; 101s are not counted)."),
-        ("staps_handshakes_rejected_total", .counter, "Websocket upgrade requests refused, by HTTP status."),
-        ("staps_connections_refused_total", .counter, "Connections refused with 503 for being over max_connections."),
-        ("staps_slow_consumer_closes_total", .counter, "Receivers closed with 1008 for staying over their send buffer."),
-        ("staps_slow_consumer_dropped_bytes_total", .counter, "Bytes queued for slow consumers and dropped when they were closed."),
-        ("staps_cluster_unmatched_total", .counter, "Messages from other nodes for channels with no client here (brought by shared bucket bindings)."),
-        ("staps_memory_trims_total", .counter, "Times freed heap memory was returned to the system after a busy spell."),
-        ("staps_broker_up", .gauge, "1 while the broker link is connected (publishing and consuming), else 0."),
-        ("staps_broker_reconnects_total", .counter, "Times the broker link connected again after losing its broker."),
-        ("staps_broker_published_total", .counter, "Messages the broker confirmed."),
-        ("staps_broker_consumed_total", .counter, "Messages consumed from the broker (published by other nodes)."),
-        ("staps_broker_dropped_total", .counter, "Messages that did not get through the broker, by reason (broker_down, buffer_full, rejected, malformed)."),
-        ("staps_broker_bindings", .gauge, "Binding keys bound for this node's queue on the current broker connection."),
-        ("staps_broker_rebinds_pending", .gauge, "Binding keys still to bind again after a reconnection."),
-        ("staps_broker_publish_batch_messages", .histogram, "Messages per publish to the broker."),
+    static let help: [String: String] = [
+        "staps_connections": "Open connections (HTTP and websocket), by listener kind (tcp, unix).",
+        "staps_websocket_clients": "Websocket clients in a channel on this node.",
+        "staps_channels": "Channels with at least one client on this node.",
+        "staps_messages_received_total": "Messages received from local clients, by source (websocket, post).",
+        "staps_messages_delivered_total": "Messages handed to local receivers: one per receiver reached.",
+        "staps_message_bytes_received_total": "Payload bytes of the messages received from local clients (websocket and POST).",
+        "staps_message_bytes_delivered_total": "Payload bytes handed to local receivers: one message's bytes per receiver reached.",
+        "staps_messages_dropped_total": "Messages not delivered, by reason (cross_loop_backlog: an event loop too far behind; subscribe_only: the hook let the sender only receive).",
+        "staps_auth_requests_total": "Handshakes and POSTs the authorization hook was asked about, by result (admitted, also a subscribe-only POST then refused 403; denied: its 401/403; else a 503: error_status, unreachable, timeout, over_concurrency, bad_answer: an invalid X-Staps-Allow, not HTTP, or closed unanswered).",
+        "staps_fanout_receivers": "Receivers on this node per message relayed (from local clients, POSTs and other nodes).",
+        "staps_websocket_closes_total": "Websocket closes by code (1006: no close handshake; application: 3000-4999) and by who started them (client, node).",
+        "staps_http_responses_total": "HTTP responses by status (pages, POSTs and refusals; 101s are not counted).",
+        "staps_handshakes_rejected_total": "Websocket upgrade requests refused, by HTTP status.",
+        "staps_connections_refused_total": "Connections refused with 503 for being over max_connections.",
+        "staps_slow_consumer_closes_total": "Receivers closed with 1008 for staying over their send buffer.",
+        "staps_slow_consumer_dropped_bytes_total": "Bytes queued for slow consumers and dropped when they were closed.",
+        "staps_cluster_unmatched_total": "Messages from other nodes for channels with no client here (brought by shared bucket bindings).",
+        "staps_memory_trims_total": "Times freed heap memory was returned to the system after a busy spell.",
+        "staps_broker_up": "1 while the broker link is connected (publishing and consuming), else 0.",
+        "staps_broker_reconnects_total": "Times the broker link connected again after losing its broker.",
+        "staps_broker_published_total": "Messages the broker confirmed.",
+        "staps_broker_consumed_total": "Messages consumed from the broker (published by other nodes).",
+        "staps_broker_dropped_total": "Messages that did not get through the broker, by reason (broker_down, buffer_full, rejected, malformed).",
+        "staps_broker_bindings": "Binding keys bound for this node's queue on the current broker connection.",
+        "staps_broker_rebinds_pending": "Binding keys still to bind again after a reconnection.",
+        "staps_broker_publish_batch_messages": "Messages per publish to the broker.",
     ]
-
-    static let help: [String: String] = Dictionary(uniqueKeysWithValues: all.map { ($0.name, $0.help) })
 }
 
 /// A node's metrics: swift-metrics objects over a swift-prometheus registry, brought up to date
