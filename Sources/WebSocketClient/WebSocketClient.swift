@@ -27,6 +27,74 @@ public enum ClientEvent: Sendable {
     case disconnected
 }
 
+/// A connection's events in arrival order, for a reader that awaits them (the tests): pass
+/// `receive` as `onEvent`, then await `next(timeout:)`. Nothing polls: a waiting reader is
+/// resumed by the event itself, or by its timeout on `timeoutLoop`. One reader at a time. The
+/// load generator does not use it: it counts in its own `onEvent`.
+public final class ClientInbox: Sendable {
+    private struct Waiter: Sendable {
+        var continuation: CheckedContinuation<Void, Never>
+        var timeout: Scheduled<Void>
+        var id: UInt64
+    }
+
+    private struct State: Sendable {
+        var events = CircularBuffer<ClientEvent>()
+        var waiter: Waiter?
+        var waits: UInt64 = 0
+    }
+
+    private let state = NIOLockedValueBox(State())
+    private let timeoutLoop: EventLoop
+
+    public init(timeoutLoop: EventLoop) {
+        self.timeoutLoop = timeoutLoop
+    }
+
+    /// Queues `event` and wakes the reader waiting for one.
+    public func receive(_ event: ClientEvent) {
+        let waiter = self.state.withLockedValue { state -> Waiter? in
+            state.events.append(event)
+            defer { state.waiter = nil }
+            return state.waiter
+        }
+        waiter?.timeout.cancel()
+        waiter?.continuation.resume()
+    }
+
+    /// Takes the oldest event, waiting up to `timeout` for one; nil when none came.
+    public func next(timeout: TimeAmount) async -> ClientEvent? {
+        guard await self.waitForEvent(timeout: timeout) else { return nil }
+        return self.state.withLockedValue { $0.events.popFirst() }
+    }
+
+    /// Waits up to `timeout` until an event is queued (it stays queued); whether one is.
+    public func waitForEvent(timeout: TimeAmount) async -> Bool {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let waiting = self.state.withLockedValue { state -> Bool in
+                guard state.events.isEmpty, timeout > .zero else { return false }
+                precondition(state.waiter == nil, "ClientInbox: one reader at a time")
+                state.waits &+= 1
+                let id = state.waits
+                let timer = self.timeoutLoop.scheduleTask(in: timeout) { self.timeOut(id) }
+                state.waiter = Waiter(continuation: continuation, timeout: timer, id: id)
+                return true
+            }
+            if !waiting { continuation.resume() }
+        }
+        return self.state.withLockedValue { !$0.events.isEmpty }
+    }
+
+    private func timeOut(_ id: UInt64) {
+        let waiter = self.state.withLockedValue { state -> Waiter? in
+            guard let waiter = state.waiter, waiter.id == id else { return nil }
+            state.waiter = nil
+            return waiter
+        }
+        waiter?.continuation.resume()
+    }
+}
+
 /// The handshake did not end in 101.
 public struct HandshakeError: Error, CustomStringConvertible {
     public var status: Int

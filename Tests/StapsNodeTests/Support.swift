@@ -87,29 +87,25 @@ final class TestNode: Sendable {
 /// A websocket client whose events queue up for the test to take in order.
 final class TestClient: Sendable {
     let client: WebSocketClient
-    private let inbox: NIOLockedValueBox<[ClientEvent]>
+    private let inbox: ClientInbox
 
-    private init(client: WebSocketClient, inbox: NIOLockedValueBox<[ClientEvent]>) {
+    private init(client: WebSocketClient, inbox: ClientInbox) {
         self.client = client
         self.inbox = inbox
     }
 
     static func connect(_ endpoint: Endpoint, _ path: String, headers: [(String, String)] = [], autoRead: Bool = true, group: EventLoopGroup = clientGroup) async throws -> TestClient {
-        let inbox = NIOLockedValueBox<[ClientEvent]>([])
-        let client = try await WebSocketClient.connect(to: endpoint, path: path, headers: headers, group: group, autoRead: autoRead) { event in
-            inbox.withLockedValue { $0.append(event) }
-        }
+        let inbox = ClientInbox(timeoutLoop: group.next())
+        let client = try await WebSocketClient.connect(to: endpoint, path: path, headers: headers, group: group, autoRead: autoRead, onEvent: inbox.receive)
         return TestClient(client: client, inbox: inbox)
     }
 
     /// The next event, waiting up to `timeout` seconds.
     func next(timeout: Double = 5) async throws -> ClientEvent {
-        let deadline = NIODeadline.now() + .milliseconds(Int64(timeout * 1000))
-        while true {
-            if let event = inbox.withLockedValue({ $0.isEmpty ? nil : $0.removeFirst() }) { return event }
-            if NIODeadline.now() > deadline { throw TestError.timeout("no websocket event within \(timeout)s") }
-            try await Task.sleep(nanoseconds: 2_000_000)
+        guard let event = await inbox.next(timeout: .nanoseconds(Int64(timeout * 1e9))) else {
+            throw TestError.timeout("no websocket event within \(timeout)s")
         }
+        return event
     }
 
     /// The next message as (isText, bytes); fails on a close or disconnect.
@@ -128,11 +124,9 @@ final class TestClient: Sendable {
 
     /// Waits for the server's close frame, skipping messages; returns its code and reason.
     func nextClose(timeout: Double = 5) async throws -> (UInt16?, String) {
-        let deadline = NIODeadline.now() + .milliseconds(Int64(timeout * 1000))
+        let deadline = NIODeadline.now() + .nanoseconds(Int64(timeout * 1e9))
         while true {
-            let remaining = Double((deadline - NIODeadline.now()).nanoseconds) / 1e9
-            guard remaining > 0 else { throw TestError.timeout("no close frame within \(timeout)s") }
-            switch try await next(timeout: remaining) {
+            switch try await next(timeout: Double((deadline - NIODeadline.now()).nanoseconds) / 1e9) {
             case .close(let code, let reason): return (code, reason)
             case .disconnected: throw TestError.unexpected("disconnected without a close frame")
             case .message: continue
@@ -140,10 +134,11 @@ final class TestClient: Sendable {
         }
     }
 
-    /// True when nothing arrives within `seconds`.
+    /// True when nothing arrives within `seconds` (what arrives stays queued). An absence has
+    /// no event to await: the time is what is asserted. Callers keep it short (0.02–0.2 s):
+    /// what a node relays wrongly arrives within milliseconds, and a late one fails a later step.
     func isQuiet(for seconds: Double) async throws -> Bool {
-        try await Task.sleep(nanoseconds: UInt64(seconds * 1e9))
-        return inbox.withLockedValue { $0.isEmpty }
+        await !inbox.waitForEvent(timeout: .nanoseconds(Int64(seconds * 1e9)))
     }
 
     func send(_ text: String) { client.send(text: text) }
