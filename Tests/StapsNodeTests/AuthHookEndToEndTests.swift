@@ -174,9 +174,8 @@ func refusedHandshake(_ endpoint: Endpoint, _ path: String, authorization: Strin
         // The two leave: their calls stop (the hook sees its connections closed), their slots
         // come back, and nothing joined.
         for socket in waiting { socket.close() }
-        let deadline = Date().addingTimeInterval(2)
-        while node.node.authorizationCallsInFlight > 0 || hook.connectionsOpen > 0, Date() < deadline {
-            try await Task.sleep(nanoseconds: 5_000_000)
+        try? await eventually("the calls stop and their hook connections close", within: 2) {
+            node.node.authorizationCallsInFlight == 0 && hook.connectionsOpen == 0
         }
         #expect(node.node.authorizationCallsInFlight == 0)
         #expect(hook.connectionsOpen == 0, "AsyncHTTPClient closed the calls nobody waits for")
@@ -228,6 +227,7 @@ func refusedHandshake(_ endpoint: Endpoint, _ path: String, authorization: Strin
         for i in 0..<count {
             a.send("\(i) \(Date().timeIntervalSince(started))")
             if i % 10 == 9 { b.send("back \(i)") }
+            // A message every 10 ms, over the hook's 1.5 s delay: the pacing is under test.
             try await Task.sleep(nanoseconds: 10_000_000)
         }
         let latencies = try await receiving.value

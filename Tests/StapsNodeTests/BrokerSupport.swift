@@ -73,25 +73,12 @@ func startClusterNodes(_ count: Int, exchange: String = Broker.freshExchange(), 
         nodes.append((node, link))
     }
     // Every link is up before the test begins.
-    let deadline = NIODeadline.now() + .seconds(10)
-    while !nodes.allSatisfy({ $0.1.isConnected }) {
-        guard NIODeadline.now() < deadline else { throw TestError.timeout("broker links did not come up") }
-        try await Task.sleep(nanoseconds: 10_000_000)
-    }
+    try await eventually("broker links up", within: 10) { nodes.allSatisfy { $0.1.isConnected } }
     return nodes
 }
 
 func stopAll(_ nodes: [(TestNode, RabbitLink)]) async {
     for (node, _) in nodes { await node.stop() }
-}
-
-/// Waits until `condition` holds, polling; fails after `seconds`.
-func eventually(_ what: String, within seconds: Double = 5, _ condition: () async throws -> Bool) async throws {
-    let deadline = NIODeadline.now() + .milliseconds(Int64(seconds * 1000))
-    while try await !condition() {
-        guard NIODeadline.now() < deadline else { throw TestError.timeout(what) }
-        try await Task.sleep(nanoseconds: 10_000_000)
-    }
 }
 
 import Logging

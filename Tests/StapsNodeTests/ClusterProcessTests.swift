@@ -27,14 +27,18 @@ import WebSocketClient
         try "[staps]\namqp = \(url)\namqp_exchange = \(Broker.freshExchange())\nmode = 0666\n".write(toFile: conf, atomically: true, encoding: .utf8)
         var processes: [Process] = []
         var sockets: [String] = []
+        var metrics: [String] = []
         for i in 1...count {
             let socket = dir.path + "/staps-\(i).sock"
-            let (process, _) = try await ProcessTests.launch(["--config", conf, "--socket", socket], waitFor: socket)
+            metrics.append(dir.path + "/metrics-\(i).sock")
+            let (process, _) = try await ProcessTests.launch(["--config", conf, "--socket", socket, "--metrics", metrics[i - 1]], waitFor: socket)
             processes.append(process)
             sockets.append(socket)
         }
-        // Give each link a moment to bind its queue (joins wait for bindings anyway).
-        try await Task.sleep(nanoseconds: 300_000_000)
+        // Every link is up (its queue declared and consumed) before the test begins.
+        for socket in metrics {
+            try await eventually("ready on \(socket)", within: 10) { (try? await httpRequest(.unix(path: socket), "GET", "/readyz"))?.0 == 200 }
+        }
         return Cluster(dir: dir, processes: processes, sockets: sockets)
     }
 
@@ -144,11 +148,7 @@ struct Nginx {
         process.arguments = ["-c", dir + "/nginx.conf", "-p", dir]
         process.standardError = FileHandle.nullDevice
         try process.run()
-        for _ in 0..<300 {
-            if (try? await httpRequest(.tcp(host: "127.0.0.1", port: port), "GET", "/")) != nil { return Nginx(process: process, port: port) }
-            guard process.isRunning else { break }
-            try await Task.sleep(nanoseconds: 10_000_000)
-        }
+        if await answersHTTP(.tcp(host: "127.0.0.1", port: port), within: 3, while: { process.isRunning }) { return Nginx(process: process, port: port) }
         process.terminate()
         let log = (try? String(contentsOfFile: dir + "/nginx-error.log", encoding: .utf8)) ?? ""
         throw TestError.unexpected("nginx did not come up on 127.0.0.1:\(port): \(log)")

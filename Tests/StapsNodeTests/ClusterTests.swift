@@ -138,10 +138,11 @@ import WebSocketClient
         let publishing = Task {
             for i in 0..<1500 {
                 sender.send("\(i)")
+                // Paced over the restart (about 6 s): the time is what is under test.
                 try await Task.sleep(nanoseconds: 4_000_000)
             }
         }
-        try await Task.sleep(nanoseconds: 300_000_000)
+        try await eventually("the broker confirmed publishes before its restart") { a.1.counters.published.load(ordering: .relaxed) >= 10 }
         try Broker.control("restart-app")
         let backAt = Date()
         // Cluster delivery is back within 2 s of the broker becoming reachable.
@@ -215,7 +216,7 @@ import WebSocketClient
         let bad = RabbitLink(configuration: RabbitConfiguration(url: try AMQPURL(url.replacingOccurrences(of: "guest:guest", with: "guest:wrong-secret"))), logger: logged.logger)
         let node = try await TestNode.start(link: bad)
         try await eventually("a warning about the login", within: 5) { logged.text.contains("warning") }
-        try await Task.sleep(nanoseconds: 500_000_000)
+        try await eventually("retried twice", within: 5) { logged.text.components(separatedBy: "broker still unreachable").count > 2 }
         let text = logged.text
         #expect(text.contains("ACCESS_REFUSED") || text.contains("log in"), "names the cause: \(text)")
         #expect(!text.contains("wrong-secret"), "never the password")
@@ -276,6 +277,7 @@ import WebSocketClient
         // Reconnecting within the linger keeps the binding (no churn)...
         #expect(try Self.bindings(of: exchange) == [key])
         let second = try await TestClient.connect(nodes[0].0.tcp, "/linger.room")
+        // Past the linger (time is what is under test): nothing unbinds while a client is on it.
         try await Task.sleep(nanoseconds: 3_500_000_000)
         #expect(try Self.bindings(of: exchange) == [key], "still bound while a client is on it")
         // ...and the last client leaving unbinds once the linger has passed.

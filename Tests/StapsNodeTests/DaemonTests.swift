@@ -45,25 +45,20 @@ import Glibc
         return pid
     }
 
-    static func waitExit(_ pid: pid_t, seconds: Double = 10) throws -> Int32 {
-        let deadline = Date().addingTimeInterval(seconds)
-        var status: Int32 = 0
-        while waitpid(pid, &status, WNOHANG) == 0 {
-            guard Date() < deadline else {
-                kill(pid, SIGKILL)
-                throw TestError.timeout("staps (pid \(pid)) did not exit")
+    static func waitExit(_ pid: pid_t, seconds: Double = 10) async throws -> Int32 {
+        do {
+            return try await eventually("staps (pid \(pid)) to exit", within: seconds) { () -> Int32? in
+                var status: Int32 = 0
+                return waitpid(pid, &status, WNOHANG) == 0 ? nil : (status >> 8) & 0xFF
             }
-            usleep(10_000)
+        } catch {
+            kill(pid, SIGKILL)
+            throw error
         }
-        return (status >> 8) & 0xFF
     }
 
     static func waitForHTTP(_ endpoint: Endpoint, pid: pid_t, log: String) async throws {
-        for _ in 0..<500 {
-            if (try? await httpRequest(endpoint, "GET", "/")) != nil { return }
-            guard kill(pid, 0) == 0 else { break }
-            try await Task.sleep(nanoseconds: 10_000_000)
-        }
+        if await answersHTTP(endpoint, within: 5, while: { kill(pid, 0) == 0 }) { return }
         throw TestError.unexpected("staps did not come up on \(endpoint): \((try? String(contentsOfFile: log, encoding: .utf8)) ?? "")")
     }
 
@@ -139,7 +134,7 @@ import Glibc
         a.send("as nobody")
         #expect(try await b.nextText() == "as nobody")
         kill(pid, SIGTERM)
-        #expect(try Self.waitExit(pid) == 0)
+        #expect(try await Self.waitExit(pid) == 0)
         #expect(!FileManager.default.fileExists(atPath: pidFile), "pid file removed on exit")
         #expect(!FileManager.default.fileExists(atPath: socket))
         #expect((try? String(contentsOfFile: log, encoding: .utf8))?.contains("running as nobody") == true)
@@ -178,7 +173,7 @@ import Glibc
         var last = next()
         while last == "WATCHDOG=1" { last = next() }
         #expect(last.hasPrefix("STOPPING=1"), "\(last)")
-        #expect(try Self.waitExit(pid) == 0)
+        #expect(try await Self.waitExit(pid) == 0)
     }
 
     /// The listening socket belongs to the service manager (here the test): staps serves the
@@ -214,17 +209,22 @@ import Glibc
                 }
             }
         }
+        // Each node in turn serves a few requests before it is stopped, the last one too.
+        func serveMore(_ more: Int) async throws {
+            let target = served.withLockedValue { $0 } + more
+            try await eventually("\(more) more requests served", within: 5) { served.withLockedValue { $0 } >= target }
+        }
         for _ in 0..<2 {
-            try await Task.sleep(nanoseconds: 300_000_000)
+            try await serveMore(5)
             kill(pid, SIGTERM)
-            #expect(try Self.waitExit(pid) == 0)
+            #expect(try await Self.waitExit(pid) == 0)
             pid = try Self.spawn(args, listenFD: listener, stderrPath: log)
         }
-        try await Task.sleep(nanoseconds: 500_000_000)
+        try await serveMore(5)
         stop.withLockedValue { $0 = true }
         _ = await clients.value
         kill(pid, SIGTERM)
-        #expect(try Self.waitExit(pid) == 0)
+        #expect(try await Self.waitExit(pid) == 0)
         #expect(failures.withLockedValue { $0 }.isEmpty, "connections refused or failed across restarts: \(failures.withLockedValue { $0 })")
         #expect(served.withLockedValue { $0 } > 10)
         #expect(FileManager.default.fileExists(atPath: path), "staps never removes a socket it did not make")
@@ -246,7 +246,7 @@ import Glibc
         process.standardOutput = FileHandle.nullDevice
         try process.run()
         defer { if process.isRunning { process.terminate() } }
-        for _ in 0..<300 where !FileManager.default.fileExists(atPath: path) { try await Task.sleep(nanoseconds: 10_000_000) }
+        try await eventually("the socket \(path) made", within: 3) { FileManager.default.fileExists(atPath: path) }
         let a = try await TestClient.connect(.unix(path: path), "/activated")
         let b = try await TestClient.connect(.unix(path: path), "/activated")
         a.send("through the inherited socket")
@@ -270,7 +270,7 @@ import Glibc
         let pid = try Self.spawn(["--config", "/dev/null", "--socket", socketPath], environment: ["JOURNAL_STREAM": "\(st.st_dev):\(st.st_ino)"], stderrPath: log)
         try await Self.waitForHTTP(.unix(path: socketPath), pid: pid, log: log)
         kill(pid, SIGTERM)
-        #expect(try Self.waitExit(pid) == 0)
+        #expect(try await Self.waitExit(pid) == 0)
         let lines = ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").split(separator: "\n")
         #expect(!lines.isEmpty)
         #expect(lines.allSatisfy { $0.hasPrefix("<5>") || $0.hasPrefix("<4>") || $0.hasPrefix("<6>") || $0.hasPrefix("<7>") }, "\(lines)")
@@ -294,7 +294,7 @@ import Glibc
         }
         #expect((try? await httpRequest(.unix(path: socketPath), "GET", "/"))?.0 == 200, "still serving after SIGHUP")
         kill(pid, SIGTERM)
-        #expect(try Self.waitExit(pid) == 0)
+        #expect(try await Self.waitExit(pid) == 0)
         #expect(((try? String(contentsOfFile: logFile + ".1", encoding: .utf8)) ?? "").contains("listening"))
     }
 }

@@ -72,10 +72,8 @@ final class HookServer: Sendable {
 
     /// Waits until `count` requests with this `Authorization` have arrived.
     func waitForRequests(authorization: String, count: Int, timeout: Double = 5) async throws {
-        let deadline = NIODeadline.now() + .milliseconds(Int64(timeout * 1000))
-        while self.requests.filter({ $0.headers.first(name: "authorization") == authorization }).count < count {
-            guard NIODeadline.now() < deadline else { throw TestError.timeout("hook: \(count) requests with \(authorization)") }
-            try await Task.sleep(nanoseconds: 5_000_000)
+        try await eventually("hook: \(count) requests with \(authorization)", within: timeout) {
+            self.requests.filter { $0.headers.first(name: "authorization") == authorization }.count >= count
         }
     }
 

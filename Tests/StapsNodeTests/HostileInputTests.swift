@@ -40,6 +40,7 @@ final class LatencyProbe: Sendable {
             while probe.running.load(ordering: .relaxed) {
                 probe.sender.send("\(DispatchTime.now().uptimeNanoseconds)")
                 probe.sent.wrappingIncrement(ordering: .relaxed)
+                // A message every 10 ms: the probe's pace is what its latencies are read against.
                 try? await Task.sleep(nanoseconds: 10_000_000)
             }
         }
@@ -56,14 +57,18 @@ final class LatencyProbe: Sendable {
     /// Runs `attack`, then returns what the probe saw meanwhile (and its result).
     func during<T>(_ attack: () async throws -> T) async throws -> (T, Stats) {
         let sentBefore = self.sent.load(ordering: .relaxed)
-        let firstSample = self.latencies.withLockedValue { $0.count }
+        let firstSample = self.received
         let result = try await attack()
         let sentAfter = self.sent.load(ordering: .relaxed)
-        try await Task.sleep(nanoseconds: 300_000_000)  // what is in flight arrives
+        // What is in flight arrives; a shortfall is reported by the caller, naming the attack.
+        try? await eventually("the probe's messages in flight", within: 1) { self.received >= firstSample + sentAfter - sentBefore }
         let samples = self.latencies.withLockedValue { Array($0[firstSample...]) }.sorted()
         func pct(_ p: Double) -> Double { samples.isEmpty ? .infinity : samples[min(samples.count - 1, Int(Double(samples.count) * p))] }
         return (result, Stats(sent: sentAfter - sentBefore, received: samples.count, p50: pct(0.5), p99: pct(0.99), max: samples.last ?? .infinity))
     }
+
+    /// Probe messages received so far.
+    var received: Int { self.latencies.withLockedValue { $0.count } }
 
     func stop() async {
         self.running.store(false, ordering: .relaxed)
@@ -99,7 +104,7 @@ final class LatencyProbe: Sendable {
         let pid = process.processIdentifier
         let endpoint = Endpoint.unix(path: socket)
         let probe = try await LatencyProbe.start(endpoint)
-        try await Task.sleep(nanoseconds: 500_000_000)
+        try await eventually("the probe's first messages through") { probe.received >= 20 }
         let start = processFootprint(pid)
         var rows: [Row] = []
         func record(_ attack: String, _ answer: String, _ stats: LatencyProbe.Stats) {
@@ -230,6 +235,7 @@ final class LatencyProbe: Sendable {
             sockets.append(s)
         }
         let deadline = Date().addingTimeInterval(seconds)
+        // A byte a second (or silence) until the deadline: the attack is made of time.
         while bytesPerSecond, Date() < deadline {
             for s in sockets { _ = s.sendSome([0x61]) }
             Thread.sleep(forTimeInterval: 1)
@@ -261,7 +267,9 @@ final class LatencyProbe: Sendable {
         let delivered = ManagedAtomic<Int>(0)
         let done = ManagedAtomic<Bool>(false)
         let readerFDs = readers.map(\.fd)
+        let drained = DispatchSemaphore(value: 0)
         let drain = Thread {
+            defer { drained.signal() }
             var buffer = [UInt8](repeating: 0, count: 1 << 16)
             var fds = readerFDs.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
             while !done.load(ordering: .relaxed) {
@@ -277,9 +285,11 @@ final class LatencyProbe: Sendable {
         var sent = 0
         let deadline = Date().addingTimeInterval(seconds)
         while Date() < deadline, flooder.send(chunk) { sent += chunk.count / frame.count }
+        // What the node delivers within half a second of the flood's end counts too: the
+        // measurement window is time, not an event.
         Thread.sleep(forTimeInterval: 0.5)
         done.store(true, ordering: .relaxed)
-        Thread.sleep(forTimeInterval: 0.2)
+        drained.wait()
         for r in readers { r.close() }
         flooder.close()
         return (sent, delivered.load(ordering: .relaxed))
@@ -315,9 +325,11 @@ final class LatencyProbe: Sendable {
             if Date() < floodEnd {
                 guard let n = s.sendSome(chunk) else { closed = true; break }
                 bytes += n
+                // The socket is full: the flood goes on at the node's pace (time is the attack).
                 if n == 0 { Thread.sleep(forTimeInterval: 0.01) }
             } else {
-                // Done sending: a closed connection shows as a failing write.
+                // Done sending: a closed connection shows as a failing write, tried every 50 ms
+                // (a raw socket has no event for it) while the node's memory peak is sampled.
                 guard s.sendSome([0x0]) != nil else { closed = true; break }
                 Thread.sleep(forTimeInterval: 0.05)
             }
@@ -334,7 +346,8 @@ final class LatencyProbe: Sendable {
         let slow = try await TestClient.connect(endpoint, path, autoRead: false)
         let sender = try await TestClient.connect(endpoint, path, group: senderGroup)
         for _ in 0..<300 { sender.send(binary: [UInt8](repeating: 0x5A, count: 16 << 10)) }
-        try await Task.sleep(nanoseconds: 1_200_000_000)  // past the 500 ms grace
+        // Over its send buffer for longer than the 500 ms grace: the grace is under test.
+        try await Task.sleep(nanoseconds: 1_200_000_000)
         slow.client.channel.read()
         _ = slow.client.channel.setOption(ChannelOptions.autoRead, value: true)
         var messages = 0

@@ -162,6 +162,7 @@ import Glibc
             for _ in 0..<n {
                 sender.send("m\(sent)")
                 sent += 1
+                // Paced: the messages span the freeze and its detection (time is under test).
                 try await Task.sleep(nanoseconds: 5_000_000)
             }
         }
@@ -200,6 +201,7 @@ import Glibc
         let link = try Self.link([url], ClusterSettings(exchange: Broker.freshExchange(), heartbeat: .seconds(1)))
         let node = try await TestNode.start(link: link)
         try await eventually("link up") { link.isConnected }
+        // Silence past three heartbeat periods is the behaviour under test.
         try await Task.sleep(nanoseconds: 3_500_000_000)
         #expect(link.isConnected && link.counters.reconnects.load(ordering: .relaxed) == 0, "three heartbeat periods of silence from the clients")
         await node.stop()
@@ -220,7 +222,11 @@ import Glibc
         let port = Int(UInt16(bigEndian: addr.sin_port))
         let link = try Self.link(["amqp://guest:guest@127.0.0.1:\(port)/"], ClusterSettings(exchange: Broker.freshExchange()))
         let node = try await TestNode.start(link: link)
-        try await Task.sleep(nanoseconds: 300_000_000)  // the link is inside its connect attempt now
+        // The link is inside its connect attempt once the mute broker has its connection queued.
+        try await eventually("the link connecting to the mute broker") {
+            var listening = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            return poll(&listening, 1, 0) == 1
+        }
         let start = Date()
         let a = try await TestClient.connect(node.tcp, "/mute-broker")
         let b = try await TestClient.connect(node.tcp, "/mute-broker")
@@ -290,7 +296,8 @@ import Glibc
         _ = try run("/bin/kill", ["-STOP", pid])
         defer { _ = try? run("/bin/kill", ["-CONT", pid]) }
         let waiting = Task { try await rawExchange(node.tcp, Array("GET /stopping HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".utf8), timeout: 5) }
-        try await Task.sleep(nanoseconds: 300_000_000)
+        // The join is in the directory, waiting for its bind.
+        try await eventually("the join waiting for its bind") { node.node.status.hasPrefix("connections 1, channels 1,") }
         await link.shutdown()
         let answer = String(decoding: try await waiting.value, as: UTF8.self)
         #expect(answer.hasPrefix("HTTP/1.1 503"), "\(answer.prefix(80))")

@@ -211,14 +211,10 @@ import WebSocketClient
         }
         #expect(node.node.counters.connectionsRefused.load(ordering: .relaxed) == 1)
         await b.close()
-        // Room again once a client leaves.
-        var c: TestClient? = nil
-        for _ in 0..<100 where c == nil {
-            c = try? await TestClient.connect(node.tcp, "/full")
-            if c == nil { try await Task.sleep(nanoseconds: 10_000_000) }
-        }
+        // Room again once a client leaves (the node frees its slot when it sees the close).
+        let c = try await eventually("a slot free again") { try? await TestClient.connect(node.tcp, "/full") }
         a.send("room again")
-        #expect(try await c?.nextText() == "room again")
+        #expect(try await c.nextText() == "room again")
         await node.stop()
     }
 
@@ -268,8 +264,8 @@ import WebSocketClient
             p[0] = UInt8(truncatingIfNeeded: i)
             p[1] = UInt8(truncatingIfNeeded: i >> 8)
             sender.send(binary: p)
-            // Paced (about 16 MB/s) so that a client that reads keeps up even in a debug build,
-            // where the test clients' NIO masking runs a byte at a time.
+            // Paced (about 16 MB/s, time is part of the set-up) so that a client that reads keeps
+            // up even in a debug build, where the test clients' NIO masking runs a byte at a time.
             try await Task.sleep(nanoseconds: 1_000_000)
         }
         for i in 0..<count {
@@ -295,6 +291,7 @@ import WebSocketClient
         let a = try await TestClient.connect(node.tcp, "/idle")  // answers pings automatically
         let b = try await TestClient.connect(node.tcp, "/idle", autoRead: false)  // never reads: no pong
         let (code, _) = try await { () async throws -> (UInt16?, String) in
+            // Silent past ping_interval + pong_timeout (0.4 s): the idle timeout is under test.
             try await Task.sleep(nanoseconds: 1_000_000_000)
             try await b.client.channel.setOption(.autoRead, value: true).get()
             b.client.channel.read()

@@ -94,7 +94,7 @@ import Glibc
         a.send("from the package")
         #expect(try await b.nextText() == "from the package")
         kill(pid, SIGTERM)
-        #expect(try DaemonTests.waitExit(pid) == 0)
+        #expect(try await DaemonTests.waitExit(pid) == 0)
 
         let (purged, purgeOutput) = try run("/usr/bin/dpkg", ["--purge", "staps"])
         try #require(purged == 0, "dpkg --purge failed:\n\(purgeOutput)")

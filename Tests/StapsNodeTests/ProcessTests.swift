@@ -17,22 +17,14 @@ import WebSocketClient
         process.standardError = stderr
         process.standardOutput = FileHandle.nullDevice
         try process.run()
-        for _ in 0..<500 {
-            if (try? await httpRequest(.unix(path: socket), "GET", "/")) != nil { return (process, stderr) }
-            guard process.isRunning else { break }
-            try await Task.sleep(nanoseconds: 10_000_000)
-        }
+        if await answersHTTP(.unix(path: socket), within: 5, while: { process.isRunning }) { return (process, stderr) }
         process.terminate()
         let output = String(decoding: stderr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         throw TestError.unexpected("staps did not come up on \(socket): \(output)")
     }
 
     static func waitForExit(_ process: Process, seconds: Double = 10) async throws -> Int32 {
-        let deadline = Date().addingTimeInterval(seconds)
-        while process.isRunning {
-            guard Date() < deadline else { throw TestError.timeout("staps did not exit") }
-            try await Task.sleep(nanoseconds: 10_000_000)
-        }
+        try await eventually("staps to exit", within: seconds) { !process.isRunning }
         return process.terminationStatus
     }
 

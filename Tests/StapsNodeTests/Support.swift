@@ -29,6 +29,26 @@ enum TestError: Error, CustomStringConvertible {
     }
 }
 
+/// The tests' one polling loop, for what has no event to await (a counter, a file, a process,
+/// a port): `produce` every `interval` until it returns a value; fails naming `what` after
+/// `seconds`. Anything that can be awaited (a websocket event, a future) is awaited instead.
+@discardableResult
+func eventually<T>(_ what: String, within seconds: Double = 5, every interval: Duration = .milliseconds(10),
+                   _ produce: () async throws -> T?) async throws -> T {
+    let deadline = ContinuousClock.now + .nanoseconds(Int64(seconds * 1e9))
+    while true {
+        if let value = try await produce() { return value }
+        guard ContinuousClock.now < deadline else { throw TestError.timeout("\(what) (within \(seconds) s)") }
+        try await Task.sleep(for: interval)
+    }
+}
+
+/// Waits until `condition` holds (see the generic `eventually`).
+func eventually(_ what: String, within seconds: Double = 5, every interval: Duration = .milliseconds(10),
+                _ condition: () async throws -> Bool) async throws {
+    try await eventually(what, within: seconds, every: interval) { try await condition() ? () : nil }
+}
+
 func testLogger(_ label: String = "test") -> Logger {
     var logger = Logger(label: label)
     logger.logLevel = ProcessInfo.processInfo.environment["STAPS_TEST_LOG"].flatMap(Logger.Level.init(rawValue:)) ?? .critical
@@ -146,6 +166,15 @@ final class TestClient: Sendable {
     func close() async { await client.disconnect() }
 }
 
+/// Waits until `endpoint` answers a GET; false when `isAlive` turns false first or `seconds` pass.
+func answersHTTP(_ endpoint: Endpoint, within seconds: Double, while isAlive: () -> Bool) async -> Bool {
+    let up = try? await eventually("\(endpoint) answering", within: seconds) { () async -> Bool? in
+        if (try? await httpRequest(endpoint, "GET", "/")) != nil { return true }
+        return isAlive() ? nil : false
+    }
+    return up == true
+}
+
 /// A raw HTTP/1.1 exchange over a fresh connection: `(status, head, body)`.
 func httpRequest(_ endpoint: Endpoint, _ method: String, _ path: String, headers: [(String, String)] = [], body: [UInt8] = []) async throws -> (Int, String, String) {
     var request = "\(method) \(path) HTTP/1.1\r\nHost: staps.test\r\nConnection: close\r\n"
@@ -172,10 +201,11 @@ func rawExchange(_ endpoint: Endpoint, _ bytes: [UInt8], timeout: Double = 5) as
     case .tcp(let h, let p): channel = try await bootstrap.connect(host: h, port: p).get()
     case .unix(let path): channel = try await bootstrap.connect(unixDomainSocketPath: path).get()
     }
+    // Closed by the server, or by us at the timeout: awaited, not polled.
+    let giveUp = channel.eventLoop.scheduleTask(in: .nanoseconds(Int64(timeout * 1e9))) { channel.close(promise: nil) }
     try await channel.writeAndFlush(channel.allocator.buffer(bytes: bytes)).get()
-    let deadline = NIODeadline.now() + .milliseconds(Int64(timeout * 1000))
-    while channel.isActive, NIODeadline.now() < deadline { try await Task.sleep(nanoseconds: 5_000_000) }
-    try? await channel.close()
+    try? await channel.closeFuture.get()
+    giveUp.cancel()
     return collected.withLockedValue { $0 }
 }
 
@@ -281,13 +311,11 @@ func runRepositoryScript(_ script: String, _ args: [String], stdout: String, std
     process.standardOutput = handles[stdout]
     process.standardError = handles[stderr]
     try process.run()
-    let deadline = Date().addingTimeInterval(seconds)
-    while process.isRunning {
-        guard Date() < deadline else {
-            process.terminate()
-            throw TestError.timeout("\(script) still running after \(Int(seconds)) s (output: \(stdout))")
-        }
-        try await Task.sleep(nanoseconds: 200_000_000)
+    do {
+        try await eventually("\(script) to finish (output: \(stdout))", within: seconds, every: .milliseconds(200)) { !process.isRunning }
+    } catch {
+        process.terminate()
+        throw error
     }
     return process.terminationStatus
 }
