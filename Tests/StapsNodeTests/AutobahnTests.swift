@@ -26,6 +26,11 @@ import Glibc
         "9.8.1": "1000 empty binary messages, each sent after the echo of the one before (times out after 60 s)",
     ]
 
+    /// Empty-message cases left out of the run (`scripts/autobahn --exclude`): their outcome is
+    /// accepted anyway, and each would only wait out Autobahn's 60 s timeout for an echo that
+    /// never comes. The other empty-message cases end at once and still run.
+    static let excludedCases: Set<String> = ["9.7.1", "9.8.1"]
+
     /// Cases that send a valid message and, right behind it, a protocol violation, without
     /// waiting for the echo. An echo server answers the message before it reads the violation;
     /// through a relay the echo needs a round trip through the relay client, and a node that
@@ -63,7 +68,7 @@ import Glibc
     /// Chapter 9 (messages up to 16 MiB, 1000-message round trips) on a node whose
     /// max_message_size is raised above 16 MiB, and whose send_buffer is raised above it too,
     /// so that one 16 MiB message waiting for a receiver is within its bound rather than a
-    /// slow consumer. About 2.5 minutes, two of them 9.7.1 and 9.8.1 waiting out their timeouts.
+    /// slow consumer. About 30 s without the `excludedCases`.
     @Test func limitsChapterWithMaxMessageSizeRaised() async throws {
         try await Self.run(name: "limits", port: 26909,
                            configuration: "max_message_size = 20MiB\nsend_buffer = 32MiB\n",
@@ -89,7 +94,8 @@ import Glibc
         let started = Date()
         let status: Int32
         do {
-            status = try await runScript(["--out", out, "--timeout", "\(timeout)", "ws://127.0.0.1:\(port)"] + chapters,
+            let excludes = excludedCases.sorted(by: caseOrder).flatMap { ["--exclude", $0] }
+            status = try await runScript(["--out", out, "--timeout", "\(timeout)"] + excludes + ["ws://127.0.0.1:\(port)"] + chapters,
                                          log: logPath, seconds: Double(timeout + 60))
         } catch {
             node.terminate()
@@ -191,8 +197,9 @@ import Glibc
         var problems = [String]()
         for chapter in chapters {
             let ran = results.keys.filter { $0.hasPrefix(chapter + ".") }.count
-            if ran != casesPerChapter[chapter, default: 0] {
-                problems.append("chapter \(chapter): \(ran) cases ran, autobahntestsuite has \(casesPerChapter[chapter, default: 0])")
+            let excluded = excludedCases.filter { $0.hasPrefix(chapter + ".") }.count
+            if ran + excluded != casesPerChapter[chapter, default: 0] {
+                problems.append("chapter \(chapter): \(ran) cases ran and \(excluded) left out, autobahntestsuite has \(casesPerChapter[chapter, default: 0])")
             }
         }
         for id in results.keys.sorted(by: caseOrder) {
