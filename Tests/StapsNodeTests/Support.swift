@@ -235,19 +235,20 @@ func run(_ program: String, _ args: [String]) throws -> (Int32, String) {
     return ((status >> 8) & 0xFF, String(decoding: output, as: UTF8.self))
 }
 
-/// The `staps` executable built beside this test bundle.
 /// The release build of `staps`, for the tests whose figures (latency under attack) mean
-/// something only for the code users run: beside the debug build's folder.
+/// something only for the code users run: `STAPS_RELEASE_BIN` (scripts/test sets it to the
+/// packaged binary, `scripts/package --binary`), else beside the debug build's folder.
 func releaseStapsBinary() throws -> String {
     if let path = ProcessInfo.processInfo.environment["STAPS_RELEASE_BIN"] { return path }
     let debug = try stapsBinary()
     let path = URL(fileURLWithPath: debug).deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("release/staps").path
     guard access(path, X_OK) == 0 else {
-        throw TestError.unexpected("no release staps at \(path): run `swift build -c release --product staps` first (scripts/test does)")
+        throw TestError.unexpected("no release staps at \(path): run `swift build -c release --product staps` first, or set STAPS_RELEASE_BIN (scripts/test does)")
     }
     return path
 }
 
+/// The `staps` executable built beside this test bundle.
 func stapsBinary() throws -> String {
     if let path = ProcessInfo.processInfo.environment["STAPS_BIN"] { return path }
     var dir = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? ""
