@@ -4,6 +4,7 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import StapsCluster
 import StapsNode
 import StapsRabbit
 import WebSocketClient

@@ -2,7 +2,7 @@ import Atomics
 import CRabbit
 import NIOConcurrencyHelpers
 import NIOCore
-import StapsNode
+import StapsCluster
 
 #if canImport(Glibc)
 import Glibc

@@ -1,7 +1,8 @@
 import CRabbit
 import Logging
 import NIOCore
-import StapsNode
+import RabbitClient
+import StapsCluster
 
 #if canImport(Glibc)
 import Glibc

@@ -1,6 +1,7 @@
 import CRabbit
 import NIOCore
-import StapsNode
+import RabbitClient
+import StapsCluster
 
 #if canImport(Glibc)
 import Glibc

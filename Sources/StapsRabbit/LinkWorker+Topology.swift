@@ -1,6 +1,7 @@
 import CRabbit
 import NIOCore
-import StapsNode
+import RabbitClient
+import StapsCluster
 
 /// The topology: the exchange, this node's queue, and the pipelined binds and unbinds that the
 /// `Topology` state machine asks for. Binds for an exclusive queue go on the connection that
@@ -95,8 +96,7 @@ extension LinkWorker {
             let request = self.topologyOutbox[self.topologyOutboxHead]
             self.topologyOutboxHead += 1
             sent += 1
-            let operation: Topology<Void>.Operation = request.operation == .bind ? .bind : .unbind
-            try consumer.sendTopology(operation, queue: self.queue!, exchange: self.exchange, key: CString(request.channel), channel: Self.topologyChannel)
+            try consumer.sendTopology(request.operation, queue: self.queue!, exchange: self.exchange, key: CString(request.channel), channel: Self.topologyChannel)
         }
         if self.topologyOutboxHead == self.topologyOutbox.count {
             self.topologyOutbox.removeAll(keepingCapacity: true)
@@ -105,7 +105,7 @@ extension LinkWorker {
     }
 
     /// The broker answered the oldest bind or unbind.
-    func answered(_ operation: Topology<EventLoopPromise<Void>?>.Operation) throws(BrokerError) {
+    func answered(_ operation: TopologyMethod) throws(BrokerError) {
         let waiters: [EventLoopPromise<Void>?]
         let key: String
         do {

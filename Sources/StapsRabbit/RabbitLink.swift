@@ -3,7 +3,7 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
-import StapsNode
+import StapsCluster
 
 #if canImport(Glibc)
 import Glibc
@@ -29,11 +29,6 @@ public struct RabbitConfiguration: Sendable {
         self.init(urls: [url], settings: settings, nodeID: nodeID)
     }
 
-    /// The link settings of a node's configuration (`amqp` must be set: one or more URLs).
-    public init(node: NodeConfiguration, nodeID: String = RabbitConfiguration.makeNodeID()) throws {
-        self.init(urls: try AMQPURL.list(node.amqpURL), settings: node.cluster, nodeID: nodeID)
-    }
-
     public static func makeNodeID() -> String {
         var name = [CChar](repeating: 0, count: 256)
         gethostname(&name, name.count - 1)
@@ -42,7 +37,7 @@ public struct RabbitConfiguration: Sendable {
     }
 }
 
-/// What the link counts; read by tests, logs and (later) metrics.
+/// What the link counts; read by tests, logs and metrics (through `ClusterLinkReport`).
 public final class RabbitCounters: Sendable {
     /// Messages the broker confirmed (publisher confirms).
     public let published = ManagedAtomic<Int>(0)

@@ -1,3 +1,4 @@
+import RabbitClient
 import NIOCore
 
 /// Which binding keys this node's queue is bound with (one per channel, or one per bucket of
@@ -13,11 +14,10 @@ import NIOCore
 ///
 /// `Waiter` is what a join waits with (an `EventLoopPromise<Void>` in the link; anything in tests).
 struct Topology<Waiter> {
-    enum Operation: Equatable, Sendable { case bind, unbind }
 
     /// A method to send to the broker now.
     struct Request: Equatable, Sendable {
-        var operation: Operation
+        var operation: TopologyMethod
         var channel: String
     }
 
@@ -28,8 +28,8 @@ struct Topology<Waiter> {
 
     /// The broker answered something other than what the oldest request expects.
     struct OutOfOrder: Error, CustomStringConvertible {
-        var expected: Operation?
-        var got: Operation
+        var expected: TopologyMethod?
+        var got: TopologyMethod
         var description: String { "broker answered \(got)-ok while \(expected.map { "\($0)-ok" } ?? "nothing") was due" }
     }
 
@@ -150,7 +150,7 @@ struct Topology<Waiter> {
     }
 
     /// The broker answered the oldest request: returns its channel and the joins it lets proceed.
-    mutating func answered(_ operation: Operation) throws(OutOfOrder) -> (channel: String, waiters: [Waiter]) {
+    mutating func answered(_ operation: TopologyMethod) throws(OutOfOrder) -> (channel: String, waiters: [Waiter]) {
         guard self.head < self.inFlight.count else { throw OutOfOrder(expected: nil, got: operation) }
         let entry = self.inFlight[self.head]
         guard entry.request.operation == operation else { throw OutOfOrder(expected: entry.request.operation, got: operation) }
@@ -200,7 +200,7 @@ struct Topology<Waiter> {
         return waiters
     }
 
-    private mutating func send(_ operation: Operation, _ channel: String, _ waiters: [Waiter], rebind: Bool = false) -> Request {
+    private mutating func send(_ operation: TopologyMethod, _ channel: String, _ waiters: [Waiter], rebind: Bool = false) -> Request {
         let request = Request(operation: operation, channel: channel)
         let seq = self.firstSeq + self.inFlight.count
         self.inFlight.append(InFlight(request: request, waiters: waiters, isRebind: rebind))

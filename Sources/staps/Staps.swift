@@ -3,6 +3,7 @@ import Atomics
 import Dispatch
 import Logging
 import NIOCore
+import StapsCluster
 import StapsHook
 import StapsNode
 import StapsRabbit
@@ -111,7 +112,7 @@ struct Staps: ParsableCommand {
             link = StandaloneLink()
         } else {
             do {
-                link = RabbitLink(configuration: try RabbitConfiguration(node: configuration, nodeID: nodeID), logger: logger)
+                link = RabbitLink(configuration: RabbitConfiguration(urls: try AMQPURL.list(configuration.amqpURL), settings: configuration.cluster, nodeID: nodeID), logger: logger)
             } catch {
                 Self.exitWithError("amqp: \(error)")
             }

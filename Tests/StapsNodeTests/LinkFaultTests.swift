@@ -1,5 +1,6 @@
 import Foundation
 import NIOCore
+import StapsCluster
 import StapsNode
 @testable import StapsRabbit
 import Testing

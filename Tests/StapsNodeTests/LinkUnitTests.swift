@@ -1,4 +1,5 @@
 import NIOCore
+import StapsCluster
 import StapsNode
 @testable import StapsRabbit
 import Testing
@@ -19,7 +20,7 @@ import Testing
 
     @Test func roundTrip() throws {
         let bytes = Self.body("room.ü", ["a", "bc", String(repeating: "x", count: 70_000)])
-        #expect(bytes.count == WireFormat.size(name: "room.ü", payloadBytes: 70_003, count: 3))
+        #expect(bytes.count == wireFormatSize(name: "room.ü", payloadBytes: 70_003, count: 3))
         let (name, payloads) = try Self.decode(bytes)
         #expect(name == "room.ü")
         #expect(payloads == ["a", "bc", String(repeating: "x", count: 70_000)])

@@ -2,6 +2,7 @@ import Atomics
 import CoreMetrics
 import NIOConcurrencyHelpers
 import Prometheus
+import StapsCluster
 
 /// A swift-metrics factory over one node's swift-prometheus registry that gives every metric
 /// its help text (Prometheus's own factory leaves it empty, and `promtool` then refuses the

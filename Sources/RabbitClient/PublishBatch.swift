@@ -11,26 +11,26 @@ import Glibc
 /// node's CPU at cluster rates. Writing the same frames ourselves is safe because only the
 /// link's thread writes to this socket and never in the middle of a frame; rabbitmq-c still
 /// reads the connection and sends heartbeats itself.
-struct PublishBatch {
-    private(set) var bytes: [UInt8] = []
-    private(set) var count = 0
+public struct PublishBatch {
+    public private(set) var bytes: [UInt8] = []
+    public private(set) var count = 0
     /// Largest frame payload the broker accepts (frame_max less the 8-byte frame overhead).
-    let maxBodyFrame: Int
+    public let maxBodyFrame: Int
 
-    init(frameMax: Int) {
+    public init(frameMax: Int) {
         self.maxBodyFrame = max(4096, frameMax) - 8
         self.bytes.reserveCapacity(64 << 10)
     }
 
-    var isEmpty: Bool { self.count == 0 }
+    public var isEmpty: Bool { self.count == 0 }
 
-    mutating func removeAll() {
+    public mutating func removeAll() {
         self.bytes.removeAll(keepingCapacity: true)
         self.count = 0
     }
 
     /// Appends one transient publish of `body` with `type`, `app_id` and `correlation_id` properties.
-    mutating func append(exchange: UnsafeRawBufferPointer, routingKey: UnsafeRawBufferPointer, type: UInt8, appID: UnsafeRawBufferPointer,
+    public mutating func append(exchange: UnsafeRawBufferPointer, routingKey: UnsafeRawBufferPointer, type: UInt8, appID: UnsafeRawBufferPointer,
                          correlationID: UInt64, body: UnsafeRawBufferPointer) {
         // Method frame: basic.publish (60, 40).
         self.frame(type: 1) { b in
@@ -84,7 +84,7 @@ struct PublishBatch {
     }
 
     /// Writes everything to `fd` (non-blocking: waits for POLLOUT up to `timeoutMillis` at a time).
-    func write(to fd: Int32, timeoutMillis: Int32 = 5000) throws(BrokerError) {
+    public func write(to fd: Int32, timeoutMillis: Int32 = 5000) throws(BrokerError) {
         var written = 0
         let total = self.bytes.count
         while written < total {

@@ -1,5 +1,4 @@
 import NIOCore
-import StapsNode
 
 /// The body of one AMQP message between nodes, as pure functions.
 ///
@@ -26,11 +25,6 @@ public enum WireFormat {
             case .noMessages: return "no messages after the channel name"
             }
         }
-    }
-
-    /// Bytes a body needs for `name` and payloads of these sizes.
-    public static func size(name: String, payloadBytes: Int, count: Int) -> Int {
-        2 + name.utf8.count + payloadBytes + 4 * count
     }
 
     /// Starts a body: the channel name.

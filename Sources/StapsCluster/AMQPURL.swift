@@ -30,7 +30,7 @@ public struct AMQPURL: Sendable, Equatable, CustomStringConvertible {
         if let slash = rest.firstIndex(of: "/") {
             let path = rest[rest.index(after: slash)...]
             if !path.isEmpty {
-                guard let v = percentDecoded(path) else { throw Failure(message: "bad percent-encoding in the vhost of '\(AMQPURL.masked(url))'") }
+                guard let v = PercentEncoding.decoded(path) else { throw Failure(message: "bad percent-encoding in the vhost of '\(AMQPURL.masked(url))'") }
                 self.vhost = v
             }
             rest = rest[..<slash]
@@ -44,10 +44,10 @@ public struct AMQPURL: Sendable, Equatable, CustomStringConvertible {
                 }
                 return (userInfo, nil)
             }()
-            guard let user = percentDecoded(u) else { throw Failure(message: "bad percent-encoding in the user of '\(AMQPURL.masked(url))'") }
+            guard let user = PercentEncoding.decoded(u) else { throw Failure(message: "bad percent-encoding in the user of '\(AMQPURL.masked(url))'") }
             self.user = user
             if let p {
-                guard let password = percentDecoded(p) else { throw Failure(message: "bad percent-encoding in the password of '\(AMQPURL.masked(url))'") }
+                guard let password = PercentEncoding.decoded(p) else { throw Failure(message: "bad percent-encoding in the password of '\(AMQPURL.masked(url))'") }
                 self.password = password
             }
         }
@@ -93,12 +93,4 @@ public struct AMQPURL: Sendable, Equatable, CustomStringConvertible {
     public var description: String {
         "\(tls ? "amqps" : "amqp")://\(user):***@\(host):\(port)/\(vhost == "/" ? "" : vhost)"
     }
-}
-
-/// Percent-decodes `s`; nil on a malformed escape or when the result is not valid UTF-8.
-func percentDecoded<S: StringProtocol>(_ s: S) -> String? {
-    var bytes: [UInt8] = []
-    bytes.reserveCapacity(s.utf8.count)
-    guard PathDecoding.percentDecode(Array(s.utf8), into: &bytes) else { return nil }
-    return String(validating: bytes, as: UTF8.self)
 }

@@ -1,5 +1,5 @@
 import CRabbit
-import StapsNode
+import StapsCluster
 
 #if canImport(Glibc)
 import Glibc
@@ -12,29 +12,43 @@ public struct BrokerError: Error, CustomStringConvertible {
     /// The AMQP reply code when the broker closed the channel or connection (403, 404, 406, 530…).
     public var replyCode: UInt16?
 
+    public init(operation: String, reason: String, replyCode: UInt16? = nil) {
+        self.operation = operation
+        self.reason = reason
+        self.replyCode = replyCode
+    }
+
     public var description: String {
         replyCode.map { "\(operation): broker replied \($0): \(reason)" } ?? "\(operation): \(reason)"
     }
 }
 
-/// A C string that lives as long as this object: what `amqp_bytes_t` may point at.
-final class CString {
-    let pointer: UnsafeMutablePointer<CChar>
-    let count: Int
+/// The two topology methods the link pipelines: `queue.bind` and `queue.unbind`.
+public enum TopologyMethod: Sendable, CustomStringConvertible {
+    case bind
+    case unbind
 
-    init(_ s: String) {
+    public var description: String { self == .bind ? "bind" : "unbind" }
+}
+
+/// A C string that lives as long as this object: what `amqp_bytes_t` may point at.
+public final class CString {
+    public let pointer: UnsafeMutablePointer<CChar>
+    public let count: Int
+
+    public init(_ s: String) {
         self.pointer = strdup(s)!
         self.count = s.utf8.count
     }
 
     deinit { free(self.pointer) }
 
-    var bytes: amqp_bytes_t { amqp_bytes_t(len: self.count, bytes: UnsafeMutableRawPointer(self.pointer)) }
-    var rawBytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: self.pointer, count: self.count) }
+    public var bytes: amqp_bytes_t { amqp_bytes_t(len: self.count, bytes: UnsafeMutableRawPointer(self.pointer)) }
+    public var rawBytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: self.pointer, count: self.count) }
 }
 
 /// What the broker told the link outside deliveries.
-enum BrokerEvent: Equatable {
+public enum BrokerEvent: Equatable {
     case bindOK
     case unbindOK
     case ack(tag: UInt64, multiple: Bool)
@@ -46,10 +60,10 @@ enum BrokerEvent: Equatable {
     case unblocked
 }
 
-/// One rabbitmq-c connection with channel 1 open. Owned by one thread; closed explicitly.
-final class AMQPConnection {
-    let state: amqp_connection_state_t
-    private(set) var isOpen = true
+/// One rabbitmq-c connection with AMQP channel 1 open. Owned by one thread; closed explicitly.
+public final class AMQPConnection {
+    public let state: amqp_connection_state_t
+    public private(set) var isOpen = true
 
     /// Opens, logs in and opens channel 1. A half-opened connection is destroyed before throwing:
     /// once `state` is stored the object is whole, so a throw runs `deinit`, which frees it.
@@ -59,7 +73,7 @@ final class AMQPConnection {
     /// The login announces the capabilities the link relies on: `consumer_cancel_notify`
     /// (a deleted queue cancels the consumer instead of leaving it deaf) and `connection.blocked`
     /// (a broker alarm is told, not just felt as a write that hangs).
-    init(url: AMQPURL, heartbeatSeconds: Int32, connectTimeout: Int, caFile: String? = nil) throws(BrokerError) {
+    public init(url: AMQPURL, heartbeatSeconds: Int32, connectTimeout: Int, caFile: String? = nil) throws(BrokerError) {
         guard let state = amqp_new_connection() else {
             throw BrokerError(operation: "connect", reason: "out of memory")
         }
@@ -116,11 +130,11 @@ final class AMQPConnection {
     }
 
     /// The socket's send buffer, for TLS connections (0 otherwise: not fixed, not needed).
-    private(set) var sendBufferSize = 0
+    public private(set) var sendBufferSize = 0
 
     /// Bytes a TLS connection's socket takes without blocking (its fixed send buffer less
     /// what the broker has not acknowledged).
-    var sendRoom: Int { max(0, self.sendBufferSize - self.unackedBytes) }
+    public var sendRoom: Int { max(0, self.sendBufferSize - self.unackedBytes) }
 
     /// Why opening the socket failed, in words an operator can act on.
     private static func openFailure(_ status: Int32, tls: Bool) -> String {
@@ -138,19 +152,19 @@ final class AMQPConnection {
     }
 
     /// Opens AMQP channel `number` (a blocking RPC: for connecting only).
-    func openChannel(_ number: amqp_channel_t) throws(BrokerError) {
+    public func openChannel(_ number: amqp_channel_t) throws(BrokerError) {
         amqp_channel_open(self.state, number)
         try self.check(amqp_get_rpc_reply(self.state), "open AMQP channel \(number)")
     }
 
-    var fileDescriptor: Int32 { amqp_get_sockfd(self.state) }
+    public var fileDescriptor: Int32 { amqp_get_sockfd(self.state) }
 
     /// True when rabbitmq-c already holds bytes or frames we have not consumed (poll would miss them).
-    var hasBufferedInput: Bool {
+    public var hasBufferedInput: Bool {
         amqp_data_in_buffer(self.state) != 0 || amqp_frames_enqueued(self.state) != 0
     }
 
-    func check(_ reply: amqp_rpc_reply_t, _ operation: String) throws(BrokerError) {
+    public func check(_ reply: amqp_rpc_reply_t, _ operation: String) throws(BrokerError) {
         do {
             try Self.check(reply, operation, state: self.state)
         } catch {
@@ -160,7 +174,7 @@ final class AMQPConnection {
     }
 
     /// The one place `amqp_rpc_reply_t` becomes an error naming the operation.
-    static func check(_ reply: amqp_rpc_reply_t, _ operation: String, state: amqp_connection_state_t) throws(BrokerError) {
+    public static func check(_ reply: amqp_rpc_reply_t, _ operation: String, state: amqp_connection_state_t) throws(BrokerError) {
         switch reply.reply_type {
         case AMQP_RESPONSE_NORMAL:
             return
@@ -185,7 +199,7 @@ final class AMQPConnection {
         }
     }
 
-    static func string(_ bytes: amqp_bytes_t) -> String {
+    public static func string(_ bytes: amqp_bytes_t) -> String {
         guard let p = bytes.bytes, bytes.len > 0 else { return "" }
         return String(decoding: UnsafeRawBufferPointer(start: p, count: bytes.len), as: UTF8.self)
     }
@@ -194,7 +208,7 @@ final class AMQPConnection {
     /// cares about to `handle`. Heartbeats are answered inside rabbitmq-c (it also sends ours
     /// when due); a close from the broker becomes an error. Returns how many frames were read.
     @discardableResult
-    func readEvents(_ operation: String, _ handle: (BrokerEvent) throws(BrokerError) -> Void) throws(BrokerError) -> Int {
+    public func readEvents(_ operation: String, _ handle: (BrokerEvent) throws(BrokerError) -> Void) throws(BrokerError) -> Int {
         var frame = amqp_frame_t()
         var zero = timeval(tv_sec: 0, tv_usec: 0)
         var frames = 0
@@ -212,7 +226,7 @@ final class AMQPConnection {
     }
 
     /// One method frame read outside a consume, as an event (or an error for a close).
-    func dispatch(_ method: amqp_method_t, channel: amqp_channel_t, _ operation: String, _ handle: (BrokerEvent) throws(BrokerError) -> Void) throws(BrokerError) {
+    public func dispatch(_ method: amqp_method_t, channel: amqp_channel_t, _ operation: String, _ handle: (BrokerEvent) throws(BrokerError) -> Void) throws(BrokerError) {
         let id = method.id
         switch id {
         case staps_connection_close_method(), staps_channel_close_method():
@@ -257,7 +271,7 @@ final class AMQPConnection {
     }
 
     /// Sends `queue.bind` or `queue.unbind` on `channel` without waiting for the answer.
-    func sendTopology(_ operation: Topology<Void>.Operation, queue: CString, exchange: CString, key: CString, channel: amqp_channel_t) throws(BrokerError) {
+    public func sendTopology(_ operation: TopologyMethod, queue: CString, exchange: CString, key: CString, channel: amqp_channel_t) throws(BrokerError) {
         let empty = amqp_table_t(num_entries: 0, entries: nil)
         var status: Int32
         switch operation {
@@ -275,7 +289,7 @@ final class AMQPConnection {
     }
 
     /// Sends a heartbeat frame (for a connection whose input the link is not reading).
-    func sendHeartbeat() throws(BrokerError) {
+    public func sendHeartbeat() throws(BrokerError) {
         var frame = amqp_frame_t()
         frame.frame_type = UInt8(AMQP_FRAME_HEARTBEAT)
         frame.channel = 0
@@ -288,28 +302,28 @@ final class AMQPConnection {
 
     /// Bytes written to the socket that the broker has not acknowledged yet (0 when the kernel
     /// does not say): a live broker keeps this small, a frozen one lets it grow.
-    var unackedBytes: Int { max(0, staps_socket_unacked(self.fileDescriptor)) }
+    public var unackedBytes: Int { max(0, staps_socket_unacked(self.fileDescriptor)) }
 
     /// True when a write of a few bytes would not block now (rabbitmq-c writes with no deadline).
-    var canWrite: Bool {
+    public var canWrite: Bool {
         var pfd = pollfd(fd: self.fileDescriptor, events: Int16(POLLOUT), revents: 0)
         return poll(&pfd, 1, 0) == 1 && pfd.revents & Int16(POLLOUT) != 0
     }
 
     /// True when the broker sent something not read yet (a heartbeat counts: rabbitmq-c
     /// consumes those itself and never returns them).
-    var hasInput: Bool {
+    public var hasInput: Bool {
         if self.hasBufferedInput { return true }
         var pfd = pollfd(fd: self.fileDescriptor, events: Int16(POLLIN), revents: 0)
         return poll(&pfd, 1, 0) == 1 && pfd.revents & Int16(POLLIN) != 0
     }
 
     /// A write failed or timed out part-way: nothing more may be written, not even a close.
-    func markBroken() { self.isOpen = false }
+    public func markBroken() { self.isOpen = false }
 
     /// Best-effort polite close (only when the socket takes it without waiting, and waiting at
     /// most a second for the broker's close-ok), then frees the connection.
-    func close() {
+    public func close() {
         if self.isOpen, self.canWrite {
             var second = timeval(tv_sec: 1, tv_usec: 0)
             _ = amqp_set_rpc_timeout(self.state, &second)

@@ -1,6 +1,7 @@
 import CRabbit
 import NIOCore
-import StapsNode
+import RabbitClient
+import StapsCluster
 
 #if canImport(Glibc)
 import Glibc
@@ -10,14 +11,14 @@ import Glibc
 /// unbinding fresh routing keys on an exclusive queue, pipelined the way the link does it
 /// (`window` requests in flight, answers read as they come). No staps in the way: what a
 /// cluster's churn rate is compared with, as `BrokerBaseline` is for messages.
-public enum BindBaseline {
-    public struct Result: Sendable {
-        public var cycles: Int
-        public var seconds: Double
-        public var cyclesPerSecond: Double { Double(cycles) / seconds }
+enum BindBaseline {
+    struct Result: Sendable {
+        var cycles: Int
+        var seconds: Double
+        var cyclesPerSecond: Double { Double(cycles) / seconds }
     }
 
-    public static func run(url: AMQPURL, cycles: Int, window: Int) throws -> Result {
+    static func run(url: AMQPURL, cycles: Int, window: Int) throws -> Result {
         let connection = try AMQPConnection(url: url, heartbeatSeconds: 0, connectTimeout: 5)
         // Not auto-delete: that would delete the exchange at the first unbind.
         let exchange = try connection.declareScratchExchange("staps-binds-", autoDelete: false)

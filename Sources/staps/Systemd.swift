@@ -1,4 +1,5 @@
 import NIOCore
+import StapsNode
 
 #if canImport(Glibc)
 import Glibc

@@ -1,5 +1,3 @@
-import StapsNode
-
 /// Channel name → topic routing key, and the binding key a node binds for it.
 ///
 /// Topic keys are dot-separated words of at most 255 bytes, and `*` and `#` are wildcards in
@@ -22,14 +20,13 @@ public enum RoutingKey {
     public static let bucketChoices = [0, 16, 256, 4096]
 
     public static func forChannel(_ name: String) -> String {
-        let digest = WebSocketAccept.sha1Hex(name).utf8
+        let digest = SHA1.hex(name).utf8
         var out: [UInt8] = Array("c.".utf8)
         out.reserveCapacity(8 + name.utf8.count * 3)
         for d in digest.prefix(3) {
             out.append(d)
             out.append(UInt8(ascii: "."))
         }
-        let hex = Array("0123456789ABCDEF".utf8)
         let start = out.count
         for b in name.utf8 {
             switch b {
@@ -38,8 +35,7 @@ public enum RoutingKey {
                 out.append(b)
             default:
                 out.append(UInt8(ascii: "~"))
-                out.append(hex[Int(b >> 4)])
-                out.append(hex[Int(b & 0xF)])
+                Hex.append(b, to: &out, uppercase: true)
             }
         }
         if out.count > 255 {

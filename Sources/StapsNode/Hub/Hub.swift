@@ -2,6 +2,7 @@ import Atomics
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
+import StapsCluster
 
 /// One staps channel (a pub/sub path), shared by every event loop that has clients on it.
 ///

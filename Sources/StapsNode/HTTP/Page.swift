@@ -1,4 +1,5 @@
 import NIOHTTP1
+import StapsCluster
 
 /// The page a plain `GET` (or `HEAD`) gets: the channel's websocket URL, a fresh UUID4 channel
 /// URL, and a small client that joins the channel, sends text and shows what arrives.
@@ -23,7 +24,7 @@ struct Page {
         var channelURL: String?
         var title = "staps"
         if case .channel(let name) = target {
-            channelURL = base + "/" + PathDecoding.encode(name)
+            channelURL = base + "/" + PercentEncoding.encode(name)
             title = "staps: " + name
         }
 

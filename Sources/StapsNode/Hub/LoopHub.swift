@@ -2,6 +2,7 @@ import Atomics
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
+import StapsCluster
 
 /// The staps channel table of one event loop. Confined to that loop: every method runs on it.
 final class LoopHub: @unchecked Sendable {

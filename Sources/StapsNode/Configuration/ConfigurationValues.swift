@@ -1,4 +1,5 @@
 import NIOCore
+import StapsCluster
 
 #if canImport(Glibc)
 import Glibc

@@ -5,6 +5,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import StapsCluster
 
 #if canImport(Glibc)
 import Glibc

@@ -1,7 +1,8 @@
 import CRabbit
 import NIOCore
 import NIOPosix
-import StapsNode
+import RabbitClient
+import StapsCluster
 
 #if canImport(Glibc)
 import Glibc
@@ -12,15 +13,15 @@ import Glibc
 /// cluster's broker leg is compared with. It publishes with the same `PublishBatch` writer as
 /// the link (256 messages per write), so it measures the broker, not rabbitmq-c's three
 /// `send` calls per `amqp_basic_publish`.
-public enum BrokerBaseline {
-    public struct Result: Sendable {
-        public var published: Int
-        public var consumed: Int
-        public var seconds: Double
-        public var messagesPerSecond: Double { Double(consumed) / seconds }
+enum BrokerBaseline {
+    struct Result: Sendable {
+        var published: Int
+        var consumed: Int
+        var seconds: Double
+        var messagesPerSecond: Double { Double(consumed) / seconds }
     }
 
-    public static func run(url: AMQPURL, messages: Int, size: Int) async throws -> Result {
+    static func run(url: AMQPURL, messages: Int, size: Int) async throws -> Result {
         let key = CString("c.baseline")
         let consumer = try AMQPConnection(url: url, heartbeatSeconds: 0, connectTimeout: 5)
         let publisher = try AMQPConnection(url: url, heartbeatSeconds: 0, connectTimeout: 5)

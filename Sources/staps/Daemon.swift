@@ -1,3 +1,5 @@
+import StapsNode
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -131,7 +133,7 @@ public struct DaemonPlan: Sendable {
         var buffer = [CChar](repeating: 0, count: 32)
         guard fgets(&buffer, 32, f) != nil else { return nil }
         let text = String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        return pid_t(text.trimmingWhitespace().trimmingCharacters("\n"))
+        return text.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\r" || $0 == "\n" }).first.flatMap { pid_t($0) }
     }
 
     static func command(of pid: pid_t) -> String? {
@@ -140,11 +142,5 @@ public struct DaemonPlan: Sendable {
         var buffer = [CChar](repeating: 0, count: 64)
         guard fgets(&buffer, 64, f) != nil else { return nil }
         return String(decoding: buffer.prefix { $0 != 0 && $0 != 10 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    }
-}
-
-extension String {
-    fileprivate func trimmingCharacters(_ set: Character) -> String {
-        String(self.drop { $0 == set }.reversed().drop { $0 == set }.reversed())
     }
 }

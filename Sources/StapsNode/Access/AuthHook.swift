@@ -1,5 +1,6 @@
 import NIOCore
 import NIOHTTP1
+import StapsCluster
 
 // The authorization hook's pure parts: its settings, its URL, the headers it is sent and the
 // reading of its answer. `Authorizer` bounds and counts the calls; `HTTPHookTransport`
@@ -207,7 +208,7 @@ public enum HookRequest {
         }
         headers.add(name: "X-Original-URI", value: Self.clean(head.uri))
         headers.add(name: "X-Original-Method", value: head.method.rawValue)
-        headers.add(name: "X-Staps-Channel", value: PathDecoding.encode(channel))
+        headers.add(name: "X-Staps-Channel", value: PercentEncoding.encode(channel))
         var forwarded = head.headers["x-forwarded-for"].map { Self.clean($0).trimmingWhitespace() }.filter { !$0.isEmpty }
         if let peerIP { forwarded.append(peerIP) }
         if !forwarded.isEmpty { headers.add(name: "X-Forwarded-For", value: forwarded.joined(separator: ", ")) }
