@@ -20,7 +20,7 @@ public struct ClusterMessage: Sendable {
 }
 
 /// Where messages from other nodes are handed in (the hub implements it).
-public protocol ClusterInbound: AnyObject, Sendable {
+public protocol ClusterReceiver: AnyObject, Sendable {
     /// Delivers a batch from other nodes to this node's local clients. Called from the link's own thread.
     func deliverFromCluster(_ batch: [ClusterMessage])
 
@@ -39,12 +39,12 @@ public protocol ClusterLink: AnyObject, Sendable {
     /// False for standalone: the hub then skips collecting outbound batches at all.
     var isClustered: Bool { get }
 
-    /// Starts the link; messages from other nodes go to `inbound`.
-    func start(inbound: any ClusterInbound)
+    /// Starts the link; messages from other nodes go to `receiver`.
+    func start(receiver: any ClusterReceiver)
 
     /// The channel got its first local client. Succeed `promise` once messages published
     /// anywhere in the cluster from now on reach this node (its binding is confirmed).
-    func subscribe(channel: String, promise: EventLoopPromise<Void>)
+    func startReceiving(channel: String, whenBound promise: EventLoopPromise<Void>)
 
     /// Another client joined a channel that has local clients already: succeed `promise` once
     /// the channel's binding is confirmed on the current connection (at once when it is, or
@@ -53,7 +53,7 @@ public protocol ClusterLink: AnyObject, Sendable {
     func awaitBinding(channel: String, promise: EventLoopPromise<Void>)
 
     /// The channel's last local client left.
-    func unsubscribe(channel: String)
+    func stopReceiving(channel: String)
 
     /// Hands a batch of locally received messages to the other nodes. Never blocks; a link that
     /// can't keep up drops and counts.
@@ -105,10 +105,10 @@ public struct ClusterLinkReport: Sendable {
 public final class StandaloneLink: ClusterLink {
     public init() {}
     public var isClustered: Bool { false }
-    public func start(inbound: any ClusterInbound) {}
-    public func subscribe(channel: String, promise: EventLoopPromise<Void>) { promise.succeed(()) }
+    public func start(receiver: any ClusterReceiver) {}
+    public func startReceiving(channel: String, whenBound promise: EventLoopPromise<Void>) { promise.succeed(()) }
     public func awaitBinding(channel: String, promise: EventLoopPromise<Void>) { promise.succeed(()) }
-    public func unsubscribe(channel: String) {}
+    public func stopReceiving(channel: String) {}
     public func publish(_ batch: [ClusterMessage]) {}
     public func shutdown() async {}
     public var statusDescription: String { "none (standalone)" }

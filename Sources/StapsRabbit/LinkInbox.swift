@@ -72,7 +72,7 @@ final class LinkInbox: Sendable {
 
     /// A channel got its first local client: the promise succeeds at once when its binding key
     /// is bound, later (from the link's thread) otherwise, and fails when the link stopped.
-    func subscribe(channel: String, promise: EventLoopPromise<Void>) {
+    func startReceiving(channel: String, whenBound promise: EventLoopPromise<Void>) {
         let key = RoutingKey.binding(forChannel: channel, buckets: self.buckets)
         let down = !self.connected.load(ordering: .relaxed)
         let outcome = self.state.withLockedValue { state -> JoinOutcome in
@@ -118,7 +118,7 @@ final class LinkInbox: Sendable {
 
     /// A channel's last local client left. The thread hears of it (no hurry: the binding
     /// lingers) when it was the key's last channel.
-    func unsubscribe(channel: String) {
+    func stopReceiving(channel: String) {
         let key = RoutingKey.binding(forChannel: channel, buckets: self.buckets)
         self.state.withLockedValue { state in
             guard !state.closed, var binding = state.bindings[key] else { return }

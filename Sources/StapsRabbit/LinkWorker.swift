@@ -22,7 +22,7 @@ import Glibc
 // @unchecked: created on start() and from then on used only by the link's one thread.
 final class LinkWorker: @unchecked Sendable {
     let link: RabbitLink
-    let inbound: any ClusterInbound
+    let receiver: any ClusterReceiver
     let config: RabbitConfiguration
     let settings: ClusterSettings
     var logger: Logger
@@ -76,7 +76,7 @@ final class LinkWorker: @unchecked Sendable {
     let allocator = ByteBufferAllocator()
 
     /// Stop reading from the broker while the event loops hold this much undelivered.
-    let inboundBacklogLimit = 64 << 20
+    let receiverBacklogLimit = 64 << 20
     /// Pause publishing while this many AMQP messages await their confirms.
     let maxUnconfirmed = 65_536
     /// Requests outstanding and not one answer for this long: the broker is not answering.
@@ -87,9 +87,9 @@ final class LinkWorker: @unchecked Sendable {
     let maxUnackedBytes = 1 << 20
     let maxPublishBytes = 1 << 20
 
-    init(link: RabbitLink, inbound: any ClusterInbound) {
+    init(link: RabbitLink, receiver: any ClusterReceiver) {
         self.link = link
-        self.inbound = inbound
+        self.receiver = receiver
         self.config = link.configuration
         self.settings = link.configuration.settings
         self.logger = link.logger
@@ -138,7 +138,7 @@ final class LinkWorker: @unchecked Sendable {
     /// One round while connected: wait for work or input, then do all of it.
     private func step() throws(BrokerError) {
         guard let consumer = self.consumer, let publisher = self.publisher else { return }
-        let reading = self.inbound.clusterBacklogBytes < self.inboundBacklogLimit
+        let reading = self.receiver.clusterBacklogBytes < self.receiverBacklogLimit
         let mayPublish = self.blockedReason == nil && self.confirms.outstanding < self.maxUnconfirmed
         var publishDue = mayPublish && NIODeadline.now() >= self.nextPublish
         var waitForRoom = false

@@ -142,26 +142,26 @@ public final class RabbitLink: ClusterLink, Sendable {
     /// This node's queue on the broker, while connected.
     public var queueName: String? { self.status.withLockedValue { $0?.queue } }
 
-    public func start(inbound: any ClusterInbound) {
+    public func start(receiver: any ClusterReceiver) {
         guard !self.started.exchange(true, ordering: .relaxed) else { return }
         self.thread.start()
-        let worker = LinkWorker(link: self, inbound: inbound)
+        let worker = LinkWorker(link: self, receiver: receiver)
         self.thread.submit { _ in
             worker.run()
             self.finished.succeed(())
         }
     }
 
-    public func subscribe(channel: String, promise: EventLoopPromise<Void>) {
-        self.inbox.subscribe(channel: channel, promise: promise)
+    public func startReceiving(channel: String, whenBound promise: EventLoopPromise<Void>) {
+        self.inbox.startReceiving(channel: channel, whenBound: promise)
     }
 
     public func awaitBinding(channel: String, promise: EventLoopPromise<Void>) {
         self.inbox.awaitBinding(channel: channel, promise: promise)
     }
 
-    public func unsubscribe(channel: String) {
-        self.inbox.unsubscribe(channel: channel)
+    public func stopReceiving(channel: String) {
+        self.inbox.stopReceiving(channel: channel)
     }
 
     public func publish(_ batch: [ClusterMessage]) {

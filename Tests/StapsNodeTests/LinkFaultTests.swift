@@ -297,7 +297,7 @@ import Glibc
         #expect(answer.hasPrefix("HTTP/1.1 503"), "\(answer.prefix(80))")
         // And a join after the stop is refused at once, never left hanging.
         let promise = clientGroup.next().makePromise(of: Void.self)
-        link.subscribe(channel: "after-stop", promise: promise)
+        link.startReceiving(channel: "after-stop", whenBound: promise)
         await #expect(throws: LinkStopped.self) { try await promise.futureResult.get() }
         await node.stop()
     }

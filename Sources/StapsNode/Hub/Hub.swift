@@ -52,7 +52,7 @@ final class ChannelDirectory: Sendable {
             let promise = eventLoop.makePromise(of: Void.self)
             table[name] = State(entry: entry, clients: 1, ready: promise.futureResult)
             // Under the lock, so the link sees subscribe/unsubscribe for one name in order.
-            self.link.subscribe(channel: name, promise: promise)
+            self.link.startReceiving(channel: name, whenBound: promise)
             return (entry, promise.futureResult)
         }
         return (entry, ready.hop(to: eventLoop))
@@ -67,7 +67,7 @@ final class ChannelDirectory: Sendable {
                 table[entry.name] = state
             } else {
                 table[entry.name] = nil
-                self.link.unsubscribe(channel: entry.name)
+                self.link.stopReceiving(channel: entry.name)
             }
         }
     }
@@ -87,7 +87,7 @@ final class ChannelDirectory: Sendable {
 }
 
 /// The staps channel tables of all event loops, plus the node-wide directory.
-public final class Hub: Sendable, ClusterInbound {
+public final class Hub: Sendable, ClusterReceiver {
     let directory: ChannelDirectory
     let loops: [LoopHub]
     private let loopIndex: [ObjectIdentifier: Int]

@@ -124,7 +124,7 @@ public final class Node: Sendable {
                 "auth.url": "\(url.logged)", "auth.timeout_ms": "\(settings.timeout.nanoseconds / 1_000_000)", "auth.concurrency": "\(settings.concurrency)",
             ])
         }
-        self.link.start(inbound: self.hub)
+        self.link.start(receiver: self.hub)
         self.startMemoryTrim()
         do {
             if inherited.isEmpty {
