@@ -506,7 +506,7 @@ struct Rebind: AsyncParsableCommand {
             futures.append(promise.futureResult)
         }
         for f in futures { try await f.get() }
-        let bindings = links.map { $0.counters.channelsBound.load(ordering: .relaxed) }
+        let bindings = links.map { $0.counters.bindingKeysBound.load(ordering: .relaxed) }
         print("rebind: \(channels) channels held on \(nodes) links (bound in \(String(format2: Double(now() - t0) / 1e9, 2)) s: \(bindings.map(String.init).joined(separator: "/")) bindings, amqp_binding_buckets \(buckets)), \(probes) probe channels")
         // Probes: probe-j is published by link j+1 and consumed by link j, every 20 ms.
         let stop = ManagedAtomic<Bool>(false)
@@ -546,7 +546,7 @@ struct Rebind: AsyncParsableCommand {
         for i in 0..<nodes {
             let up = upAt[i].map { String(format2: Double($0 - back) / 1e9, 3) + " s" } ?? "-"
             let done = reboundAt[i].map { String(format2: Double($0 - back) / 1e9, 3) + " s" } ?? "not within \(timeout) s"
-            print("link \(i + 1): publishing again \(up), every binding back \(done) after the broker was back (\(links[i].counters.channelsBound.load(ordering: .relaxed)) bindings)")
+            print("link \(i + 1): publishing again \(up), every binding back \(done) after the broker was back (\(links[i].counters.bindingKeysBound.load(ordering: .relaxed)) bindings)")
         }
         let sent = sendTimes.withLockedValue { $0 }
         var flowAgain: [Double] = []

@@ -88,26 +88,26 @@ final class TestNode: Sendable {
 /// A websocket client whose events queue up for the test to take in order.
 final class TestClient: Sendable {
     let client: WebSocketClient
-    private let inbox: NIOLockedValueBox<[ClientEvent]>
+    private let handoff: NIOLockedValueBox<[ClientEvent]>
 
-    private init(client: WebSocketClient, inbox: NIOLockedValueBox<[ClientEvent]>) {
+    private init(client: WebSocketClient, handoff: NIOLockedValueBox<[ClientEvent]>) {
         self.client = client
-        self.inbox = inbox
+        self.handoff = handoff
     }
 
     static func connect(_ endpoint: Endpoint, _ path: String, headers: [(String, String)] = [], autoRead: Bool = true, group: EventLoopGroup = clientGroup) async throws -> TestClient {
-        let inbox = NIOLockedValueBox<[ClientEvent]>([])
+        let handoff = NIOLockedValueBox<[ClientEvent]>([])
         let client = try await WebSocketClient.connect(to: endpoint, path: path, headers: headers, group: group, autoRead: autoRead) { event in
-            inbox.withLockedValue { $0.append(event) }
+            handoff.withLockedValue { $0.append(event) }
         }
-        return TestClient(client: client, inbox: inbox)
+        return TestClient(client: client, handoff: handoff)
     }
 
     /// The next event, waiting up to `timeout` seconds.
     func next(timeout: Double = 5) async throws -> ClientEvent {
         let deadline = NIODeadline.now() + .milliseconds(Int64(timeout * 1000))
         while true {
-            if let event = inbox.withLockedValue({ $0.isEmpty ? nil : $0.removeFirst() }) { return event }
+            if let event = handoff.withLockedValue({ $0.isEmpty ? nil : $0.removeFirst() }) { return event }
             if NIODeadline.now() > deadline { throw TestError.timeout("no websocket event within \(timeout)s") }
             try await Task.sleep(nanoseconds: 2_000_000)
         }
@@ -144,7 +144,7 @@ final class TestClient: Sendable {
     /// True when nothing arrives within `seconds`.
     func isQuiet(for seconds: Double) async throws -> Bool {
         try await Task.sleep(nanoseconds: UInt64(seconds * 1e9))
-        return inbox.withLockedValue { $0.isEmpty }
+        return handoff.withLockedValue { $0.isEmpty }
     }
 
     func send(_ text: String) { client.send(text: text) }

@@ -14,21 +14,21 @@ import Glibc
 /// Event loops only take a short lock to append, and write the eventfd only when the thread
 /// sleeps (or is about to) and has something urgent: they never wait on the broker. Publishes
 /// are bounded in bytes (`amqp_buffer`); beyond it they are dropped and counted. Once closed
-/// (the link stopped), a subscription fails at once instead of waiting for a thread that is gone.
+/// (the link stopped), a join fails at once instead of waiting for a thread that is gone.
 ///
 /// Channels map to binding keys (`RoutingKey.binding`: one per channel, or one per bucket).
-/// The inbox counts the channels with local clients per key, and knows which keys the broker
+/// The handoff counts the channels with local clients per key, and knows which keys the broker
 /// has confirmed bound: a join on a bound key proceeds at once, without a round trip to the
 /// link's thread. The thread hears of a key only when its first channel comes or its last one
 /// goes, and releases a key (to unbind it) only under the same lock, only when no channel
 /// wants it: so no join can proceed on a binding an unbind in flight is about to remove.
-final class LinkInbox: Sendable {
-    /// About binding keys. A subscribe's promise is nil when its join already proceeded.
+final class LoopHandoff: Sendable {
+    /// About binding keys. A `firstChannel`'s promise is nil when its join already proceeded.
     enum Command {
-        case subscribe(String, EventLoopPromise<Void>?)
+        case firstChannel(String, EventLoopPromise<Void>?)
         /// A later client on a key with channels already: wait for the key's binding, count nothing.
         case awaitBinding(String, EventLoopPromise<Void>)
-        case unsubscribe(String)
+        case lastChannelGone(String)
     }
 
     private struct Binding {
@@ -82,10 +82,10 @@ final class LinkInbox: Sendable {
             state.bindings[key] = binding
             if binding.bound || down {
                 // The thread still learns that the key is wanted again; no hurry.
-                if binding.channels == 1 { state.commands.append(.subscribe(key, nil)) }
+                if binding.channels == 1 { state.commands.append(.firstChannel(key, nil)) }
                 return .ready
             }
-            state.commands.append(.subscribe(key, promise))
+            state.commands.append(.firstChannel(key, promise))
             return .waiting
         }
         self.complete(outcome, promise)
@@ -124,7 +124,7 @@ final class LinkInbox: Sendable {
             guard !state.closed, var binding = state.bindings[key] else { return }
             binding.channels -= 1
             state.bindings[key] = binding
-            if binding.channels == 0 { state.commands.append(.unsubscribe(key)) }
+            if binding.channels == 0 { state.commands.append(.lastChannelGone(key)) }
         }
     }
 
@@ -218,7 +218,7 @@ final class LinkInbox: Sendable {
         }
     }
 
-    /// Closes the inbox for good; returns what was still in it.
+    /// Closes the handoff for good; returns what was still in it.
     func close() -> Taken {
         self.state.withLockedValue { state in
             state.closed = true
