@@ -101,6 +101,7 @@ let package = Package(
             dependencies: [
                 "StapsNode", "StapsCluster", "StapsRabbit", "StapsHook", "WebSocketClient",
                 .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "NIOWebSocket", package: "swift-nio"),
                 logging, atomics, locks,

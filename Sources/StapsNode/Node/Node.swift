@@ -46,7 +46,6 @@ public final class Node: Sendable {
     let listeners = NIOLockedValueBox<[Listener]>([])
     let metricsListener = NIOLockedValueBox<Listener?>(nil)
     let metricsConnections = NIOLockedValueBox<[ObjectIdentifier: Channel]>([:])
-    let metricsRefresh = NIOLockedValueBox<RepeatedTask?>(nil)
     let metricsQueue = DispatchQueue(label: "staps.metrics")
     let memoryTrim = NIOLockedValueBox<RepeatedTask?>(nil)
     let accepting = ManagedAtomic<Bool>(false)
@@ -157,7 +156,6 @@ public final class Node: Sendable {
             if let address = self.configuration.metricsAddress {
                 let listener = try await self.bind(address, socketGroup: socketGroup, what: "metrics") { _ in self.metricsBootstrap() }
                 self.metricsListener.withLockedValue { $0 = listener }
-                self.startMetricsRefresh()
                 self.logger.notice("serving metrics", metadata: ["address": "\(listener.address)"])
             }
         } catch {

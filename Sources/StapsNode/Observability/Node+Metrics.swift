@@ -1,4 +1,3 @@
-import Atomics
 import Dispatch
 import NIOConcurrencyHelpers
 import NIOCore
@@ -45,26 +44,9 @@ extension Node {
             }
     }
 
-    /// Every second, off the event loops: a scrape then replays at most a second's counts.
-    func startMetricsRefresh() {
-        let metrics = self.metrics
-        let queue = self.metricsQueue
-        let pending = ManagedAtomic<Bool>(false)
-        let task = self.group.next().scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { _ in
-            // One at a time: a refresh still running is not queued behind again.
-            guard !pending.exchange(true, ordering: .relaxed) else { return }
-            queue.async {
-                metrics.refresh()
-                pending.store(false, ordering: .relaxed)
-            }
-        }
-        self.metricsRefresh.withLockedValue { $0 = task }
-    }
-
     /// Closes the metrics listener and its connections, and lets a render under way finish
     /// (it answers only connections still open) before the event loops go.
     func closeMetricsListener() async {
-        self.metricsRefresh.withLockedValue { $0?.cancel(); $0 = nil }
         guard let listener = self.metricsListener.withLockedValue({ l -> Listener? in defer { l = nil }; return l }) else { return }
         try? await listener.serverChannel.close()
         UnixSocketFile.remove(listener)
