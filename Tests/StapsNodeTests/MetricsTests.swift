@@ -288,3 +288,25 @@ enum MetricsTools {
         #expect(String(decoding: ours, as: UTF8.self) == registry.emitToString())
     }
 }
+
+/// When the memory trimmer trims: once a busy spell has ended, and never on a quiet node.
+@Suite struct MemoryTrimmerTests {
+    typealias Totals = MemoryTrimmer.Spell.Totals
+
+    @Test func aBusySpellEndsWhenActivityFallsToAnEighth() {
+        var spell = MemoryTrimmer.Spell()
+        let seen = [
+            Totals(messages: 10_000, responses: 0, connections: 0),  // busy: 10000
+            Totals(messages: 11_300, responses: 0, connections: 0),  // 1300: more than an eighth
+            Totals(messages: 11_600, responses: 200, connections: 500),  // 300 + 200 + 500 opened: an eighth
+            Totals(messages: 11_600, responses: 200, connections: 0),  // 500 closed: not busy since the trim
+        ].map { spell.endsWith($0) }
+        #expect(seen == [false, false, true, false])
+    }
+
+    @Test func aQuietNodeIsNeverTrimmed() {
+        var spell = MemoryTrimmer.Spell()
+        let seen = (1...20).map { spell.endsWith(Totals(messages: $0 * 999, responses: 0, connections: 0)) }
+        #expect(!seen.contains(true))
+    }
+}
