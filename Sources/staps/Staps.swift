@@ -28,7 +28,7 @@ struct Staps: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Unix socket to listen on (repeatable); replaces the file's sockets.", valueName: "path"))
     var socket: [String] = []
 
-    @Option(name: .long, help: ArgumentHelp("Octal file mode for created unix sockets (default 0660).", valueName: "mode"))
+    @Option(name: .long, help: ArgumentHelp("Octal file mode for created unix sockets; replaces the file's mode (default: 0660).", valueName: "mode"))
     var mode: String?
 
     @Option(name: .long, help: ArgumentHelp("TCP host:port to listen on (repeatable); a bare port means 127.0.0.1.", valueName: "host:port"))
@@ -43,7 +43,8 @@ struct Staps: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Configuration file to read instead of the default locations.", valueName: "path"))
     var config: String?
 
-    @Option(name: .long, help: ArgumentHelp("trace, debug, info, notice, warning, error or critical (default notice).", valueName: "level"))
+    // ArgumentParser adds "(default: notice)" itself, from the property's value.
+    @Option(name: .long, help: ArgumentHelp("trace, debug, info, notice, warning, error or critical.", valueName: "level"))
     var logLevel: String = "notice"
 
     @Flag(name: .long, help: "Print the version and exit.")
