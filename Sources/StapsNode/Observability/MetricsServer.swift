@@ -18,7 +18,7 @@ import Darwin
 final class MetricsServer: Sendable {
     private let metrics: NodeMetrics
     private let group: EventLoopGroup
-    /// Renders the metrics, never on an event loop: a scrape's work never delays a client.
+    /// Where `MetricsEndpoint` renders the metrics, off the event loops.
     private let queue = DispatchQueue(label: "staps.metrics")
     private let listener = NIOLockedValueBox<Listener?>(nil)
     private let connections = OpenConnections()
