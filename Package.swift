@@ -9,7 +9,8 @@ import PackageDescription
 //   StapsRabbit     the cluster link over RabbitMQ: its queue, its thread, its topology
 //   StapsNode       the node: listeners, HTTP, access, websockets, the hub, observability
 //   StapsHook       the authorization hook's HTTP client
-//   staps           the executable: flags, daemon, systemd, logging
+//   staps           the executable: flags, daemon, systemd, logging, and the ServiceGroup
+//                   (swift-service-lifecycle) that runs the node until SIGTERM or SIGINT
 //   StapsBench      the load generator and the bare-broker baselines
 // staps runs on Linux only (rabbitmq-c, glibc, systemd), so no platforms are declared.
 
@@ -38,6 +39,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-atomics", from: "1.3.0"),
         .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
     ],
     targets: [
         // rabbitmq-c (Debian: librabbitmq-dev). Only RabbitClient and StapsRabbit import it.
@@ -84,6 +86,9 @@ let package = Package(
             dependencies: [
                 "StapsNode", "StapsCluster", "StapsRabbit", "StapsHook",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                // Signals and graceful shutdown: a ServiceGroup of the node and its companions.
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
                 logging, atomics, locks,
                 .product(name: "NIOCore", package: "swift-nio"),
             ]
@@ -101,6 +106,7 @@ let package = Package(
             dependencies: [
                 "StapsNode", "StapsCluster", "StapsRabbit", "StapsHook", "WebSocketClient",
                 .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "NIOWebSocket", package: "swift-nio"),
                 logging, atomics, locks,

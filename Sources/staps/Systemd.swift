@@ -37,6 +37,9 @@ public enum Systemd {
         return sent == message.count
     }
 
+    /// True when run by a service manager that listens for notifications (`$NOTIFY_SOCKET`).
+    public static var isNotifying: Bool { getenv("NOTIFY_SOCKET") != nil }
+
     /// How often to ping the watchdog (half its timeout), when `$WATCHDOG_USEC` asks for one
     /// (and `$WATCHDOG_PID`, if set, is this process).
     public static var watchdogInterval: TimeAmount? {

@@ -6,11 +6,10 @@ import StapsCluster
 
 /// A swift-metrics factory over one node's swift-prometheus registry that gives every metric
 /// its help text (Prometheus's own factory leaves it empty, and `promtool` then refuses the
-/// output) and its histogram's buckets.
+/// output). The node's histograms are not made here (see `HistogramExposition`).
 struct HelpfulPrometheusFactory: MetricsFactory {
     let registry: PrometheusCollectorRegistry
     let help: @Sendable (String) -> String
-    var buckets: @Sendable (String) -> [Double] = { _ in [] }
 
     private func descriptor(_ label: String) -> MetricNameDescriptor {
         MetricNameDescriptor(metricName: label, unitName: "", helpText: self.help(label))
@@ -26,7 +25,7 @@ struct HelpfulPrometheusFactory: MetricsFactory {
 
     func makeRecorder(label: String, dimensions: [(String, String)], aggregate: Bool) -> any RecorderHandler {
         guard aggregate else { return self.registry.makeGauge(descriptor: self.descriptor(label), labels: dimensions) }
-        return self.registry.makeValueHistogram(descriptor: self.descriptor(label), labels: dimensions, buckets: self.buckets(label))
+        return self.registry.makeValueHistogram(descriptor: self.descriptor(label), labels: dimensions, buckets: [])
     }
 
     func makeMeter(label: String, dimensions: [(String, String)]) -> any MeterHandler {
@@ -34,7 +33,7 @@ struct HelpfulPrometheusFactory: MetricsFactory {
     }
 
     func makeTimer(label: String, dimensions: [(String, String)]) -> any TimerHandler {
-        self.registry.makeDurationHistogram(descriptor: self.descriptor(label), labels: dimensions, buckets: self.buckets(label).map { .nanoseconds(Int64($0)) })
+        self.registry.makeDurationHistogram(descriptor: self.descriptor(label), labels: dimensions, buckets: [])
     }
 
     func destroyCounter(_ handler: any CounterHandler) {
@@ -92,9 +91,10 @@ enum MetricCatalog {
     ]
 }
 
-/// A node's metrics: swift-metrics objects over a swift-prometheus registry, brought up to date
-/// from the node's own counters whenever they are read. The hot path only ever touches those
-/// counters (per event loop, no lock); everything here runs on the scrape's thread.
+/// A node's metrics: swift-metrics counters and gauges over a swift-prometheus registry, brought
+/// up to date from the node's own counters whenever they are read, and the histograms printed
+/// from their bucket counts. The hot path only ever touches those counters (per event loop, no
+/// lock); everything here runs on the scrape's thread.
 public final class NodeMetrics: Sendable {
     /// What the metrics are read from.
     struct Sources: Sendable {
@@ -117,26 +117,33 @@ public final class NodeMetrics: Sendable {
     /// The Prometheus text exposition of every metric, current as of this call.
     public func render() -> [UInt8] {
         self.feeds.withLockedValue { $0.update(from: self.sources) }
-        return self.registry.emitToBuffer()
+        var text = self.registry.emitToBuffer()
+        for (name, bounds, snapshots) in self.histograms() {
+            HistogramExposition.append(name, help: MetricCatalog.help[name] ?? "", bounds: bounds, snapshots: snapshots, to: &text)
+        }
+        return text
     }
 
-    /// Brings the metrics up to date without rendering them: run every second while the
-    /// metrics listener is up, so that a scrape (or the first after Prometheus was away)
-    /// replays at most a second's worth of histogram observations.
-    public func refresh() {
-        self.feeds.withLockedValue { $0.update(from: self.sources) }
+    /// Each histogram's name, bounds and bucket counts (one snapshot per writer). A sum read
+    /// just after its counts may already hold an observation they do not show yet.
+    private func histograms() -> [(String, [Int], [CountHistogram.Snapshot])] {
+        let fanout = self.sources.hub.loops.map(\.counters.fanout.snapshot) + [self.sources.counters.clusterFanout.snapshot]
+        var all = [("staps_fanout_receivers", CountHistogram.fanoutBounds, fanout)]
+        if self.sources.link.isClustered, let link = self.sources.link.report {
+            all.append(("staps_broker_publish_batch_messages", link.publishBatch.bounds, [link.publishBatch.snapshot]))
+        }
+        return all
     }
 }
 
-/// The swift-metrics objects and the counter values they last saw.
+/// The swift-metrics counters and gauges, and the counter values they last saw.
 private struct Feeds {
-    var factory: HelpfulPrometheusFactory
+    let factory: HelpfulPrometheusFactory
     let clustered: Bool
     /// Whether `auth_url` is set (the hook's metrics exist only then).
     let hooked: Bool
     private var counters: [String: (counter: CoreMetrics.Counter, last: Int)] = [:]
     private var gauges: [String: CoreMetrics.Gauge] = [:]
-    private var histograms: [String: (recorder: CoreMetrics.Recorder, last: CountHistogram.Snapshot)] = [:]
 
     init(factory: HelpfulPrometheusFactory, clustered: Bool, hooked: Bool) {
         self.factory = factory
@@ -167,35 +174,6 @@ private struct Feeds {
         gauge.record(value)
     }
 
-    /// Replays what a count histogram gained since the last update into a swift-metrics
-    /// recorder: each new observation once, at the mean of its bucket's new values. Counts are
-    /// exact; a sum read a moment after its count may hold values still in flight, so the mean
-    /// is kept inside its bucket and the sum catches up at the next update.
-    mutating func histogram(_ name: String, _ snapshots: [CountHistogram.Snapshot], bounds: [Int]) {
-        var counts = [Int](repeating: 0, count: bounds.count + 1)
-        var sums = counts
-        for s in snapshots {
-            for i in counts.indices {
-                counts[i] += s.counts[i]
-                sums[i] += s.sums[i]
-            }
-        }
-        var factory = self.factory
-        factory.buckets = { _ in bounds.map(Double.init) }
-        var feed = self.histograms[name] ?? (CoreMetrics.Recorder(label: name, dimensions: [], aggregate: true, factory: factory), CountHistogram.Snapshot(counts: counts.map { _ in 0 }, sums: sums.map { _ in 0 }))
-        for i in counts.indices {
-            let n = counts[i] - feed.last.counts[i]
-            guard n > 0 else { continue }
-            let lower = i == 0 ? -Double.infinity : Double(bounds[i - 1])
-            let upper = i < bounds.count ? Double(bounds[i]) : Double.infinity
-            let mean = min(max(Double(sums[i] - feed.last.sums[i]) / Double(n), lower.nextUp), upper)
-            for _ in 0..<n { feed.recorder.record(mean) }
-            feed.last.counts[i] = counts[i]
-            feed.last.sums[i] = sums[i]
-        }
-        self.histograms[name] = feed
-    }
-
     mutating func update(from sources: NodeMetrics.Sources) {
         let hub = sources.hub
         let c = sources.counters
@@ -223,7 +201,6 @@ private struct Feeds {
                 self.count("staps_auth_requests_total", [("result", result)], counter.load(ordering: .relaxed))
             }
         }
-        self.histogram("staps_fanout_receivers", loops.map(\.fanout.snapshot) + [c.clusterFanout.snapshot], bounds: CountHistogram.fanoutBounds)
         for close in c.closes.all where close.count > 0 {
             self.count("staps_websocket_closes_total", [("code", close.code), ("by", close.by)], close.count)
         }
@@ -248,6 +225,5 @@ private struct Feeds {
         }
         self.gauge("staps_broker_bindings", link.bindings)
         self.gauge("staps_broker_rebinds_pending", link.rebindsPending)
-        self.histogram("staps_broker_publish_batch_messages", [link.publishBatch.snapshot], bounds: link.publishBatch.bounds)
     }
 }
