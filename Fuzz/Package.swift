@@ -21,7 +21,7 @@ let package = Package(
             name: "FuzzTargets",
             dependencies: [
                 .product(name: "StapsNode", package: "staps"),
-                .product(name: "StapsRabbit", package: "staps"),
+                .product(name: "StapsCluster", package: "staps"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

@@ -4,6 +4,7 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import StapsCluster
 import StapsNode
 import StapsRabbit
 import WebSocketClient
@@ -484,8 +485,8 @@ struct Rebind: AsyncParsableCommand {
         var logger = Logger(label: "rebind")
         logger.logLevel = .critical
         let links = try (0..<nodes).map { _ in RabbitLink(configuration: RabbitConfiguration(url: try AMQPURL(amqp), settings: settings), logger: logger) }
-        let inbounds = (0..<nodes).map { _ in ProbeInbound() }
-        for (link, inbound) in zip(links, inbounds) { link.start(inbound: inbound) }
+        let receivers = (0..<nodes).map { _ in ProbeReceiver() }
+        for (link, receiver) in zip(links, receivers) { link.start(receiver: receiver) }
         let start = now()
         while !links.allSatisfy(\.isConnected) {
             guard Double(now() - start) / 1e9 < 10 else { throw ValidationError("the links did not come up") }
@@ -496,16 +497,16 @@ struct Rebind: AsyncParsableCommand {
         var futures: [EventLoopFuture<Void>] = []
         for i in 0..<channels {
             let promise = group.next().makePromise(of: Void.self)
-            links[i % nodes].subscribe(channel: "hold-\(i)", promise: promise)
+            links[i % nodes].startReceiving(channel: "hold-\(i)", whenBound: promise)
             futures.append(promise.futureResult)
         }
         for j in 0..<probes {
             let promise = group.next().makePromise(of: Void.self)
-            links[j % nodes].subscribe(channel: "probe-\(j)", promise: promise)
+            links[j % nodes].startReceiving(channel: "probe-\(j)", whenBound: promise)
             futures.append(promise.futureResult)
         }
         for f in futures { try await f.get() }
-        let bindings = links.map { $0.counters.channelsBound.load(ordering: .relaxed) }
+        let bindings = links.map { $0.counters.bindingKeysBound.load(ordering: .relaxed) }
         print("rebind: \(channels) channels held on \(nodes) links (bound in \(String(format2: Double(now() - t0) / 1e9, 2)) s: \(bindings.map(String.init).joined(separator: "/")) bindings, amqp_binding_buckets \(buckets)), \(probes) probe channels")
         // Probes: probe-j is published by link j+1 and consumed by link j, every 20 ms.
         let stop = ManagedAtomic<Bool>(false)
@@ -545,13 +546,13 @@ struct Rebind: AsyncParsableCommand {
         for i in 0..<nodes {
             let up = upAt[i].map { String(format2: Double($0 - back) / 1e9, 3) + " s" } ?? "-"
             let done = reboundAt[i].map { String(format2: Double($0 - back) / 1e9, 3) + " s" } ?? "not within \(timeout) s"
-            print("link \(i + 1): publishing again \(up), every binding back \(done) after the broker was back (\(links[i].counters.channelsBound.load(ordering: .relaxed)) bindings)")
+            print("link \(i + 1): publishing again \(up), every binding back \(done) after the broker was back (\(links[i].counters.bindingKeysBound.load(ordering: .relaxed)) bindings)")
         }
         let sent = sendTimes.withLockedValue { $0 }
         var flowAgain: [Double] = []
         var lostAfter = 0
         for j in 0..<probes {
-            let seen = inbounds[j % nodes].arrivals(of: "probe-\(j)")
+            let seen = receivers[j % nodes].arrivals(of: "probe-\(j)")
             guard let first = sent.indices.first(where: { sent[$0] >= back && seen[$0] != nil }) else { flowAgain.append(.infinity); continue }
             flowAgain.append(Double(seen[first]! - back) / 1e9)
             lostAfter += (first..<sent.count).filter { seen[$0] == nil }.count
@@ -567,7 +568,7 @@ struct Rebind: AsyncParsableCommand {
 }
 
 /// Where a benchmark link delivers: arrival times of numbered probe messages, per channel.
-final class ProbeInbound: ClusterInbound {
+final class ProbeReceiver: ClusterReceiver {
     private let seen = NIOLockedValueBox<[String: [Int: UInt64]]>([:])
     var clusterBacklogBytes: Int { 0 }
 

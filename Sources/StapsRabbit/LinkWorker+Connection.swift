@@ -1,7 +1,8 @@
 import CRabbit
 import Logging
 import NIOCore
-import StapsNode
+import RabbitClient
+import StapsCluster
 
 #if canImport(Glibc)
 import Glibc
@@ -45,8 +46,8 @@ extension LinkWorker {
         self.backoff = .milliseconds(100)
         let dropped = self.counters.droppedWhileDown.load(ordering: .relaxed) - self.droppedAtOutageStart
         if self.warnedThisOutage, let since = self.downSince {
-            self.logger.warning("broker link restored; publishing again, rebinding channels", metadata: [
-                "down.seconds": "\(Self.seconds(now - since))", "dropped.while_down": "\(dropped)", "channels.to_rebind": "\(self.topology.rebindsLeft)",
+            self.logger.warning("broker link restored; publishing again, binding every binding key again", metadata: [
+                "down.seconds": "\(Self.seconds(now - since))", "dropped.while_down": "\(dropped)", "bindings.to_rebind": "\(self.topology.rebindsLeft)",
             ])
             self.counters.reconnects.wrappingIncrement(ordering: .relaxed)
         } else {
@@ -56,12 +57,12 @@ extension LinkWorker {
         self.warnedThisOutage = false
     }
 
-    /// Once every wanted channel is bound again after a reconnection: one line, with how long it took.
+    /// Once every wanted binding key is bound again after a reconnection: one line, with how long it took.
     func reportRebind(now: NIODeadline) {
         guard !self.rebindReported, self.topology.rebindsLeft == 0 else { return }
         self.rebindReported = true
         guard self.counters.reconnects.load(ordering: .relaxed) > 0 else { return }
-        self.logger.notice("channels rebound", metadata: [
+        self.logger.notice("binding keys bound again", metadata: [
             "bindings": "\(self.topology.bound.count)", "seconds.since.link.up": "\(Double((now - self.connectedAt).nanoseconds / 1_000_000) / 1000)",
         ])
     }
@@ -111,31 +112,31 @@ extension LinkWorker {
     func disconnect(polite: Bool) {
         self.link.connectedFlag.store(false, ordering: .relaxed)
         self.link.status.withLockedValue { $0 = nil }
-        self.topologyOutbox = []
-        self.topologyOutboxHead = 0
+        self.unsentTopology = []
+        self.unsentTopologyHead = 0
         if polite {
             self.publisher?.close()
             self.consumer?.close()
         }
         self.publisher = nil
         self.consumer = nil
-        self.counters.channelsBound.store(0, ordering: .relaxed)
-        self.inbox.markAllUnbound()
+        self.counters.bindingKeysBound.store(0, ordering: .relaxed)
+        self.handoff.markAllUnbound()
         for waiter in self.topology.disconnected() { waiter?.succeed(()) }
-        let lost = self.confirms.reset() + self.inbox.dropPublishes()
+        let lost = self.confirms.reset() + self.handoff.dropPublishes()
         self.counters.droppedWhileDown.wrappingIncrement(by: lost, ordering: .relaxed)
     }
 
     /// The link stops: what the event loops handed over still goes out and the broker gets up
     /// to two seconds to confirm it; then close politely, fail every join still waiting, and
-    /// close the inbox.
+    /// close the handoff.
     func finish() {
         if let publisher = self.publisher, self.consumer != nil {
             let deadline = NIODeadline.now() + .seconds(2)
             do {
                 let tls = self.broker.tls
-                let rest = self.inbox.take(publishBytes: tls ? self.publishBudget(publisher) : .max, overhead: tls ? Self.wireOverhead : 0, oversizeFirst: !tls)
-                Self.failAll(LinkInbox.Taken(commands: rest.commands), counters: self.counters)
+                let rest = self.handoff.take(publishBytes: tls ? self.publishBudget(publisher) : .max, overhead: tls ? Self.wireOverhead : 0, oversizeFirst: !tls)
+                Self.failAll(LoopHandoff.Taken(commands: rest.commands), counters: self.counters)
                 if self.blockedReason == nil {
                     try self.publish(rest.publishes, on: publisher)
                 } else {
@@ -158,7 +159,7 @@ extension LinkWorker {
         self.consumer = nil
         for waiter in self.topology.disconnected() { waiter?.fail(LinkStopped()) }
         self.counters.droppedWhileDown.wrappingIncrement(by: self.confirms.reset(), ordering: .relaxed)
-        Self.failAll(self.inbox.close(), counters: self.counters)
+        Self.failAll(self.handoff.close(), counters: self.counters)
         let c = self.counters
         self.logger.notice("broker link totals", metadata: [
             "published": "\(c.published.load(ordering: .relaxed))", "received": "\(c.received.load(ordering: .relaxed))",
@@ -168,13 +169,13 @@ extension LinkWorker {
         ])
     }
 
-    /// What the inbox still held when the link stopped: joins fail, publishes count as dropped.
-    static func failAll(_ taken: LinkInbox.Taken, counters: RabbitCounters) {
+    /// What the handoff still held when the link stopped: joins fail, publishes count as dropped.
+    static func failAll(_ taken: LoopHandoff.Taken, counters: RabbitCounters) {
         for command in taken.commands {
             switch command {
-            case .subscribe(_, let promise): promise?.fail(LinkStopped())
+            case .firstChannel(_, let promise): promise?.fail(LinkStopped())
             case .awaitBinding(_, let promise): promise.fail(LinkStopped())
-            case .unsubscribe: break
+            case .lastChannelGone: break
             }
         }
         counters.droppedWhileDown.wrappingIncrement(by: taken.publishes.count, ordering: .relaxed)

@@ -1,6 +1,7 @@
 import CRabbit
 import NIOCore
-import StapsNode
+import RabbitClient
+import StapsCluster
 
 #if canImport(Glibc)
 import Glibc
@@ -92,7 +93,7 @@ extension LinkWorker {
             if heard { self.lastHeardConsumer = .now() }
             if !batch.isEmpty {
                 self.counters.received.wrappingIncrement(by: batch.count, ordering: .relaxed)
-                self.inbound.deliverFromCluster(batch)
+                self.receiver.deliverFromCluster(batch)
             }
         }
         amqp_maybe_release_buffers(consumer.state)

@@ -1,6 +1,7 @@
 import CRabbit
 import NIOCore
-import StapsNode
+import RabbitClient
+import StapsCluster
 
 /// The topology: the exchange, this node's queue, and the pipelined binds and unbinds that the
 /// `Topology` state machine asks for. Binds for an exclusive queue go on the connection that
@@ -55,24 +56,24 @@ extension LinkWorker {
         return k
     }
 
-    /// A binding key's first channel came, or its last one went (see `LinkInbox`). Connected:
+    /// A binding key's first channel came, or its last one went (see `LoopHandoff`). Connected:
     /// a waiting join proceeds on the key's `bind-ok`. Down (`consumer` nil): at once (local
     /// service); bound on reconnection.
-    func handle(_ commands: [LinkInbox.Command], on consumer: AMQPConnection?) throws(BrokerError) {
+    func handle(_ commands: [LoopHandoff.Command], on consumer: AMQPConnection?) throws(BrokerError) {
         var requests: [Topology<EventLoopPromise<Void>?>.Request] = []
         let now = NIODeadline.now()
         for command in commands {
             switch command {
-            case .subscribe(let key, let promise):
-                let (ready, send) = self.topology.subscribe(key, promise)
+            case .firstChannel(let key, let promise):
+                let (ready, send) = self.topology.want(key, promise)
                 ready??.succeed(())
                 if let send { requests.append(send) }
             case .awaitBinding(let key, let promise):
-                let (ready, send) = self.topology.subscribe(key, promise)
+                let (ready, send) = self.topology.want(key, promise)
                 ready??.succeed(())
                 if let send { requests.append(send) }
-            case .unsubscribe(let key):
-                self.topology.unsubscribe(key, now: now)
+            case .lastChannelGone(let key):
+                self.topology.linger(key, now: now)
             }
         }
         if let consumer { try self.send(requests, on: consumer) }
@@ -82,7 +83,7 @@ extension LinkWorker {
     func send(_ requests: [Topology<EventLoopPromise<Void>?>.Request], on consumer: AMQPConnection) throws(BrokerError) {
         guard !requests.isEmpty else { return try self.flushTopology(consumer) }
         if self.topology.requestsInFlight == requests.count { self.topologyProgress = .now() }
-        self.topologyOutbox.append(contentsOf: requests)
+        self.unsentTopology.append(contentsOf: requests)
         try self.flushTopology(consumer)
     }
 
@@ -90,32 +91,31 @@ extension LinkWorker {
     /// writes with no deadline, and a frozen broker stops reading): 64 between checks.
     func flushTopology(_ consumer: AMQPConnection) throws(BrokerError) {
         var sent = 0
-        while self.topologyOutboxHead < self.topologyOutbox.count {
+        while self.unsentTopologyHead < self.unsentTopology.count {
             if sent % 64 == 0, !consumer.canWrite { break }
-            let request = self.topologyOutbox[self.topologyOutboxHead]
-            self.topologyOutboxHead += 1
+            let request = self.unsentTopology[self.unsentTopologyHead]
+            self.unsentTopologyHead += 1
             sent += 1
-            let operation: Topology<Void>.Operation = request.operation == .bind ? .bind : .unbind
-            try consumer.sendTopology(operation, queue: self.queue!, exchange: self.exchange, key: CString(request.channel), channel: Self.topologyChannel)
+            try consumer.sendTopology(request.operation, queue: self.queue!, exchange: self.exchange, key: CString(request.key), channel: Self.topologyChannel)
         }
-        if self.topologyOutboxHead == self.topologyOutbox.count {
-            self.topologyOutbox.removeAll(keepingCapacity: true)
-            self.topologyOutboxHead = 0
+        if self.unsentTopologyHead == self.unsentTopology.count {
+            self.unsentTopology.removeAll(keepingCapacity: true)
+            self.unsentTopologyHead = 0
         }
     }
 
     /// The broker answered the oldest bind or unbind.
-    func answered(_ operation: Topology<EventLoopPromise<Void>?>.Operation) throws(BrokerError) {
+    func answered(_ operation: TopologyMethod) throws(BrokerError) {
         let waiters: [EventLoopPromise<Void>?]
         let key: String
         do {
             (key, waiters) = try self.topology.answered(operation)
         } catch {
-            throw BrokerError(operation: "bind channels", reason: "\(error)")
+            throw BrokerError(operation: "bind binding keys", reason: "\(error)")
         }
         self.topologyProgress = .now()
-        if self.topology.isSettled(key) { self.inbox.markBound(key) }
-        self.counters.channelsBound.store(self.topology.bound.count, ordering: .relaxed)
+        if self.topology.isSettled(key) { self.handoff.markBound(key) }
+        self.counters.bindingKeysBound.store(self.topology.bound.count, ordering: .relaxed)
         for waiter in waiters { waiter?.succeed(()) }
     }
 }

@@ -1,16 +1,17 @@
 import CRabbit
 import Logging
 import NIOCore
-import StapsNode
+import RabbitClient
+import StapsCluster
 
 #if canImport(Glibc)
 import Glibc
 #endif
 
 /// The link's owner thread: the poll loop and the reconnect loop. Everything here is touched
-/// only by that one thread; the event loops reach it through the `LinkInbox`.
+/// only by that one thread; the event loops reach it through the `LoopHandoff`.
 ///
-/// Each round it polls the inbox's eventfd and both sockets (waking at least every 100 ms, so
+/// Each round it polls the handoff's eventfd and both sockets (waking at least every 100 ms, so
 /// rabbitmq-c can send heartbeats), then sends what the event loops asked for: pipelined
 /// binds and unbinds (`Topology`), publishes (paced by `amqp_publish_window`, never more than
 /// the socket can take at once), and reads deliveries and the broker's answers.
@@ -21,11 +22,11 @@ import Glibc
 // @unchecked: created on start() and from then on used only by the link's one thread.
 final class LinkWorker: @unchecked Sendable {
     let link: RabbitLink
-    let inbound: any ClusterInbound
+    let receiver: any ClusterReceiver
     let config: RabbitConfiguration
     let settings: ClusterSettings
     var logger: Logger
-    let inbox: LinkInbox
+    let handoff: LoopHandoff
     let counters: RabbitCounters
 
     var publisher: AMQPConnection?
@@ -37,8 +38,8 @@ final class LinkWorker: @unchecked Sendable {
     /// Binding keys (see `RoutingKey.binding`) this node wants bound.
     var topology: Topology<EventLoopPromise<Void>?>
     /// Requests the topology counts as in flight that the socket has not taken yet.
-    var topologyOutbox: [Topology<EventLoopPromise<Void>?>.Request] = []
-    var topologyOutboxHead = 0
+    var unsentTopology: [Topology<EventLoopPromise<Void>?>.Request] = []
+    var unsentTopologyHead = 0
     var confirms = Confirms()
 
     /// The broker URL in use (index into `config.urls`); starts at a random one.
@@ -75,7 +76,7 @@ final class LinkWorker: @unchecked Sendable {
     let allocator = ByteBufferAllocator()
 
     /// Stop reading from the broker while the event loops hold this much undelivered.
-    let inboundBacklogLimit = 64 << 20
+    let receiverBacklogLimit = 64 << 20
     /// Pause publishing while this many AMQP messages await their confirms.
     let maxUnconfirmed = 65_536
     /// Requests outstanding and not one answer for this long: the broker is not answering.
@@ -86,13 +87,13 @@ final class LinkWorker: @unchecked Sendable {
     let maxUnackedBytes = 1 << 20
     let maxPublishBytes = 1 << 20
 
-    init(link: RabbitLink, inbound: any ClusterInbound) {
+    init(link: RabbitLink, receiver: any ClusterReceiver) {
         self.link = link
-        self.inbound = inbound
+        self.receiver = receiver
         self.config = link.configuration
         self.settings = link.configuration.settings
         self.logger = link.logger
-        self.inbox = link.inbox
+        self.handoff = link.handoff
         self.counters = link.counters
         self.exchange = CString(link.configuration.settings.exchange)
         self.nodeID = CString(link.configuration.nodeID)
@@ -122,10 +123,10 @@ final class LinkWorker: @unchecked Sendable {
     /// While down: joins proceed at once (local service, bound on reconnection), publishes are
     /// dropped and counted.
     private func whileDown() {
-        self.counters.droppedWhileDown.wrappingIncrement(by: self.inbox.dropPublishes(), ordering: .relaxed)
-        let taken = self.inbox.take(publishBytes: 0)
+        self.counters.droppedWhileDown.wrappingIncrement(by: self.handoff.dropPublishes(), ordering: .relaxed)
+        let taken = self.handoff.take(publishBytes: 0)
         try? self.handle(taken.commands, on: nil)
-        _ = self.topology.expire(now: .now()) { !self.inbox.release($0) }
+        _ = self.topology.expire(now: .now()) { !self.handoff.release($0) }
         self.sleepUntilWoken(timeoutMillis: Self.millisUntil(self.nextAttempt, cap: 100))
     }
 
@@ -137,7 +138,7 @@ final class LinkWorker: @unchecked Sendable {
     /// One round while connected: wait for work or input, then do all of it.
     private func step() throws(BrokerError) {
         guard let consumer = self.consumer, let publisher = self.publisher else { return }
-        let reading = self.inbound.clusterBacklogBytes < self.inboundBacklogLimit
+        let reading = self.receiver.clusterBacklogBytes < self.receiverBacklogLimit
         let mayPublish = self.blockedReason == nil && self.confirms.outstanding < self.maxUnconfirmed
         var publishDue = mayPublish && NIODeadline.now() >= self.nextPublish
         var waitForRoom = false
@@ -155,21 +156,21 @@ final class LinkWorker: @unchecked Sendable {
             // loops latency on two cores; woken only when many publishes await their confirms.
             let urgentAcks = self.confirms.outstanding > self.maxUnconfirmed / 2
             var fds = [
-                pollfd(fd: self.inbox.wakeFD, events: Int16(POLLIN), revents: 0),
+                pollfd(fd: self.handoff.wakeFD, events: Int16(POLLIN), revents: 0),
                 pollfd(fd: consumer.fileDescriptor, events: reading ? Int16(POLLIN) : 0, revents: 0),
                 pollfd(fd: publisher.fileDescriptor, events: urgentAcks ? Int16(POLLIN) : 0, revents: 0),
             ]
             var timeout = reading ? Self.millisUntil(self.nextHousekeeping, cap: 100) + 1 : 5
             // Waiting for the broker to take what was written, or for the publish window.
             if mayPublish && !publishDue { timeout = min(timeout, waitForRoom ? 5 : Self.millisUntil(self.nextPublish, cap: 5) + 1) }
-            self.inbox.sleeping.store(true, ordering: .sequentiallyConsistent)
-            if self.inbox.hasWork(publishes: publishDue) {
-                self.inbox.sleeping.store(false, ordering: .sequentiallyConsistent)
+            self.handoff.sleeping.store(true, ordering: .sequentiallyConsistent)
+            if self.handoff.hasWork(publishes: publishDue) {
+                self.handoff.sleeping.store(false, ordering: .sequentiallyConsistent)
             } else {
                 _ = poll(&fds, 3, Int32(timeout))
-                self.inbox.sleeping.store(false, ordering: .sequentiallyConsistent)
+                self.handoff.sleeping.store(false, ordering: .sequentiallyConsistent)
                 let now = NIODeadline.now()
-                if fds[0].revents != 0 { self.inbox.drainWakeFD() }
+                if fds[0].revents != 0 { self.handoff.drainWakeFD() }
                 if fds[1].revents & Int16(POLLIN) != 0 { self.lastHeardConsumer = now }
                 if fds[2].revents & Int16(POLLIN) != 0 {
                     self.lastHeardPublisher = now
@@ -181,11 +182,11 @@ final class LinkWorker: @unchecked Sendable {
         }
         let now = NIODeadline.now()
         let tls = self.broker.tls
-        let taken = self.inbox.take(publishBytes: publishDue ? budget : 0, overhead: tls ? Self.wireOverhead : 0,
+        let taken = self.handoff.take(publishBytes: publishDue ? budget : 0, overhead: tls ? Self.wireOverhead : 0,
                                     oversizeFirst: !tls || publisher.unackedBytes == 0)
         do {
             try self.handle(taken.commands, on: consumer)
-            try self.send(self.topology.expire(now: now) { !self.inbox.release($0) }, on: consumer)
+            try self.send(self.topology.expire(now: now) { !self.handoff.release($0) }, on: consumer)
             try self.send(self.topology.nextRebinds(), on: consumer)
         } catch {
             // Taken, never published: not lost without a count.
@@ -249,7 +250,7 @@ final class LinkWorker: @unchecked Sendable {
             throw BrokerError(operation: "heartbeat", reason: "no data from the broker for \(Self.seconds(silent)) s (two heartbeats)")
         }
         if self.topology.requestsInFlight > 0, reading, now - self.topologyProgress > self.answerTimeout, silentConsumer > self.answerTimeout {
-            throw BrokerError(operation: "bind channels", reason: "the broker answered none of \(self.topology.requestsInFlight) binds for \(Self.seconds(now - self.topologyProgress)) s")
+            throw BrokerError(operation: "bind binding keys", reason: "the broker answered none of \(self.topology.requestsInFlight) binds for \(Self.seconds(now - self.topologyProgress)) s")
         }
         if self.confirms.outstanding > 0, self.blockedReason == nil, now - self.confirmProgress > self.answerTimeout, silentPublisher > self.answerTimeout {
             throw BrokerError(operation: "publish", reason: "the broker confirmed none of \(self.confirms.outstanding) publishes for \(Self.seconds(now - self.confirmProgress)) s")
@@ -282,10 +283,10 @@ final class LinkWorker: @unchecked Sendable {
     }
 
     private func sleepUntilWoken(timeoutMillis: Int) {
-        var fds = [pollfd(fd: self.inbox.wakeFD, events: Int16(POLLIN), revents: 0)]
-        self.inbox.sleeping.store(true, ordering: .sequentiallyConsistent)
-        if !self.inbox.hasWork(publishes: true), poll(&fds, 1, Int32(timeoutMillis)) > 0 { self.inbox.drainWakeFD() }
-        self.inbox.sleeping.store(false, ordering: .sequentiallyConsistent)
+        var fds = [pollfd(fd: self.handoff.wakeFD, events: Int16(POLLIN), revents: 0)]
+        self.handoff.sleeping.store(true, ordering: .sequentiallyConsistent)
+        if !self.handoff.hasWork(publishes: true), poll(&fds, 1, Int32(timeoutMillis)) > 0 { self.handoff.drainWakeFD() }
+        self.handoff.sleeping.store(false, ordering: .sequentiallyConsistent)
     }
 
     /// Messages dropped because the outbound buffer was full, or malformed bodies: one warning

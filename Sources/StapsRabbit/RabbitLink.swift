@@ -3,7 +3,7 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
-import StapsNode
+import StapsCluster
 
 #if canImport(Glibc)
 import Glibc
@@ -29,11 +29,6 @@ public struct RabbitConfiguration: Sendable {
         self.init(urls: [url], settings: settings, nodeID: nodeID)
     }
 
-    /// The link settings of a node's configuration (`amqp` must be set: one or more URLs).
-    public init(node: NodeConfiguration, nodeID: String = RabbitConfiguration.makeNodeID()) throws {
-        self.init(urls: try AMQPURL.list(node.amqpURL), settings: node.cluster, nodeID: nodeID)
-    }
-
     public static func makeNodeID() -> String {
         var name = [CChar](repeating: 0, count: 256)
         gethostname(&name, name.count - 1)
@@ -42,7 +37,7 @@ public struct RabbitConfiguration: Sendable {
     }
 }
 
-/// What the link counts; read by tests, logs and (later) metrics.
+/// What the link counts; read by tests, logs and metrics (through `ClusterLinkReport`).
 public final class RabbitCounters: Sendable {
     /// Messages the broker confirmed (publisher confirms).
     public let published = ManagedAtomic<Int>(0)
@@ -59,7 +54,7 @@ public final class RabbitCounters: Sendable {
     public let malformed = ManagedAtomic<Int>(0)
     public let reconnects = ManagedAtomic<Int>(0)
     /// Binding keys bound for this node's queue on the current connection (`bind-ok` received).
-    public let channelsBound = ManagedAtomic<Int>(0)
+    public let bindingKeysBound = ManagedAtomic<Int>(0)
     /// Binding keys still to rebind after a reconnection (0 once all are back).
     public let rebindsLeft = ManagedAtomic<Int>(0)
     /// Messages per publish (written by the link's thread only).
@@ -76,15 +71,15 @@ public struct LinkStopped: Error, CustomStringConvertible {
 ///
 /// rabbitmq-c is blocking and a connection is not thread-safe, so one owner thread does all
 /// broker work (`LinkWorker`): it owns a publish connection and a consume connection and polls
-/// their sockets plus the inbox's eventfd. The event loops only append to the `LinkInbox`; they
+/// their sockets plus the handoff's eventfd. The event loops only append to the `LoopHandoff`; they
 /// never wait on the broker.
 public final class RabbitLink: ClusterLink, Sendable {
     public let configuration: RabbitConfiguration
     public let counters = RabbitCounters()
     let logger: Logger
-    let inbox: LinkInbox
+    let handoff: LoopHandoff
     private let thread = NIOThreadPool(numberOfThreads: 1)
-    var connectedFlag: ManagedAtomic<Bool> { self.inbox.connected }
+    var connectedFlag: ManagedAtomic<Bool> { self.handoff.connected }
     /// The broker and queue of the current connection (nil while down), set by the worker.
     let status = NIOLockedValueBox<(broker: AMQPURL, queue: String)?>(nil)
     let stopped = ManagedAtomic<Bool>(false)
@@ -95,12 +90,12 @@ public final class RabbitLink: ClusterLink, Sendable {
     public init(configuration: RabbitConfiguration, logger: Logger) {
         self.configuration = configuration
         self.logger = logger
-        self.inbox = LinkInbox(capacity: configuration.settings.publishBuffer, buckets: configuration.settings.bindingBuckets)
+        self.handoff = LoopHandoff(capacity: configuration.settings.publishBuffer, buckets: configuration.settings.bindingBuckets)
         self.finished = self.finishLoop.next().makePromise()
     }
 
-    /// True while both connections are up and the queue is consumed (publishing works; channels
-    /// may still be rebinding after a reconnection).
+    /// True while both connections are up and the queue is consumed (publishing works; binding
+    /// keys may still be bound again after a reconnection).
     public var isConnected: Bool { self.connectedFlag.load(ordering: .relaxed) }
 
     public var isClustered: Bool { true }
@@ -135,7 +130,7 @@ public final class RabbitLink: ClusterLink, Sendable {
                 ("rejected", c.rejected.load(ordering: .relaxed)),
                 ("malformed", c.malformed.load(ordering: .relaxed)),
             ],
-            bindings: c.channelsBound.load(ordering: .relaxed),
+            bindings: c.bindingKeysBound.load(ordering: .relaxed),
             rebindsPending: rebinds,
             publishBatch: c.publishBatch
         )
@@ -147,26 +142,26 @@ public final class RabbitLink: ClusterLink, Sendable {
     /// This node's queue on the broker, while connected.
     public var queueName: String? { self.status.withLockedValue { $0?.queue } }
 
-    public func start(inbound: any ClusterInbound) {
+    public func start(receiver: any ClusterReceiver) {
         guard !self.started.exchange(true, ordering: .relaxed) else { return }
         self.thread.start()
-        let worker = LinkWorker(link: self, inbound: inbound)
+        let worker = LinkWorker(link: self, receiver: receiver)
         self.thread.submit { _ in
             worker.run()
             self.finished.succeed(())
         }
     }
 
-    public func subscribe(channel: String, promise: EventLoopPromise<Void>) {
-        self.inbox.subscribe(channel: channel, promise: promise)
+    public func startReceiving(channel: String, whenBound promise: EventLoopPromise<Void>) {
+        self.handoff.startReceiving(channel: channel, whenBound: promise)
     }
 
     public func awaitBinding(channel: String, promise: EventLoopPromise<Void>) {
-        self.inbox.awaitBinding(channel: channel, promise: promise)
+        self.handoff.awaitBinding(channel: channel, promise: promise)
     }
 
-    public func unsubscribe(channel: String) {
-        self.inbox.unsubscribe(channel: channel)
+    public func stopReceiving(channel: String) {
+        self.handoff.stopReceiving(channel: channel)
     }
 
     public func publish(_ batch: [ClusterMessage]) {
@@ -174,8 +169,8 @@ public final class RabbitLink: ClusterLink, Sendable {
             self.counters.droppedWhileDown.wrappingIncrement(by: batch.count, ordering: .relaxed)
             return
         }
-        let bytes = batch.reduce(0) { $0 + LinkInbox.bytes(of: $1) }
-        if !self.inbox.add(publishes: batch, bytes: bytes) {
+        let bytes = batch.reduce(0) { $0 + LoopHandoff.bytes(of: $1) }
+        if !self.handoff.add(publishes: batch, bytes: bytes) {
             self.counters.droppedBufferFull.wrappingIncrement(by: batch.count, ordering: .relaxed)
         }
     }
@@ -184,12 +179,12 @@ public final class RabbitLink: ClusterLink, Sendable {
     /// so does every later one. Safe to call more than once.
     public func shutdown() async {
         guard !self.stopped.exchange(true, ordering: .relaxed) else { return }
-        self.inbox.sleeping.store(true, ordering: .sequentiallyConsistent)
-        self.inbox.wake()
+        self.handoff.sleeping.store(true, ordering: .sequentiallyConsistent)
+        self.handoff.wake()
         if self.started.load(ordering: .relaxed) {
             try? await self.finished.futureResult.get()
         } else {
-            LinkWorker.failAll(self.inbox.close(), counters: self.counters)
+            LinkWorker.failAll(self.handoff.close(), counters: self.counters)
         }
         try? await self.thread.shutdownGracefully()
         try? await self.finishLoop.shutdownGracefully()

@@ -1,8 +1,8 @@
 import ArgumentParser
-import Atomics
 import Dispatch
 import Logging
-import NIOCore
+import ServiceLifecycle
+import StapsCluster
 import StapsHook
 import StapsNode
 import StapsRabbit
@@ -28,7 +28,7 @@ struct Staps: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Unix socket to listen on (repeatable); replaces the file's sockets.", valueName: "path"))
     var socket: [String] = []
 
-    @Option(name: .long, help: ArgumentHelp("Octal file mode for created unix sockets (default 0660).", valueName: "mode"))
+    @Option(name: .long, help: ArgumentHelp("Octal file mode for created unix sockets; replaces the file's mode (default: 0660).", valueName: "mode"))
     var mode: String?
 
     @Option(name: .long, help: ArgumentHelp("TCP host:port to listen on (repeatable); a bare port means 127.0.0.1.", valueName: "host:port"))
@@ -43,7 +43,8 @@ struct Staps: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Configuration file to read instead of the default locations.", valueName: "path"))
     var config: String?
 
-    @Option(name: .long, help: ArgumentHelp("trace, debug, info, notice, warning, error or critical (default notice).", valueName: "level"))
+    // ArgumentParser adds "(default: notice)" itself, from the property's value.
+    @Option(name: .long, help: ArgumentHelp("trace, debug, info, notice, warning, error or critical.", valueName: "level"))
     var logLevel: String = "notice"
 
     @Flag(name: .long, help: "Print the version and exit.")
@@ -105,64 +106,47 @@ struct Staps: ParsableCommand {
         if configuration.sourceFile == nil && self.socket.isEmpty && self.port.isEmpty {
             logger.notice("no configuration file and no listener flags: listening on \(NodeConfiguration.defaultAddress), standalone")
         }
+        let node = Self.makeNode(configuration, logger: logger)
+        do {
+            try await Self.runServices(node: node, plan: plan, output: output, logger: logger)
+        } catch {
+            Self.exitWithError("\(error)")
+        }
+    }
+
+    /// The node, with its cluster link when `amqp` names brokers.
+    static func makeNode(_ configuration: NodeConfiguration, logger: Logger) -> Node {
         let link: any ClusterLink
         let nodeID = RabbitConfiguration.makeNodeID()
         if configuration.amqpURL.isEmpty {
             link = StandaloneLink()
         } else {
             do {
-                link = RabbitLink(configuration: try RabbitConfiguration(node: configuration, nodeID: nodeID), logger: logger)
+                link = RabbitLink(configuration: RabbitConfiguration(urls: try AMQPURL.list(configuration.amqpURL), settings: configuration.cluster, nodeID: nodeID), logger: logger)
             } catch {
                 Self.exitWithError("amqp: \(error)")
             }
         }
-        let node = Node(configuration: configuration, link: link, logger: logger, nodeID: nodeID, hookTransport: HTTPHookTransport.factory)
-        let inherited = Systemd.takeListeners()
-        let dropping = plan.dropsPrivileges
-        do {
-            // Bound (or inherited) first, as root when started so; accepting only after the drop.
-            try await node.start(accepting: false, inherited: inherited, socketGroup: plan.gid)
-            try plan.writePidFile()
-            try plan.dropPrivileges()
-            try await node.startAccepting()
-        } catch {
-            await node.shutdown()
-            plan.removePidFile()
-            Self.exitWithError("\(error)")
-        }
-        if dropping, let user = plan.user {
-            logger.notice("running as \(user.name)", metadata: ["uid": "\(getuid())", "gid": "\(getgid())"])
-        }
-        Systemd.notify("READY=1\nSTATUS=\(node.status)")
-        let service = Task { await Self.serviceManagerPings(node: node) }
-        await Self.waitForTerminationSignal(logger: logger, output: output)
-        service.cancel()
-        Systemd.notify("STOPPING=1\nSTATUS=stopping")
-        await node.shutdown()
-        plan.removePidFile()
+        return Node(configuration: configuration, link: link, logger: logger, nodeID: nodeID, hookTransport: HTTPHookTransport.factory)
     }
 
-    /// While running under systemd: a status line every 5 s, and the watchdog pinged only once
-    /// every event loop has run a task since the last ping (a wedged loop gets the node restarted).
-    static func serviceManagerPings(node: Node) async {
-        guard getenv("NOTIFY_SOCKET") != nil else { return }
-        let interval = Systemd.watchdogInterval
-        let allLoopsRan = ManagedAtomic<Bool>(false)
-        if interval != nil { node.pingEventLoops { allLoopsRan.store(true, ordering: .relaxed) } }
-        var nextStatus = NIODeadline.now() + .seconds(5)
-        while !Task.isCancelled {
-            let step = min(interval ?? .seconds(5), .seconds(5))
-            try? await Task.sleep(nanoseconds: UInt64(step.nanoseconds))
-            if Task.isCancelled { return }
-            if interval != nil, allLoopsRan.exchange(false, ordering: .relaxed) {
-                Systemd.notify("WATCHDOG=1")
-                node.pingEventLoops { allLoopsRan.store(true, ordering: .relaxed) }
-            }
-            if NIODeadline.now() >= nextStatus {
-                Systemd.notify("STATUS=\(node.status)")
-                nextStatus = NIODeadline.now() + .seconds(5)
-            }
-        }
+    /// Runs the node and its companions (Services.swift) until SIGTERM or SIGINT has shut them
+    /// down gracefully, in the reverse of their order here; throws why the node could not start.
+    static func runServices(node: Node, plan: DaemonPlan, output: LogOutput, logger: Logger) async throws {
+        let (started, whenStarted) = AsyncStream.makeStream(of: Void.self)
+        typealias Named = ServiceGroupConfiguration.ServiceConfiguration
+        var services = [
+            Named(service: LogReopening(output: output, logger: logger), serviceName: "log reopening"),
+            Named(service: NodeService(node: node, plan: plan, inherited: Systemd.takeListeners(), logger: logger, started: whenStarted), serviceName: "node"),
+        ]
+        if Systemd.isNotifying { services.append(Named(service: SystemdNotifier(node: node, started: started), serviceName: "systemd notifier")) }
+        var configuration = ServiceGroupConfiguration(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        // The keys of its debug lines, in the style of staps's own.
+        configuration.logging.keys.signalKey = "signal"
+        configuration.logging.keys.serviceKey = "service"
+        configuration.logging.keys.servicesKey = "services"
+        configuration.logging.keys.errorKey = "error"
+        try await ServiceGroup(configuration: configuration).run()
     }
 
     static func printCheck(_ configuration: NodeConfiguration, _ plan: DaemonPlan) {
@@ -219,34 +203,5 @@ struct Staps: ParsableCommand {
         let line = Array("staps: \(message)\n".utf8)
         _ = line.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
         Glibc.exit(1)
-    }
-
-    /// Returns on the first SIGTERM or SIGINT. SIGHUP is logged and reopens the log file;
-    /// it never stops the node.
-    static func waitForTerminationSignal(logger: Logger, output: LogOutput) async {
-        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            let queue = DispatchQueue(label: "staps.signals")
-            nonisolated(unsafe) var sources: [DispatchSourceSignal] = []
-            nonisolated(unsafe) var resumed = false
-            for sig in [SIGTERM, SIGINT, SIGHUP] {
-                signal(sig, SIG_IGN)
-                let source = DispatchSource.makeSignalSource(signal: sig, queue: queue)
-                // All handlers run on `queue`, a serial queue, so `resumed` is never raced.
-                source.setEventHandler {
-                    if sig == SIGHUP {
-                        let reopened = output.reopen()
-                        logger.notice("received signal", metadata: ["signal": "SIGHUP", "log_file": "\(output.path.map { reopened ? "reopened \($0)" : "could not reopen \($0)" } ?? "none (stderr)")"])
-                        return
-                    }
-                    guard !resumed else { return }
-                    resumed = true
-                    logger.notice("received signal", metadata: ["signal": "\(sig == SIGTERM ? "SIGTERM" : "SIGINT")"])
-                    for s in sources { s.cancel() }
-                    continuation.resume()
-                }
-                sources.append(source)
-                source.resume()
-            }
-        }
     }
 }

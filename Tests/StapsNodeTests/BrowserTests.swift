@@ -1,4 +1,5 @@
 import Foundation
+import StapsCluster
 import StapsNode
 import Testing
 

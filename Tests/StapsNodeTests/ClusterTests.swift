@@ -1,5 +1,6 @@
 import Foundation
 import NIOCore
+import StapsCluster
 import StapsNode
 @testable import StapsRabbit
 import Testing
@@ -92,7 +93,7 @@ import WebSocketClient
         var receivers: [TestClient] = []
         var senders: [TestClient] = []
         for name in names {
-            let path = "/" + PathDecoding.encode(name)
+            let path = "/" + PercentEncoding.encode(name)
             receivers.append(try await TestClient.connect(nodes[0].0.tcp, path))
             senders.append(try await TestClient.connect(nodes[1].0.tcp, path))
         }

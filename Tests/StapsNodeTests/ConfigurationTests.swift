@@ -1,4 +1,5 @@
 import NIOCore
+import StapsCluster
 import StapsNode
 import Testing
 

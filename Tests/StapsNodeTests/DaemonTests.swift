@@ -1,6 +1,7 @@
 import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
+import StapsCluster
 import StapsNode
 import Testing
 import WebSocketClient

@@ -3,6 +3,7 @@ import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import StapsCluster
 import StapsNode
 import Testing
 import WebSocketClient

@@ -1,5 +1,6 @@
 import Foundation
 import NIOCore
+import StapsCluster
 import StapsNode
 @testable import StapsRabbit
 import Testing
@@ -86,7 +87,7 @@ import Glibc
         // Redeclared and rebound there: a node that only knows that broker reaches the client.
         let peers = try await startClusterNodes(1, exchange: exchange, buckets: 0, urls: [other])
         let peer = try await TestClient.connect(peers[0].0.tcp, "/failover")
-        try await eventually("the channel is bound on the new broker", within: 5) { link.counters.channelsBound.load(ordering: .relaxed) == 1 }
+        try await eventually("the channel is bound on the new broker", within: 5) { link.counters.bindingKeysBound.load(ordering: .relaxed) == 1 }
         peer.send("via the second broker")
         #expect(try await client.nextText() == "via the second broker")
         client.send("back")
@@ -106,7 +107,7 @@ import Glibc
         let queue = try #require(a.1.queueName)
         try Broker.control("delete-queue", queue)
         try await eventually("the link noticed and reconnected with a new queue", within: 5) {
-            a.1.counters.reconnects.load(ordering: .relaxed) == 1 && a.1.isConnected && a.1.queueName != queue && a.1.counters.channelsBound.load(ordering: .relaxed) == 1
+            a.1.counters.reconnects.load(ordering: .relaxed) == 1 && a.1.isConnected && a.1.queueName != queue && a.1.counters.bindingKeysBound.load(ordering: .relaxed) == 1
         }
         y.send("after delete_queue")
         #expect(try await x.nextText() == "after delete_queue")
@@ -276,10 +277,10 @@ import Glibc
         for i in 0..<300 {
             pairs.append((try await TestClient.connect(a.0.unix, "/rebind-\(i)"), try await TestClient.connect(b.0.unix, "/rebind-\(i)")))
         }
-        #expect(a.1.counters.channelsBound.load(ordering: .relaxed) == 300)
+        #expect(a.1.counters.bindingKeysBound.load(ordering: .relaxed) == 300)
         try Broker.control("restart-app")
         try await eventually("both nodes rebound every channel", within: 15) {
-            nodes.allSatisfy { $0.1.isConnected && $0.1.counters.channelsBound.load(ordering: .relaxed) == 300 }
+            nodes.allSatisfy { $0.1.isConnected && $0.1.counters.bindingKeysBound.load(ordering: .relaxed) == 300 }
         }
         for (i, (x, _)) in pairs.enumerated() { x.send("after restart \(i)") }
         for (i, (_, y)) in pairs.enumerated() { #expect(try await y.nextText(timeout: 10) == "after restart \(i)") }
@@ -303,7 +304,7 @@ import Glibc
         #expect(answer.hasPrefix("HTTP/1.1 503"), "\(answer.prefix(80))")
         // And a join after the stop is refused at once, never left hanging.
         let promise = clientGroup.next().makePromise(of: Void.self)
-        link.subscribe(channel: "after-stop", promise: promise)
+        link.startReceiving(channel: "after-stop", whenBound: promise)
         await #expect(throws: LinkStopped.self) { try await promise.futureResult.get() }
         await node.stop()
     }

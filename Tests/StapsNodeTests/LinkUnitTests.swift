@@ -1,4 +1,5 @@
 import NIOCore
+import StapsCluster
 import StapsNode
 @testable import StapsRabbit
 import Testing
@@ -19,7 +20,7 @@ import Testing
 
     @Test func roundTrip() throws {
         let bytes = Self.body("room.ü", ["a", "bc", String(repeating: "x", count: 70_000)])
-        #expect(bytes.count == WireFormat.size(name: "room.ü", payloadBytes: 70_003, count: 3))
+        #expect(bytes.count == wireFormatSize(name: "room.ü", payloadBytes: 70_003, count: 3))
         let (name, payloads) = try Self.decode(bytes)
         #expect(name == "room.ü")
         #expect(payloads == ["a", "bc", String(repeating: "x", count: 70_000)])
@@ -62,12 +63,12 @@ import Testing
         t.connected()
         var sends: [T.Request] = []
         for i in 0..<100 {
-            let (ready, send) = t.subscribe("c\(i)", i)
+            let (ready, send) = t.want("c\(i)", i)
             #expect(ready == nil)
             sends.append(send!)
         }
         // A second join of a channel being bound waits for the same bind-ok.
-        let again = t.subscribe("c5", 1005)
+        let again = t.want("c5", 1005)
         #expect(again.ready == nil && again.send == nil)
         #expect(t.requestsInFlight == 100)
         #expect(sends.allSatisfy { $0.operation == .bind })
@@ -77,25 +78,25 @@ import Testing
         }
         #expect(t.bound.count == 100)
         // Bound: a join proceeds at once.
-        #expect(t.subscribe("c1", 7).ready == 7)
+        #expect(t.want("c1", 7).ready == 7)
     }
 
     @Test func downMeansJoinsProceedAndRebindAfterwards() throws {
         var t = T(linger: .seconds(2), rebindWindow: 3)
-        #expect(t.subscribe("early", 1).ready == 1)
+        #expect(t.want("early", 1).ready == 1)
         t.connected()
-        _ = t.subscribe("a", 2)
-        _ = t.subscribe("b", 3)
+        _ = t.want("a", 2)
+        _ = t.want("b", 3)
         // Lost with binds in flight: their joins proceed (local service).
         #expect(Set(t.disconnected()) == [2, 3])
         #expect(t.bound.isEmpty && t.requestsInFlight == 0)
         t.connected()
         var rebinds = t.nextRebinds()
-        #expect(rebinds.count == 3 && Set(rebinds.map(\.channel)) == ["early", "a", "b"])
+        #expect(rebinds.count == 3 && Set(rebinds.map(\.key)) == ["early", "a", "b"])
         #expect(t.nextRebinds().isEmpty, "window of 3 is full")
         // A join during the rebind is sent at once, not behind the window.
-        let join = t.subscribe("new", 4)
-        #expect(join.send == T.Request(operation: .bind, channel: "new"))
+        let join = t.want("new", 4)
+        #expect(join.send == T.Request(operation: .bind, key: "new"))
         for _ in 0..<3 { #expect(try t.answered(.bind).waiters.isEmpty) }
         #expect(try t.answered(.bind).waiters == [4])
         rebinds = t.nextRebinds()
@@ -105,26 +106,26 @@ import Testing
     @Test func lingerUnbindsOnlyWhatIsStillUnwanted() throws {
         var t = T(linger: .seconds(2))
         t.connected()
-        _ = t.subscribe("x", 1)
+        _ = t.want("x", 1)
         _ = try t.answered(.bind)
         #expect(t.isSettled("x"))
-        t.unsubscribe("x", now: t0)
+        t.linger("x", now: t0)
         #expect(t.expire(now: t0 + .seconds(1)).isEmpty)
         // Rejoined within the linger: never unbound.
-        #expect(t.subscribe("x", 2).ready == 2)
+        #expect(t.want("x", 2).ready == 2)
         #expect(t.expire(now: t0 + .seconds(3)).isEmpty)
-        t.unsubscribe("x", now: t0 + .seconds(3))
-        #expect(t.expire(now: t0 + .seconds(5)) == [T.Request(operation: .unbind, channel: "x")])
+        t.linger("x", now: t0 + .seconds(3))
+        #expect(t.expire(now: t0 + .seconds(5)) == [T.Request(operation: .unbind, key: "x")])
         #expect(t.wanted["x"] == nil)
         // A join while the unbind is in flight binds again after it, and waits for that bind.
-        let join = t.subscribe("x", 3)
-        #expect(join.ready == nil && join.send == T.Request(operation: .bind, channel: "x"))
+        let join = t.want("x", 3)
+        #expect(join.ready == nil && join.send == T.Request(operation: .bind, key: "x"))
         #expect(try t.answered(.unbind).waiters.isEmpty)
         #expect(!t.bound.contains("x"))
         #expect(try t.answered(.bind).waiters == [3])
         #expect(t.bound.contains("x"))
         // Asked to keep it at the deadline (a channel came back meanwhile): active, not unbound.
-        t.unsubscribe("x", now: t0 + .seconds(10))
+        t.linger("x", now: t0 + .seconds(10))
         #expect(t.expire(now: t0 + .seconds(13)) { $0 == "x" }.isEmpty)
         #expect(t.wanted["x"] == .active)
     }
@@ -133,7 +134,7 @@ import Testing
         var t = T(linger: .seconds(2))
         t.connected()
         #expect(throws: T.OutOfOrder.self) { try t.answered(.bind) }
-        _ = t.subscribe("x", 1)
+        _ = t.want("x", 1)
         #expect(throws: T.OutOfOrder.self) { try t.answered(.unbind) }
     }
 }

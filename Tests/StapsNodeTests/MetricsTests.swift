@@ -1,6 +1,8 @@
 import Foundation
 import NIOCore
-import StapsNode
+import Prometheus
+import StapsCluster
+@testable import StapsNode
 import StapsRabbit
 import Testing
 import WebSocketClient
@@ -265,5 +267,46 @@ enum MetricsTools {
         #expect(try get("/1/readyz") == (200, "ready\n"))
         #expect(try get("/1/healthz") == (200, "ok\n"))
         #expect(try get("/metrics").0 == 404, "nothing else is proxied")
+    }
+}
+
+/// The histograms a scrape prints from their bucket counts read exactly as swift-prometheus's own.
+@Suite struct HistogramExpositionTests {
+    @Test func linesAreSwiftPrometheusOwnForTheSameObservations() {
+        let bounds = [0, 1, 2, 5, 10]
+        let registry = PrometheusCollectorRegistry()
+        let help = #"Some \ help."#  // swift-prometheus doubles a backslash
+        let reference = registry.makeValueHistogram(descriptor: MetricNameDescriptor(metricName: "h", unitName: "", helpText: help), buckets: bounds.map(Double.init))
+        // Two writers, as two event loops.
+        let loops = [CountHistogram(bounds: bounds), CountHistogram(bounds: bounds)]
+        for (i, value) in [0, 1, 1, 2, 3, 7, 7, 10, 12, 400].enumerated() {
+            loops[i % 2].record(value)
+            reference.record(Double(value))
+        }
+        var ours: [UInt8] = []
+        HistogramExposition.append("h", help: help, bounds: bounds, snapshots: loops.map(\.snapshot), to: &ours)
+        #expect(String(decoding: ours, as: UTF8.self) == registry.emitToString())
+    }
+}
+
+/// When the memory trimmer trims: once a busy spell has ended, and never on a quiet node.
+@Suite struct MemoryTrimmerTests {
+    typealias Totals = MemoryTrimmer.Spell.Totals
+
+    @Test func aBusySpellEndsWhenActivityFallsToAnEighth() {
+        var spell = MemoryTrimmer.Spell()
+        let seen = [
+            Totals(messages: 10_000, responses: 0, connections: 0),  // busy: 10000
+            Totals(messages: 11_300, responses: 0, connections: 0),  // 1300: more than an eighth
+            Totals(messages: 11_600, responses: 200, connections: 500),  // 300 + 200 + 500 opened: an eighth
+            Totals(messages: 11_600, responses: 200, connections: 0),  // 500 closed: not busy since the trim
+        ].map { spell.endsWith($0) }
+        #expect(seen == [false, false, true, false])
+    }
+
+    @Test func aQuietNodeIsNeverTrimmed() {
+        var spell = MemoryTrimmer.Spell()
+        let seen = (1...20).map { spell.endsWith(Totals(messages: $0 * 999, responses: 0, connections: 0)) }
+        #expect(!seen.contains(true))
     }
 }

@@ -1,5 +1,6 @@
 import Foundation
 import NIOCore
+import StapsCluster
 import StapsNode
 import Testing
 import WebSocketClient

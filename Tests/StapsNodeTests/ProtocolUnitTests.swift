@@ -1,6 +1,7 @@
 import NIOCore
 import NIOEmbedded
 import NIOWebSocket
+import StapsCluster
 @testable import StapsNode
 import Testing
 
@@ -37,7 +38,7 @@ import Testing
 
     @Test func encodeRoundTrips() {
         for name in ["a.b", "room/✓", "50% off", "x y#z?", "ü"] {
-            #expect(PathDecoding.target(ofURI: "/" + PathDecoding.encode(name)) == .success(.channel(name)))
+            #expect(PathDecoding.target(ofURI: "/" + PercentEncoding.encode(name)) == .success(.channel(name)))
         }
     }
 }
@@ -118,13 +119,13 @@ import Testing
         var subscribed: [String] = []
         var unsubscribed: [String] = []
         var isClustered: Bool { false }
-        func start(inbound: any ClusterInbound) {}
-        func subscribe(channel: String, promise: EventLoopPromise<Void>) {
+        func start(receiver: any ClusterReceiver) {}
+        func startReceiving(channel: String, whenBound promise: EventLoopPromise<Void>) {
             self.subscribed.append(channel)
             promise.succeed(())
         }
         func awaitBinding(channel: String, promise: EventLoopPromise<Void>) { promise.succeed(()) }
-        func unsubscribe(channel: String) { self.unsubscribed.append(channel) }
+        func stopReceiving(channel: String) { self.unsubscribed.append(channel) }
         func publish(_ batch: [ClusterMessage]) {}
         func shutdown() async {}
         var statusDescription: String { "recording" }

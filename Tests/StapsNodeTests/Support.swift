@@ -3,6 +3,7 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import StapsCluster
 import StapsHook
 import StapsNode
 import Testing

@@ -1,0 +1,47 @@
+import NIOCore
+
+/// How a clustered node uses RabbitMQ (only read when `amqp` is set).
+public struct ClusterSettings: Sendable, Equatable {
+    /// The topic exchange every node publishes to.
+    public var exchange: String
+    /// Messages a node's queue holds before the oldest are dropped.
+    public var queueMaxLength: Int
+    /// How long a message may wait in a node's queue.
+    public var queueMessageTTL: TimeAmount
+    /// How long a channel stays bound after its last local client left.
+    public var unbindLinger: TimeAmount
+    /// Bytes of outbound messages that may wait for the broker before more are dropped.
+    public var publishBuffer: Int
+    /// AMQP heartbeat interval.
+    public var heartbeat: TimeAmount
+    /// Publishes go out at most once per window, so busy channels share AMQP messages.
+    public var publishWindow: TimeAmount
+    /// Bind one key per channel (0) or per bucket of channels (16, 256, 4096): see `RoutingKey`.
+    /// Buckets trade a few messages a node receives and ignores for far fewer binds.
+    public var bindingBuckets: Int
+    /// CA certificates (PEM) that an `amqps://` broker's certificate must be signed by;
+    /// nil: the system bundle.
+    public var tlsCAFile: String?
+
+    public init(
+        exchange: String = "staps",
+        queueMaxLength: Int = 100_000,
+        queueMessageTTL: TimeAmount = .seconds(10),
+        unbindLinger: TimeAmount = .seconds(2),
+        publishBuffer: Int = 64 << 20,
+        heartbeat: TimeAmount = .seconds(10),
+        publishWindow: TimeAmount = .milliseconds(5),
+        bindingBuckets: Int = 256,
+        tlsCAFile: String? = nil
+    ) {
+        self.exchange = exchange
+        self.queueMaxLength = queueMaxLength
+        self.queueMessageTTL = queueMessageTTL
+        self.unbindLinger = unbindLinger
+        self.publishBuffer = publishBuffer
+        self.heartbeat = heartbeat
+        self.publishWindow = publishWindow
+        self.bindingBuckets = bindingBuckets
+        self.tlsCAFile = tlsCAFile
+    }
+}
