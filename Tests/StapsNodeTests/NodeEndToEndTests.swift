@@ -365,6 +365,9 @@ import WebSocketClient
         let somaxconn = Int((try? String(contentsOfFile: "/proc/sys/net/core/somaxconn", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "") ?? 4096
         #expect(queued >= min(600, somaxconn), "queued \(queued) connections while not accepting")
         try await node.startAccepting()
+        // Gone before the node stops, so that it does not wait out its shutdown_timeout for them.
+        for fd in fds { close(fd) }
+        fds = []
         await node.shutdown()
     }
 }
