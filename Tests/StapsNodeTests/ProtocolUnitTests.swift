@@ -85,7 +85,9 @@ import Testing
                 var reference = ByteBuffer(bytes: plain)
                 reference.webSocketMask(key, indexOffset: phase)
                 var ours = plain
-                ours.withUnsafeMutableBytes { Framing.unmask($0, key: Framing.maskWord(key), phase: phase) }
+                var word: UInt32 = 0  // the key's bytes in memory order, as the state machine reads them
+                withUnsafeMutableBytes(of: &word) { $0.copyBytes(from: key) }
+                ours.withUnsafeMutableBytes { Framing.unmask($0, key: word, phase: phase) }
                 #expect(ours == Array(reference.readableBytesView), "length \(length) phase \(phase)")
             }
         }
@@ -94,7 +96,7 @@ import Testing
     @Test func framingHeaders() {
         for (length, header) in [(5, [0x81, 5]), (126, [0x81, 126, 0, 126]), (65535, [0x81, 126, 0xFF, 0xFF]), (65536, [0x81, 127, 0, 0, 0, 0, 0, 1, 0, 0])] {
             var b = ByteBuffer()
-            Framing.writeHeader(into: &b, opcode: Framing.opText, length: length)
+            Framing.writeHeader(into: &b, opcode: .text, length: length)
             #expect(Array(b.readableBytesView) == header.map(UInt8.init))
             #expect(Framing.headerLength(payload: length) == header.count)
         }
@@ -102,7 +104,7 @@ import Testing
 
     @Test func closeFrameReasonIsCutOnACharacterBoundary() {
         let reason = String(repeating: "é", count: 100)  // 200 bytes
-        let frame = Framing.closeFrame(code: 1008, reason: reason, allocator: ByteBufferAllocator())
+        let frame = Framing.closeFrame(code: .policyViolation, reason: reason, allocator: ByteBufferAllocator())
         let bytes = Array(frame.readableBytesView)
         #expect(bytes[0] == 0x88)
         #expect(Int(bytes[1]) <= 125)

@@ -2,6 +2,7 @@ import Atomics
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
+import NIOWebSocket
 import StapsCluster
 
 /// One staps channel (a pub/sub path), shared by every event loop that has clients on it.
@@ -167,7 +168,7 @@ public final class Hub: Sendable, ClusterReceiver {
             loopHub.counters.fanout.record(0)
             return 0
         }
-        let frame = Framing.frame(opcode: isText ? Framing.opText : Framing.opBinary, payload: payload, allocator: loopHub.allocator)
+        let frame = Framing.frame(opcode: isText ? .text : .binary, payload: payload, allocator: loopHub.allocator)
         loopHub.publish(from: nil, entry: entry, frame: frame, headerLength: frame.readableBytes - payload.readableBytes, isText: isText)
         return clients
     }
@@ -192,7 +193,7 @@ public final class Hub: Sendable, ClusterReceiver {
                 continue
             }
             self.counters.clusterFanout.record(entry.receivers.load(ordering: .relaxed))
-            let frame = Framing.frame(opcode: message.isText ? Framing.opText : Framing.opBinary, payload: message.payload, allocator: allocator)
+            let frame = Framing.frame(opcode: message.isText ? .text : .binary, payload: message.payload, allocator: allocator)
             while mask != 0 {
                 let i = mask.trailingZeroBitCount
                 perLoop[i].append((entry, frame))

@@ -1,5 +1,6 @@
 import Logging
 import NIOCore
+import NIOWebSocket
 
 /// Sent down the pipeline when the node shuts down: websockets close with 1001.
 struct ShutdownEvent: Sendable {}
@@ -93,7 +94,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
     func channelInactive(context: ChannelHandlerContext) {
         // Gone without a close handshake (1006): the client dropped it (the node's own drops
         // are counted where it makes them).
-        self.countClose(code: 1006, byClient: true)
+        self.countClose(code: .abnormalClosure, byClient: true)
         self.leave()
         self.state = .closed
         self.outbox.removeAll()
@@ -105,18 +106,18 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     /// The code of the close frame the node answers a client's close with (1005: none), and
     /// whether it carries a reason (the client's close was broken).
-    static func closeCode(ofReply reply: ByteBuffer) -> (Int, failed: Bool) {
+    static func closeCode(ofReply reply: ByteBuffer) -> (WebSocketErrorCode, failed: Bool) {
         let length = Framing.payloadLength(ofServerFrame: reply)
-        guard length >= 2, let code = reply.getInteger(at: reply.readerIndex + 2, as: UInt16.self) else { return (1005, false) }
-        return (Int(code), length > 2)
+        guard length >= 2, let code = reply.getWebSocketErrorCode(at: reply.readerIndex + 2) else { return (.noStatusReceived, false) }
+        return (code, length > 2)
     }
 
     /// Counts this connection's close once: the first of the client's close, the node's, or
     /// the connection ending without either.
-    private func countClose(code: Int, byClient: Bool) {
+    private func countClose(code: WebSocketErrorCode, byClient: Bool) {
         guard !self.closeCounted else { return }
         self.closeCounted = true
-        self.counters.closes.increment(code: code, byClient: byClient)
+        self.counters.closes.increment(code: Int(UInt16(webSocketErrorCode: code)), byClient: byClient)
     }
 
     /// Stops the timers and leaves the staps channel (both idempotent).
@@ -232,7 +233,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
         ])
         self.outbox.removeAll()
         self.pendingPong = nil
-        self.close(code: 1008, reason: "slow consumer")
+        self.close(code: .policyViolation, reason: "slow consumer")
     }
 
     // MARK: Inbound
@@ -335,13 +336,13 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     /// Starts the closing handshake: what is queued, then the close frame; no more messages in
     /// either direction, and the connection is dropped if the client has not answered in time.
-    func close(code: UInt16, reason: String) {
+    func close(code: WebSocketErrorCode, reason: String) {
         guard self.state == .open, let context = self.context else { return }
         self.state = .closing
         _ = self.machine.startClosing()
-        self.countClose(code: Int(code), byClient: false)
+        self.countClose(code: code, byClient: false)
         self.leave()
-        self.logger.debug("closing websocket", metadata: ["close.code": "\(code)", "close.reason": "\(reason)"])
+        self.logger.debug("closing websocket", metadata: ["close.code": "\(UInt16(webSocketErrorCode: code))", "close.reason": "\(reason)"])
         while let frame = self.outbox.popFirst() {
             context.write(self.wrapOutboundOut(frame), promise: nil)
         }
@@ -364,16 +365,16 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         switch event {
         case is ShutdownEvent:
-            self.close(code: 1001, reason: "server shutting down")
+            self.close(code: .goingAway, reason: "server shutting down")
         case let idle as IdleStateHandler.IdleStateEvent where idle == .read:
             guard self.state == .open, !self.awaitingPong else { return }
             self.awaitingPong = true
             var ping = context.channel.allocator.buffer(capacity: 2)
-            Framing.writeHeader(into: &ping, opcode: Framing.opPing, length: 0)
+            Framing.writeHeader(into: &ping, opcode: .ping, length: 0)
             context.writeAndFlush(self.wrapOutboundOut(ping), promise: nil)
             self.pongTimer?.cancel()
             self.pongTimer = context.eventLoop.assumeIsolated().scheduleTask(in: self.limits.pongTimeout) { [self] in
-                if self.awaitingPong, self.state == .open { self.close(code: 1001, reason: "no pong within the pong timeout") }
+                if self.awaitingPong, self.state == .open { self.close(code: .goingAway, reason: "no pong within the pong timeout") }
             }
         default:
             context.fireUserInboundEventTriggered(event)
@@ -382,7 +383,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         self.logger.debug("websocket error", metadata: ["error": "\(error)"])
-        self.countClose(code: 1006, byClient: false)
+        self.countClose(code: .abnormalClosure, byClient: false)
         context.close(promise: nil)
     }
 }
