@@ -159,7 +159,7 @@ import Testing
         try connection.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
         let handler = WebSocketHandler(id: 1, membership: membership, limits: Limits(), counters: NodeCounters(), logger: testLogger())
         try connection.pipeline.syncOperations.addHandler(handler)  // attaches
-        #expect(membership.entry.loopMask.load(ordering: .relaxed) == 1)
+        #expect(membership.channel.loopMask.load(ordering: .relaxed) == 1)
 
         #expect(hub.publish(channel: "room", payload: ByteBuffer(string: "hi"), isText: true, on: loop) == 2)
         loop.run()
@@ -167,7 +167,7 @@ import Testing
 
         // A failure path leaving first, then the handler's own leave on close: counted out once.
         membership.leave()
-        #expect(membership.entry.loopMask.load(ordering: .relaxed) == 0)
+        #expect(membership.channel.loopMask.load(ordering: .relaxed) == 0)
         #expect(hub.directory.lookup("room")?.1 == 1)
         _ = try connection.finish()
         #expect(hub.directory.lookup("room")?.1 == 1)

@@ -30,7 +30,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// This client's place in its staps channel; the loop hub also keeps its member slot here.
     let membership: Membership
     // The membership's, copied so the hot path reaches them without a hop.
-    private let entry: ChannelEntry
+    private let channel: ActiveChannel
     private let loopHub: LoopHub
     private let limits: Limits
     private let counters: NodeCounters
@@ -72,7 +72,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
         self.mayPublish = permission.mayPublish
         self.receives = permission.mayReceive
         self.membership = membership
-        self.entry = membership.entry
+        self.channel = membership.channel
         self.loopHub = membership.loopHub
         self.limits = limits
         self.counters = counters
@@ -171,7 +171,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
     private func markDirty() {
         if !self.isDirty {
             self.isDirty = true
-            self.loopHub.markDirty(self)
+            self.loopHub.flushAtEndOfTick(self)
         }
     }
 
@@ -257,7 +257,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
         var bytes = bytes
         var budget = Self.workPerTurn
         let allocator = context.channel.allocator
-        if self.loopHub.othersAreBehind, bytes.readableBytes > 0, self.machine.isOpen {
+        if self.loopHub.otherLoopsAreBehind, bytes.readableBytes > 0, self.machine.isOpen {
             return self.pauseReading(holding: bytes, context: context)
         }
         while true {
@@ -280,7 +280,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
                 if self.mayPublish {
                     LoopCounters.add(1, to: stats.websocketMessages)
                     LoopCounters.add(frame.readableBytes &- headerLength, to: stats.bytesReceived)
-                    budget -= self.loopHub.publish(from: self, entry: self.entry, frame: frame, headerLength: headerLength, isText: isText)
+                    budget -= self.loopHub.publish(from: self, channel: self.channel, frame: frame, headerLength: headerLength, isText: isText)
                 } else {
                     LoopCounters.add(1, to: stats.droppedSubscribeOnly)
                     budget -= 1
