@@ -18,7 +18,7 @@ final class InMemoryNode {
     /// - Parameter hook: the authorization hook's transport (with `access.hook`'s settings); nil: no hook.
     init(limits: Limits = Limits(), access: AccessSettings = AccessSettings(), hook: (any HookTransport)? = nil) {
         self.limits = limits
-        self.hub = Hub(eventLoops: [self.loop], link: StandaloneLink(), counters: self.counters, logger: testLogger())
+        self.hub = Hub(eventLoops: [self.loop], link: StandaloneLink(), framing: WebSocketMessageFraming(), counters: self.counters, logger: testLogger())
         let counters = self.counters
         let authorizer = hook.map { Authorizer(settings: access.hook, transport: $0, counters: counters, logger: testLogger()) }
         self.shared = HTTPHandler.Shared(hub: self.hub, limits: limits, counters: self.counters, connectionIDs: .init(0), nodeID: "test", access: access, authorizer: authorizer)

@@ -136,7 +136,7 @@ import Testing
     @Test func leaveCountsOutOnceAndTheLastOneOutUnsubscribes() throws {
         let loop = EmbeddedEventLoop()
         let link = RecordingLink()
-        let hub = Hub(eventLoops: [loop], link: link, counters: NodeCounters(), logger: testLogger())
+        let hub = Hub(eventLoops: [loop], link: link, framing: WebSocketMessageFraming(), counters: NodeCounters(), logger: testLogger())
         let (first, _) = hub.join("room", on: loop)
         let (second, ready) = hub.join("room", on: loop)
         try ready.wait()
@@ -152,7 +152,7 @@ import Testing
 
     @Test func anAttachedClientReceivesUntilItLeaves() throws {
         let loop = EmbeddedEventLoop()
-        let hub = Hub(eventLoops: [loop], link: StandaloneLink(), counters: NodeCounters(), logger: testLogger())
+        let hub = Hub(eventLoops: [loop], link: StandaloneLink(), framing: WebSocketMessageFraming(), counters: NodeCounters(), logger: testLogger())
         let (other, _) = hub.join("room", on: loop)
         let (membership, _) = hub.join("room", on: loop)
         let connection = EmbeddedChannel(loop: loop)

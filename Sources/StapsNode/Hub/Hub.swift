@@ -1,7 +1,6 @@
 import Atomics
 import Logging
 import NIOCore
-import NIOWebSocket
 import StapsCluster
 
 /// The staps channel tables of all event loops, plus the node-wide directory.
@@ -10,6 +9,8 @@ public final class Hub: Sendable, ClusterReceiver {
     let loops: [LoopHub]
     private let loopIndex: [ObjectIdentifier: Int]
     let link: any ClusterLink
+    /// Frames what arrives unframed: POST bodies, messages from other nodes.
+    private let framing: any MessageFraming
     let counters: NodeCounters
     let logger: Logger
     /// When the next cross-loop drop warning may be logged (uptime nanoseconds).
@@ -27,9 +28,10 @@ public final class Hub: Sendable, ClusterReceiver {
     private let backlogFromCluster = ManagedAtomic<Int>(0)
     public var clusterBacklogBytes: Int { self.backlogFromCluster.load(ordering: .relaxed) }
 
-    init(eventLoops: [EventLoop], link: any ClusterLink, counters: NodeCounters, logger: Logger) {
+    init(eventLoops: [EventLoop], link: any ClusterLink, framing: any MessageFraming, counters: NodeCounters, logger: Logger) {
         precondition(eventLoops.count <= 64, "at most 64 event loops")
         self.link = link
+        self.framing = framing
         self.counters = counters
         self.logger = logger
         self.directory = ChannelDirectory(link: link)
@@ -85,8 +87,8 @@ public final class Hub: Sendable, ClusterReceiver {
             loopHub.counters.fanout.record(0)
             return 0
         }
-        let frame = Framing.frame(opcode: isText ? .text : .binary, payload: payload, allocator: loopHub.allocator)
-        loopHub.publish(from: nil, channel: channel, frame: frame, headerLength: frame.readableBytes - payload.readableBytes, isText: isText)
+        let message = self.framing.frame(payload, isText: isText, allocator: loopHub.allocator)
+        loopHub.publish(message, to: channel, isText: isText, from: nil, connectionID: 0)
         return clients
     }
 
@@ -94,12 +96,12 @@ public final class Hub: Sendable, ClusterReceiver {
     public func deliverFromCluster(_ batch: [ClusterMessage]) {
         guard !batch.isEmpty else { return }
         let channels = self.directory.channels(named: batch.lazy.map(\.channel))
-        var batchesForLoops = [[(ActiveChannel, ByteBuffer)]](repeating: [], count: self.loops.count)
+        var batchesForLoops = [[LoopHub.Delivery]](repeating: [], count: self.loops.count)
         var batchBytesForLoops = [Int](repeating: 0, count: self.loops.count)
         let allocator = ByteBufferAllocator()
         var unmatched = 0
         defer { if unmatched > 0 { self.counters.clusterUnmatched.wrappingIncrement(by: unmatched, ordering: .relaxed) } }
-        for (message, channel) in zip(batch, channels) {
+        for (received, channel) in zip(batch, channels) {
             guard let channel else {
                 unmatched += 1
                 continue
@@ -110,11 +112,11 @@ public final class Hub: Sendable, ClusterReceiver {
                 continue
             }
             self.counters.clusterFanout.record(channel.receivers.load(ordering: .relaxed))
-            let frame = Framing.frame(opcode: message.isText ? .text : .binary, payload: message.payload, allocator: allocator)
+            let message = self.framing.frame(received.payload, isText: received.isText, allocator: allocator)
             while mask != 0 {
                 let i = mask.trailingZeroBitCount
-                batchesForLoops[i].append((channel, frame))
-                batchBytesForLoops[i] += frame.readableBytes
+                batchesForLoops[i].append((channel, message))
+                batchBytesForLoops[i] += message.bytes.readableBytes
                 mask &= mask - 1
             }
         }

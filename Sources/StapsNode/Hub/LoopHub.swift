@@ -32,19 +32,39 @@ final class LoopHub: @unchecked Sendable {
     /// This loop's receivers, by the identity of their `ActiveChannel`.
     private var receiversByChannel: [ObjectIdentifier: LocalReceivers] = [:]
     /// Receivers with writes queued this tick, flushed once at its end.
-    private var receiversToFlush: [WebSocketHandler] = []
+    private var receiversToFlush: [any ChannelReceiver] = []
     /// Per other loop: the messages for its receivers queued this tick, and their bytes.
-    private var batchesForLoops: [[(ActiveChannel, ByteBuffer)]]
+    private var batchesForLoops: [[Delivery]]
     private var batchBytesForLoops: [Int]
     /// Messages from this loop's clients for the other nodes, handed to the link at the tick's end.
     private var messagesForCluster: [ClusterMessage] = []
     private var tickScheduled = false
 
-    /// The receivers of one staps channel on this loop.
+    /// One message for the receivers of one channel on another loop.
+    typealias Delivery = (channel: ActiveChannel, message: FramedMessage)
+
+    /// The receivers of one staps channel on this loop: an array the hot path walks, and where
+    /// each one sits in it, so that any of them leaves in O(1).
     final class LocalReceivers {
         let channel: ActiveChannel
-        var receivers: ContiguousArray<WebSocketHandler> = []
+        private(set) var receivers: ContiguousArray<any ChannelReceiver> = []
+        private var positions: [ObjectIdentifier: Int] = [:]
+
         init(channel: ActiveChannel) { self.channel = channel }
+
+        func append(_ receiver: any ChannelReceiver) {
+            self.positions[ObjectIdentifier(receiver)] = self.receivers.count
+            self.receivers.append(receiver)
+        }
+
+        /// Removes `receiver`; the last one moves into its place.
+        func remove(_ receiver: ObjectIdentifier) {
+            guard let position = self.positions.removeValue(forKey: receiver) else { return }
+            let last = self.receivers.removeLast()
+            guard position < self.receivers.count else { return }
+            self.receivers[position] = last
+            self.positions[ObjectIdentifier(last)] = position
+        }
     }
 
     init(eventLoop: EventLoop, index: Int, loopCount: Int, clustered: Bool) {
@@ -57,8 +77,8 @@ final class LoopHub: @unchecked Sendable {
     }
 
     /// Adds `receiver` to the receivers of `channel` on this loop (for `Membership.attach(_:)`).
-    /// From now on it receives every message; returns its list and its slot in it.
-    func add(_ receiver: WebSocketHandler, to channel: ActiveChannel) -> (LocalReceivers, slot: Int) {
+    /// From now on it receives every message; returns the list it is in.
+    func add(_ receiver: any ChannelReceiver, to channel: ActiveChannel) -> LocalReceivers {
         self.eventLoop.assertInEventLoop()
         let key = ObjectIdentifier(channel)
         let local: LocalReceivers
@@ -69,23 +89,17 @@ final class LoopHub: @unchecked Sendable {
             self.receiversByChannel[key] = local
             _ = channel.loopMask.loadThenBitwiseOr(with: self.loopBit, ordering: .sequentiallyConsistent)
         }
-        local.receivers.append(receiver)
+        local.append(receiver)
         channel.receivers.wrappingIncrement(ordering: .relaxed)
         LoopCounters.add(1, to: self.counters.websocketClients)
-        return (local, local.receivers.count - 1)
+        return local
     }
 
-    /// Removes the receiver at `slot` of `local` (for `Membership.leave()`): the last receiver
-    /// moves into its place, and the loop's last receiver clears the loop's bit.
-    func remove(slot: Int, from local: LocalReceivers) {
+    /// Removes `receiver` from `local` (for `Membership.leave()`); the loop's last receiver of
+    /// the channel clears the loop's bit.
+    func remove(_ receiver: ObjectIdentifier, from local: LocalReceivers) {
         self.eventLoop.assertInEventLoop()
-        let last = local.receivers.count - 1
-        if slot != last {
-            let moved = local.receivers[last]
-            local.receivers[slot] = moved
-            moved.membership.slot = slot
-        }
-        local.receivers.removeLast()
+        local.remove(receiver)
         local.channel.receivers.wrappingDecrement(ordering: .relaxed)
         LoopCounters.add(-1, to: self.counters.websocketClients)
         if local.receivers.isEmpty {
@@ -94,37 +108,36 @@ final class LoopHub: @unchecked Sendable {
         }
     }
 
-    /// The hot path: hands one framed message to every receiver on this loop but the sender,
-    /// queues it once for every other loop with receivers, and once for the cluster.
+    /// The hot path: hands one framed message to every receiver on this loop but the sender's
+    /// own (`sender`, when it is one), queues it once for every other loop with receivers, and
+    /// once for the cluster (`connectionID` 0 for a POST).
     ///
     /// - Returns: the work it made here: one per local receiver and per other loop, plus one.
     @inline(__always) @discardableResult
-    func publish(from sender: WebSocketHandler?, channel: ActiveChannel, frame: ByteBuffer, headerLength: Int, isText: Bool) -> Int {
+    func publish(_ message: FramedMessage, to channel: ActiveChannel, isText: Bool, from sender: ObjectIdentifier?, connectionID: UInt64) -> Int {
         var work = 1
         // Receivers node-wide, the sender excluded when it is one (a publish-only client is
         // not; a POST has no sender).
-        let receivers = channel.receivers.load(ordering: .relaxed) &- (sender?.receives == true ? 1 : 0)
-        self.counters.fanout.record(receivers)
+        self.counters.fanout.record(channel.receivers.load(ordering: .relaxed) &- (sender == nil ? 0 : 1))
         if let local = self.receiversByChannel[ObjectIdentifier(channel)] {
             work &+= local.receivers.count
             var reached = 0
-            for receiver in local.receivers where receiver !== sender {
-                if receiver.enqueue(frame) { reached &+= 1 }
+            for receiver in local.receivers where ObjectIdentifier(receiver) != sender {
+                if receiver.enqueue(message) { reached &+= 1 }
             }
             LoopCounters.add(reached, to: self.counters.messagesDelivered)
-            LoopCounters.add(reached &* (frame.readableBytes &- headerLength), to: self.counters.bytesDelivered)
+            LoopCounters.add(reached &* message.payloadLength, to: self.counters.bytesDelivered)
         }
         var mask = channel.loopMask.load(ordering: .sequentiallyConsistent) & ~self.loopBit
         while mask != 0 {
             let i = mask.trailingZeroBitCount
-            self.batchesForLoops[i].append((channel, frame))
-            self.batchBytesForLoops[i] &+= frame.readableBytes
+            self.batchesForLoops[i].append((channel, message))
+            self.batchBytesForLoops[i] &+= message.bytes.readableBytes
             mask &= mask - 1
             work &+= 1
         }
         if self.clustered {
-            let payload = frame.getSlice(at: frame.readerIndex + headerLength, length: frame.readableBytes - headerLength)!
-            self.messagesForCluster.append(ClusterMessage(channel: channel.name, payload: payload, isText: isText, connectionID: sender?.id ?? 0))
+            self.messagesForCluster.append(ClusterMessage(channel: channel.name, payload: message.payload, isText: isText, connectionID: connectionID))
         }
         self.scheduleTick()
         return work
@@ -137,7 +150,7 @@ final class LoopHub: @unchecked Sendable {
 
     /// `receiver` has writes queued: it is flushed once at the end of this loop tick.
     @inline(__always)
-    func flushAtEndOfTick(_ receiver: WebSocketHandler) {
+    func flushAtEndOfTick(_ receiver: any ChannelReceiver) {
         self.receiversToFlush.append(receiver)
         self.scheduleTick()
     }
@@ -191,21 +204,21 @@ final class LoopHub: @unchecked Sendable {
 
     private func flushReceivers() {
         guard !self.receiversToFlush.isEmpty else { return }
-        for receiver in self.receiversToFlush { receiver.flushPending() }
+        for receiver in self.receiversToFlush { receiver.flushQueued() }
         self.receiversToFlush.removeAll(keepingCapacity: true)
     }
 
     /// A batch from another loop or the cluster: deliver to this loop's receivers, flush once,
     /// and take the batch's `bytes` off the `backlog` they were counted in.
-    func deliver(_ batch: [(ActiveChannel, ByteBuffer)], releasing bytes: Int, of backlog: ManagedAtomic<Int>) {
+    func deliver(_ batch: [Delivery], releasing bytes: Int, of backlog: ManagedAtomic<Int>) {
         var reached = 0
         var payloadBytes = 0
-        for (channel, frame) in batch {
+        for (channel, message) in batch {
             guard let local = self.receiversByChannel[ObjectIdentifier(channel)] else { continue }
             var n = 0
-            for receiver in local.receivers where receiver.enqueue(frame) { n &+= 1 }
+            for receiver in local.receivers where receiver.enqueue(message) { n &+= 1 }
             reached &+= n
-            payloadBytes &+= n &* Framing.payloadLength(ofServerFrame: frame)
+            payloadBytes &+= n &* message.payloadLength
         }
         LoopCounters.add(reached, to: self.counters.messagesDelivered)
         LoopCounters.add(payloadBytes, to: self.counters.bytesDelivered)

@@ -77,3 +77,12 @@ extension WebSocketErrorCode {
     static var noStatusReceived: WebSocketErrorCode { .unknown(1005) }
     static var abnormalClosure: WebSocketErrorCode { .unknown(1006) }
 }
+
+/// How the hub frames the messages that arrive unframed (POST bodies, other nodes' messages):
+/// as one text or binary websocket frame.
+struct WebSocketMessageFraming: MessageFraming {
+    func frame(_ payload: ByteBuffer, isText: Bool, allocator: ByteBufferAllocator) -> FramedMessage {
+        let bytes = Framing.frame(opcode: isText ? .text : .binary, payload: payload, allocator: allocator)
+        return FramedMessage(bytes: bytes, headerLength: bytes.readableBytes &- payload.readableBytes)
+    }
+}

@@ -14,7 +14,7 @@ struct ShutdownEvent: Sendable {}
 /// authorization hook allowed narrows it: a publish-only client is never attached (it receives
 /// nothing, at no cost to anyone's hot path); a subscribe-only client's messages are dropped
 /// and counted after the state machine has checked them (one Bool per message).
-final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
+final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler, ChannelReceiver {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
@@ -27,10 +27,9 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
     static let pause = TimeAmount.microseconds(500)
 
     let id: UInt64
-    /// This client's place in its staps channel; the loop hub also keeps its member slot here.
+    /// This client's place in its staps channel.
     let membership: Membership
-    // The membership's, copied so the hot path reaches them without a hop.
-    private let channel: ActiveChannel
+    /// The membership's, copied so the hot path reaches it without a hop.
     private let loopHub: LoopHub
     private let limits: Limits
     private let counters: NodeCounters
@@ -39,8 +38,6 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
     let permission: Permission
     /// `permission.mayPublish`, read per message.
     private let mayPublish: Bool
-    /// `permission.mayReceive`: attached to its channel, so one of its receivers.
-    let receives: Bool
 
     private var context: ChannelHandlerContext!
     private var machine: WebSocketStateMachine
@@ -70,9 +67,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
         self.id = id
         self.permission = permission
         self.mayPublish = permission.mayPublish
-        self.receives = permission.mayReceive
         self.membership = membership
-        self.channel = membership.channel
         self.loopHub = membership.loopHub
         self.limits = limits
         self.counters = counters
@@ -133,7 +128,8 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// Queues a framed message; the hub flushes once per tick. False when it was not queued
     /// (the receiver is closing, or is closed for it now as a slow consumer).
     @inline(__always) @discardableResult
-    func enqueue(_ frame: ByteBuffer) -> Bool {
+    func enqueue(_ message: FramedMessage) -> Bool {
+        let frame = message.bytes
         guard self.state == .open else { return false }
         let context = self.context!
         if !context.channel.isWritable {
@@ -183,7 +179,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     /// Hands NIO what it will take (whole frames, until it is over the send buffer) and flushes.
-    func flushPending() {
+    func flushQueued() {
         self.isDirty = false
         guard let context = self.context, self.state != .closed else { return }
         let connection = context.channel
@@ -200,7 +196,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
         if context.channel.isWritable {
-            self.flushPending()
+            self.flushQueued()
             if self.outbox.isEmpty, self.pendingPong == nil {
                 self.slowTimer?.cancel()
                 self.slowTimer = nil
@@ -280,7 +276,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler {
                 if self.mayPublish {
                     LoopCounters.add(1, to: stats.websocketMessages)
                     LoopCounters.add(frame.readableBytes &- headerLength, to: stats.bytesReceived)
-                    budget -= self.loopHub.publish(from: self, channel: self.channel, frame: frame, headerLength: headerLength, isText: isText)
+                    budget -= self.membership.publish(FramedMessage(bytes: frame, headerLength: headerLength), isText: isText, connectionID: self.id)
                 } else {
                     LoopCounters.add(1, to: stats.droppedSubscribeOnly)
                     budget -= 1
