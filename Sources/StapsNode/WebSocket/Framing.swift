@@ -31,6 +31,14 @@ public enum Framing {
         return frame.readableBytes - header
     }
 
+    /// The code of a close frame made here (1005 when it has none), and whether it carries a
+    /// reason (the node's answer to a broken close does).
+    static func closeCode(ofServerFrame frame: ByteBuffer) -> (WebSocketErrorCode, hasReason: Bool) {
+        let length = payloadLength(ofServerFrame: frame)
+        guard length >= 2, let code = frame.getWebSocketErrorCode(at: frame.readerIndex + 2) else { return (.noStatusReceived, false) }
+        return (code, length > 2)
+    }
+
     /// A complete frame holding `payload` as it is.
     public static func frame(opcode: WebSocketOpcode, payload: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer {
         var out = allocator.buffer(capacity: headerLength(payload: payload.readableBytes) + payload.readableBytes)
