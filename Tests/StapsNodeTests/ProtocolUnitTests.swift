@@ -175,4 +175,33 @@ import Testing
         other.leave()
         #expect(hub.directory.lookup("room") == nil)
     }
+
+    /// A receiver that records what the hub hands it.
+    final class RecordingReceiver: ChannelReceiver {
+        var received: [String] = []
+        var flushes = 0
+        func enqueue(_ message: FramedMessage) -> Bool {
+            self.received.append(String(buffer: message.payload))
+            return true
+        }
+        func flushQueued() { self.flushes += 1 }
+    }
+
+    @Test func receiversLeaveInAnyOrderAndTheRestStillReceiveButNotTheirOwn() throws {
+        let loop = EmbeddedEventLoop()
+        let hub = Hub(eventLoops: [loop], link: StandaloneLink(), framing: WebSocketMessageFraming(), counters: NodeCounters(), logger: testLogger())
+        let clients = (0..<4).map { _ in (hub.join("room", on: loop).0, RecordingReceiver()) }
+        for (membership, receiver) in clients { membership.attach(receiver) }
+        clients[0].0.leave()  // the last moves into the first's place
+        clients[3].0.leave()  // it leaves from there
+        let message = WebSocketMessageFraming().frame(ByteBuffer(string: "m"), isText: true, allocator: ByteBufferAllocator())
+        #expect(clients[1].0.publish(message, isText: true, connectionID: 1) == 3)  // itself and one other
+        loop.run()
+        #expect(clients.map(\.1.received) == [[], [], ["m"], []])
+        #expect(clients.map(\.1.flushes) == [0, 0, 0, 0], "a receiver asks for its flush; this one never did")
+        #expect(hub.publish(channel: "room", payload: ByteBuffer(string: "p"), isText: true, on: loop) == 2)
+        #expect(clients.map(\.1.received) == [[], ["p"], ["m", "p"], []])
+        for (membership, _) in clients { membership.leave() }
+        #expect(hub.directory.lookup("room") == nil)
+    }
 }
