@@ -75,7 +75,7 @@ public final class Node: Sendable {
             self.group = MultiThreadedEventLoopGroup(numberOfThreads: min(System.coreCount, 64))
             self.ownsGroup = true
         }
-        self.hub = Hub(eventLoops: Array(self.group.makeIterator()), link: link, counters: self.counters, logger: logger)
+        self.hub = Hub(eventLoops: Array(self.group.makeIterator()), link: link, framing: WebSocketMessageFraming(), counters: self.counters, logger: logger)
         self.metrics = NodeMetrics(NodeMetrics.Sources(hub: self.hub, counters: self.counters, link: link, hooked: configuration.access.hook.url != nil))
         self.metricsServer = MetricsServer(metrics: self.metrics, group: self.group)
         self.memoryTrimmer = MemoryTrimmer(hub: self.hub, counters: self.counters, connections: self.connections)
