@@ -344,7 +344,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if event is ShutdownEvent {
+        if event is ChannelShouldQuiesceEvent {
             self.shuttingDown = true
             // Idle between keep-alive requests: done. Not asked anything yet: wait for the request.
             if case .idle = self.state, self.responses > 0, !self.responding, self.held.isEmpty { context.close(promise: nil) }
