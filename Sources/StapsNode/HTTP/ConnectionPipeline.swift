@@ -1,3 +1,4 @@
+import Atomics
 import Logging
 import NIOCore
 import NIOHTTP1
@@ -25,6 +26,20 @@ enum ConnectionPipeline {
         try ops.addHandler(RequestLineLimit(limit: Self.maxHeadBytes, nodeID: shared.nodeID))
         try ops.addHandler(decoder)
         try ops.addHandler(HTTPHandler(shared: shared, overConnectionLimit: overConnectionLimit, encoder: encoder, decoder: decoder, logger: logger))
+    }
+}
+
+extension HTTPHandler {
+    /// What every connection's HTTP handler is given: the node's parts and settings.
+    struct Shared: Sendable {
+        let hub: Hub
+        let limits: Limits
+        let counters: NodeCounters
+        let connectionIDs: ManagedAtomic<UInt64>
+        let nodeID: String
+        var access = AccessSettings()
+        /// Asks the authorization hook; nil when `auth_url` is not set.
+        var authorizer: Authorizer? = nil
     }
 }
 
