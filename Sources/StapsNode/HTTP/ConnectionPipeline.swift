@@ -43,8 +43,8 @@ extension HTTPHandler {
     }
 }
 
-/// Answers 414 when a connection's first request line runs past the head limit (the decoder
-/// alone would say 431), and steps aside at that line's end.
+/// Answers 414 when a connection's first request line runs past the head limit, and steps aside
+/// at that line's end. Hand-written: NIO's decoder alone reports it as a header overflow (431).
 final class RequestLineLimit: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
@@ -79,6 +79,7 @@ final class RequestLineLimit: ChannelInboundHandler, RemovableChannelHandler {
         ])
         context.write(self.wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .uriTooLong, headers: headers))), promise: nil)
         context.write(self.wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
+        // Written on the connection's loop, so its future completes there.
         context.writeAndFlush(self.wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in context.close(promise: nil) }
     }
 }

@@ -41,6 +41,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var isHooked: Bool { self.shared.access.hook.url != nil }
     /// One deadline from accept until the request is complete and answered (head, body and
     /// response, whatever the state of reading); re-armed for the next keep-alive request.
+    /// Hand-written: NIO's `IdleStateHandler` times silence, which a byte a second defeats.
     private var requestTimer: Scheduled<Void>?
     private var requestDeadline = NIODeadline.now()
     private let hookWait = HookWait()
