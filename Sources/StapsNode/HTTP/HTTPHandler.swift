@@ -165,14 +165,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func post(_ head: HTTPRequestHead, channel: String, body: ByteBuffer, context: ChannelHandlerContext) {
-        let contentType = head.headers.first(name: "content-type")?.lowercased() ?? ""
-        let isText = contentType.hasPrefix("text/")
-        if isText, !UTF8Validation.isValid(body) {
-            return self.respond(head, Refusal(status: .badRequest, reason: "text/* body is not valid UTF-8"), context: context)
-        }
-        guard body.readableBytes > 0 else {
-            return self.respond(head, Refusal(status: .badRequest, reason: "empty body: empty messages are not relayed"), context: context)
-        }
+        let (isText, refusal) = RequestRoute.publication(of: body, head)
+        if let refusal { return self.respond(head, refusal, context: context) }
         let receivers = self.shared.hub.publish(channel: channel, payload: body, isText: isText, on: context.eventLoop)
         let json = "{\"channel\":\"\(Page.jsonEscaped(channel))\",\"receivers\":\(receivers)}\n"
         self.writeResponse(context: context, head: head, status: .accepted, contentType: "application/json", body: json, keepAlive: head.isKeepAlive)
@@ -244,13 +238,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                     membership.leave()
                     return self.reject(head, Self.shuttingDownRefusal, context: context)
                 }
-                do {
-                    try upgrade.switchProtocols(context, codec: [self.decoder, self.encoder], membership: membership, id: id, permission: permission, shared: self.shared, logger: self.logger)
-                } catch {
-                    membership.leave()
-                    self.logger.warning("websocket upgrade failed", metadata: ["error": "\(error)"])
-                    context.close(promise: nil)
-                }
+                upgrade.switchProtocols(context, codec: [self.decoder, self.encoder], membership: membership, id: id, permission: permission, shared: self.shared, logger: self.logger)
             case .failure(let error):
                 membership.leave()
                 self.logger.warning("the channel's cluster binding failed", metadata: ["error": "\(error)"])

@@ -1,3 +1,4 @@
+import NIOCore
 import NIOHTTP1
 
 /// An error answer: its status, the one-line reason that is its body, and whether it closes
@@ -53,6 +54,16 @@ enum RequestRoute {
             return .refuse(Self.tooLarge(maxMessageSize))
         }
         return .post(channel: name)
+    }
+
+    /// How a POST's complete body is published: as text when its `Content-Type` is `text/*`
+    /// (then it must be UTF-8), else binary; empty messages are not relayed.
+    static func publication(of body: ByteBuffer, _ head: HTTPRequestHead) -> (isText: Bool, refusal: Refusal?) {
+        let isText = head.headers.first(name: "content-type")?.lowercased().hasPrefix("text/") ?? false
+        if isText, !UTF8Validation.isValid(body) {
+            return (isText, Refusal(status: .badRequest, reason: "text/* body is not valid UTF-8"))
+        }
+        return (isText, body.readableBytes > 0 ? nil : Refusal(status: .badRequest, reason: "empty body: empty messages are not relayed"))
     }
 
     /// 413, as soon as it is known (`Content-Length`, or the chunk that passes the limit).
