@@ -210,7 +210,7 @@ final class ScriptedHook: HookTransport {
         try node.send(upgrade, upgradeRequest("/room"))
         let post = try node.connect()
         try node.send(post, "POST /room HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
-        for c in [upgrade, post] { c.pipeline.fireUserInboundEventTriggered(ShutdownEvent()) }
+        for c in [upgrade, post] { c.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent()) }
         node.loop.run()
         let refused = try node.output(upgrade)
         #expect(statusLines(refused) == ["HTTP/1.1 503 Service Unavailable"] && refused.hasSuffix("server shutting down\n"), "\(refused)")

@@ -244,7 +244,7 @@ public final class Node: Sendable {
         // its request (an accepted request is answered, not dropped).
         await self.drainEventLoops()
         for connection in self.connections.all {
-            connection.pipeline.fireUserInboundEventTriggered(ShutdownEvent())
+            connection.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent())
         }
         let deadline = NIODeadline.now() + self.configuration.limits.shutdownTimeout
         let left = await self.connections.waitUntilClosed(by: deadline, on: self.group.next())

@@ -2,9 +2,6 @@ import Logging
 import NIOCore
 import NIOWebSocket
 
-/// Sent down the pipeline when the node shuts down: websockets close with 1001.
-struct ShutdownEvent: Sendable {}
-
 /// One websocket client on the event loop: feeds its bytes to its `WebSocketStateMachine`,
 /// relays its messages through the hub, and writes what others send it through its
 /// `OutboundWriter`, bounded by its send buffer. To the hub it is a `ChannelReceiver`.
@@ -327,7 +324,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler, Ch
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         switch event {
-        case is ShutdownEvent:
+        case is ChannelShouldQuiesceEvent:  // the node is stopping
             self.close(code: .goingAway, reason: "server shutting down")
         case let idle as IdleStateHandler.IdleStateEvent where idle == .read:
             guard self.isOpen, !self.awaitingPong else { return }
