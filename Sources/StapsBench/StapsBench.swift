@@ -429,30 +429,26 @@ struct ChurnWorker: Sendable {
         return true
     }
 
+    /// A blocking socket connected to `endpoint` (TCP_NODELAY over TCP), or -1.
     static func connect(_ endpoint: Endpoint) -> Int32 {
+        let address: SocketAddress
+        let fd: Int32
         switch endpoint {
         case .unix(let path):
-            let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-            var addr = sockaddr_un()
-            addr.sun_family = sa_family_t(AF_UNIX)
-            withUnsafeMutableBytes(of: &addr.sun_path) { dst in
-                for (i, b) in path.utf8.prefix(dst.count - 1).enumerated() { dst[i] = b }
-            }
-            let r = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
-            if r != 0 { close(fd); return -1 }
-            return fd
+            guard let a = try? SocketAddress(unixDomainSocketPath: path) else { return -1 }
+            (address, fd) = (a, socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0))
         case .tcp(let host, let port):
-            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            guard let a = try? SocketAddress(ipAddress: host, port: port) else { return -1 }
+            (address, fd) = (a, socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0))
             var one: Int32 = 1
             setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
-            var addr = sockaddr_in()
-            addr.sin_family = sa_family_t(AF_INET)
-            addr.sin_port = in_port_t(UInt16(port).bigEndian)
-            inet_pton(AF_INET, host, &addr.sin_addr)
-            let r = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-            if r != 0 { close(fd); return -1 }
-            return fd
         }
+        guard fd >= 0 else { return -1 }
+        guard address.withSockAddr({ Glibc.connect(fd, $0, socklen_t($1)) }) == 0 else {
+            close(fd)
+            return -1
+        }
+        return fd
     }
 }
 
