@@ -150,36 +150,7 @@ final class LinkWorker: @unchecked Sendable {
                 waitForRoom = true
             }
         }
-        if !(reading && consumer.hasBufferedInput) && !publisher.hasBufferedInput {
-            // The publish connection carries confirms, heartbeats and rare notices: read every
-            // 100 ms (housekeeping), not woken for each ack, which measured here cost the event
-            // loops latency on two cores; woken only when many publishes await their confirms.
-            let urgentAcks = self.confirms.outstanding > self.maxUnconfirmed / 2
-            var fds = [
-                pollfd(fd: self.handoff.wakeFD, events: Int16(POLLIN), revents: 0),
-                pollfd(fd: consumer.fileDescriptor, events: reading ? Int16(POLLIN) : 0, revents: 0),
-                pollfd(fd: publisher.fileDescriptor, events: urgentAcks ? Int16(POLLIN) : 0, revents: 0),
-            ]
-            var timeout = reading ? Self.millisUntil(self.nextHousekeeping, cap: 100) + 1 : 5
-            // Waiting for the broker to take what was written, or for the publish window.
-            if mayPublish && !publishDue { timeout = min(timeout, waitForRoom ? 5 : Self.millisUntil(self.nextPublish, cap: 5) + 1) }
-            self.handoff.sleeping.store(true, ordering: .sequentiallyConsistent)
-            if self.handoff.hasWork(publishes: publishDue) {
-                self.handoff.sleeping.store(false, ordering: .sequentiallyConsistent)
-            } else {
-                _ = poll(&fds, 3, Int32(timeout))
-                self.handoff.sleeping.store(false, ordering: .sequentiallyConsistent)
-                let now = NIODeadline.now()
-                if fds[0].revents != 0 { self.handoff.drainWakeFD() }
-                if fds[1].revents & Int16(POLLIN) != 0 { self.lastHeardConsumer = now }
-                if fds[2].revents & Int16(POLLIN) != 0 {
-                    self.lastHeardPublisher = now
-                    try self.readPublisher(publisher)
-                }
-            }
-        } else if publisher.hasBufferedInput {
-            try self.readPublisher(publisher)
-        }
+        try self.waitForWork(consumer, publisher, reading: reading, mayPublish: mayPublish, publishDue: publishDue, waitForRoom: waitForRoom)
         let now = NIODeadline.now()
         let tls = self.broker.tls
         let taken = self.handoff.take(publishBytes: publishDue ? budget : 0, overhead: tls ? Self.wireOverhead : 0,
@@ -215,6 +186,41 @@ final class LinkWorker: @unchecked Sendable {
             if publisher.hasInput { self.lastHeardPublisher = now }
             try self.readPublisher(publisher)
             try self.checkLiveness(now: now, reading: reading)
+        }
+    }
+
+    /// Sleeps in poll until the handoff, a socket or a deadline has something, unless input is
+    /// already buffered; reads the publish connection when it speaks.
+    private func waitForWork(_ consumer: AMQPConnection, _ publisher: AMQPConnection, reading: Bool, mayPublish: Bool, publishDue: Bool, waitForRoom: Bool) throws(BrokerError) {
+        if !(reading && consumer.hasBufferedInput) && !publisher.hasBufferedInput {
+            // The publish connection carries confirms, heartbeats and rare notices: read every
+            // 100 ms (housekeeping), not woken for each ack, which measured here cost the event
+            // loops latency on two cores; woken only when many publishes await their confirms.
+            let urgentAcks = self.confirms.outstanding > self.maxUnconfirmed / 2
+            var fds = [
+                pollfd(fd: self.handoff.wakeFD, events: Int16(POLLIN), revents: 0),
+                pollfd(fd: consumer.fileDescriptor, events: reading ? Int16(POLLIN) : 0, revents: 0),
+                pollfd(fd: publisher.fileDescriptor, events: urgentAcks ? Int16(POLLIN) : 0, revents: 0),
+            ]
+            var timeout = reading ? Self.millisUntil(self.nextHousekeeping, cap: 100) + 1 : 5
+            // Waiting for the broker to take what was written, or for the publish window.
+            if mayPublish && !publishDue { timeout = min(timeout, waitForRoom ? 5 : Self.millisUntil(self.nextPublish, cap: 5) + 1) }
+            self.handoff.sleeping.store(true, ordering: .sequentiallyConsistent)
+            if self.handoff.hasWork(publishes: publishDue) {
+                self.handoff.sleeping.store(false, ordering: .sequentiallyConsistent)
+            } else {
+                _ = poll(&fds, 3, Int32(timeout))
+                self.handoff.sleeping.store(false, ordering: .sequentiallyConsistent)
+                let now = NIODeadline.now()
+                if fds[0].revents != 0 { self.handoff.drainWakeFD() }
+                if fds[1].revents & Int16(POLLIN) != 0 { self.lastHeardConsumer = now }
+                if fds[2].revents & Int16(POLLIN) != 0 {
+                    self.lastHeardPublisher = now
+                    try self.readPublisher(publisher)
+                }
+            }
+        } else if publisher.hasBufferedInput {
+            try self.readPublisher(publisher)
         }
     }
 

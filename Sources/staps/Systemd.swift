@@ -17,6 +17,8 @@ public enum Systemd {
         let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { return false }
         defer { close(fd) }
+        // By hand, not NIO's SocketAddress: the address may be abstract (a leading NUL, and a
+        // length that counts no trailing one), which SocketAddress(unixDomainSocketPath:) cannot say.
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
         var path = Array(target.utf8)

@@ -210,7 +210,7 @@ final class ScriptedHook: HookTransport {
         try node.send(upgrade, upgradeRequest("/room"))
         let post = try node.connect()
         try node.send(post, "POST /room HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
-        for c in [upgrade, post] { c.pipeline.fireUserInboundEventTriggered(ShutdownEvent()) }
+        for c in [upgrade, post] { c.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent()) }
         node.loop.run()
         let refused = try node.output(upgrade)
         #expect(statusLines(refused) == ["HTTP/1.1 503 Service Unavailable"] && refused.hasSuffix("server shutting down\n"), "\(refused)")
@@ -257,19 +257,19 @@ final class ScriptedHook: HookTransport {
         let full = try Self.websocket(node, hook, "/room")
         let reader = try Self.websocket(node, hook, "/room", .subscribe)
         let writer = try Self.websocket(node, hook, "/room", .publish)
-        try node.send(reader, clientFrame(Framing.opText, Array("from reader".utf8)))
+        try node.send(reader, clientFrame(.text, Array("from reader".utf8)))
         #expect(try node.outputBytes(full).isEmpty && node.outputBytes(writer).isEmpty)
         #expect(node.hub.loops[0].counters.droppedSubscribeOnly.load(ordering: .relaxed) == 1)
         #expect(reader.isActive, "the connection stays open")
-        try node.send(writer, clientFrame(Framing.opText, Array("w".utf8)))
+        try node.send(writer, clientFrame(.text, Array("w".utf8)))
         #expect(try node.outputBytes(full) == [0x81, 1, 0x77] && node.outputBytes(reader) == [0x81, 1, 0x77])
-        try node.send(full, clientFrame(Framing.opBinary, [1, 2]))
+        try node.send(full, clientFrame(.binary, [1, 2]))
         #expect(try node.outputBytes(reader) == [0x82, 2, 1, 2])
         #expect(try node.outputBytes(writer).isEmpty, "publish-only receives nothing")
         #expect(node.hub.directory.lookup("room")?.1 == 3, "all three are the channel's clients")
         #expect(node.hub.messagesReceived.websocket == 2)
         // The state machine still judges what a subscribe-only client sends.
-        try node.send(reader, clientFrame(Framing.opText, [0xFF]))
+        try node.send(reader, clientFrame(.text, [0xFF]))
         let closing = try node.outputBytes(reader)
         #expect(closing.count >= 4 && closing[0] == 0x88 && closing[2] == 0x03 && closing[3] == 0xEF, "1007")
     }

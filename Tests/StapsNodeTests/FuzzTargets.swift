@@ -290,7 +290,7 @@ public enum FuzzTargets {
 
         init() {
             let counters = NodeCounters()
-            self.hub = Hub(eventLoops: [self.loop], link: StandaloneLink(), counters: counters, logger: FuzzTargets.logger)
+            self.hub = Hub(eventLoops: [self.loop], link: StandaloneLink(), framing: WebSocketMessageFraming(), counters: counters, logger: FuzzTargets.logger)
             self.shared = HTTPHandler.Shared(hub: self.hub, limits: FuzzTargets.limits, counters: counters, connectionIDs: ManagedAtomic(0), nodeID: "fuzz")
         }
 

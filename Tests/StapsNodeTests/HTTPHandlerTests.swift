@@ -18,7 +18,7 @@ final class InMemoryNode {
     /// - Parameter hook: the authorization hook's transport (with `access.hook`'s settings); nil: no hook.
     init(limits: Limits = Limits(), access: AccessSettings = AccessSettings(), hook: (any HookTransport)? = nil) {
         self.limits = limits
-        self.hub = Hub(eventLoops: [self.loop], link: StandaloneLink(), counters: self.counters, logger: testLogger())
+        self.hub = Hub(eventLoops: [self.loop], link: StandaloneLink(), framing: WebSocketMessageFraming(), counters: self.counters, logger: testLogger())
         let counters = self.counters
         let authorizer = hook.map { Authorizer(settings: access.hook, transport: $0, counters: counters, logger: testLogger()) }
         self.shared = HTTPHandler.Shared(hub: self.hub, limits: limits, counters: self.counters, connectionIDs: .init(0), nodeID: "test", access: access, authorizer: authorizer)
@@ -310,7 +310,7 @@ func statusLines(_ output: String) -> [String] {
         let node = InMemoryNode()
         let receiver = try node.websocket("/room")
         let sender = try node.connect()
-        try node.send(sender, Array(upgradeRequest("/room").utf8) + clientFrame(Framing.opText, Array("early".utf8)))
+        try node.send(sender, Array(upgradeRequest("/room").utf8) + clientFrame(.text, Array("early".utf8)))
         #expect(try node.output(sender).hasPrefix("HTTP/1.1 101"))
         #expect(try node.outputBytes(receiver) == [0x81, 5] + Array("early".utf8))
     }
@@ -320,10 +320,10 @@ func statusLines(_ output: String) -> [String] {
         let receiver = try node.websocket("/room")
         let sender = try node.websocket("/room")
         // The first fragment is already invalid: 1007 before the message would end.
-        try node.send(sender, clientFrame(Framing.opText, Array("ok".utf8) + [0xF5], fin: false))
+        try node.send(sender, clientFrame(.text, Array("ok".utf8) + [0xF5], fin: false))
         #expect(closeCode(try node.outputBytes(sender)) == 1007)
         #expect(try node.outputBytes(receiver).isEmpty)
-        try node.send(sender, clientFrame(Framing.opClose, [0x03, 0xEF]))
+        try node.send(sender, clientFrame(.connectionClose, [0x03, 0xEF]))
         #expect(!sender.isActive)
     }
 
@@ -332,20 +332,20 @@ func statusLines(_ output: String) -> [String] {
         limits.maxMessageSize = 100
         let node = InMemoryNode(limits: limits)
         let sender = try node.websocket("/room")
-        let big = clientFrame(Framing.opBinary, Array(repeating: 1, count: 150))
+        let big = clientFrame(.binary, Array(repeating: 1, count: 150))
         try node.send(sender, Array(big.prefix(20)))
         #expect(closeCode(try node.outputBytes(sender)) == 1009)
         #expect(sender.isActive)
-        try node.send(sender, Array(big.dropFirst(20)) + clientFrame(Framing.opClose, [0x03, 0xF1]))
+        try node.send(sender, Array(big.dropFirst(20)) + clientFrame(.connectionClose, [0x03, 0xF1]))
         #expect(!sender.isActive)
     }
 
     @Test func aClientCloseIsEchoedAndAPingAnswered() throws {
         let node = InMemoryNode()
         let c = try node.websocket("/room")
-        try node.send(c, clientFrame(Framing.opPing, Array("abc".utf8)))
+        try node.send(c, clientFrame(.ping, Array("abc".utf8)))
         #expect(try node.outputBytes(c) == [0x8A, 3] + Array("abc".utf8))
-        try node.send(c, clientFrame(Framing.opClose, [0x0F, 0xA0] + Array("bye".utf8)))  // 4000
+        try node.send(c, clientFrame(.connectionClose, [0x0F, 0xA0] + Array("bye".utf8)))  // 4000
         #expect(closeCode(try node.outputBytes(c)) == 4000)
         #expect(!c.isActive)
     }
@@ -353,7 +353,7 @@ func statusLines(_ output: String) -> [String] {
     @Test func aBrokenCloseFrameGets1002AndTheConnectionDropsAtOnce() throws {
         let node = InMemoryNode()
         let c = try node.websocket("/room")
-        try node.send(c, clientFrame(Framing.opClose, [0x03, 0xE8] + Array(repeating: 0x61, count: 124)))
+        try node.send(c, clientFrame(.connectionClose, [0x03, 0xE8] + Array(repeating: 0x61, count: 124)))
         #expect(closeCode(try node.outputBytes(c)) == 1002)
         #expect(!c.isActive)
     }
@@ -361,7 +361,7 @@ func statusLines(_ output: String) -> [String] {
     @Test func aCloseTheClientNeverAnswersIsDroppedAfterTheTimeout() throws {
         let node = InMemoryNode()
         let c = try node.websocket("/room")
-        try node.send(c, clientFrame(8, [], fin: false))  // fragmented control frame: 1002
+        try node.send(c, clientFrame(.connectionClose, [], fin: false))  // fragmented control frame: 1002
         #expect(closeCode(try node.outputBytes(c)) == 1002)
         node.loop.advanceTime(by: node.limits.shutdownTimeout + .milliseconds(1))
         #expect(!c.isActive)

@@ -264,7 +264,7 @@ final class LatencyProbe: Sendable {
         let flooder = try RawSocket(unix: socket)
         _ = flooder.send(upgradeRequest(path))
         _ = flooder.read(until: Array("\r\n\r\n".utf8), timeout: 5)
-        let frame = clientFrame(Framing.opBinary, [0x42])
+        let frame = clientFrame(.binary, [0x42])
         let chunk = Array([[UInt8]](repeating: frame, count: 64 << 10 / frame.count).joined())
         let delivered = ManagedAtomic<Int>(0)
         let done = ManagedAtomic<Bool>(false)
@@ -313,7 +313,7 @@ final class LatencyProbe: Sendable {
         if upgrade {
             _ = s.send(upgradeRequest("/pinger-\(UUID4.make())"))
             _ = s.read(until: Array("\r\n\r\n".utf8), timeout: 5)
-            unit = clientFrame(Framing.opPing, Array(repeating: 0x70, count: 125))
+            unit = clientFrame(.ping, Array(repeating: 0x70, count: 125))
         } else {
             unit = Array("GET /page HTTP/1.1\r\nHost: x\r\n\r\n".utf8)
         }

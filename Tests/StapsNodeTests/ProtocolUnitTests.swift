@@ -85,7 +85,9 @@ import Testing
                 var reference = ByteBuffer(bytes: plain)
                 reference.webSocketMask(key, indexOffset: phase)
                 var ours = plain
-                ours.withUnsafeMutableBytes { Framing.unmask($0, key: Framing.maskWord(key), phase: phase) }
+                var word: UInt32 = 0  // the key's bytes in memory order, as the state machine reads them
+                withUnsafeMutableBytes(of: &word) { $0.copyBytes(from: key) }
+                ours.withUnsafeMutableBytes { Framing.unmask($0, key: word, phase: phase) }
                 #expect(ours == Array(reference.readableBytesView), "length \(length) phase \(phase)")
             }
         }
@@ -94,7 +96,7 @@ import Testing
     @Test func framingHeaders() {
         for (length, header) in [(5, [0x81, 5]), (126, [0x81, 126, 0, 126]), (65535, [0x81, 126, 0xFF, 0xFF]), (65536, [0x81, 127, 0, 0, 0, 0, 0, 1, 0, 0])] {
             var b = ByteBuffer()
-            Framing.writeHeader(into: &b, opcode: Framing.opText, length: length)
+            Framing.writeHeader(into: &b, opcode: .text, length: length)
             #expect(Array(b.readableBytesView) == header.map(UInt8.init))
             #expect(Framing.headerLength(payload: length) == header.count)
         }
@@ -102,7 +104,7 @@ import Testing
 
     @Test func closeFrameReasonIsCutOnACharacterBoundary() {
         let reason = String(repeating: "é", count: 100)  // 200 bytes
-        let frame = Framing.closeFrame(code: 1008, reason: reason, allocator: ByteBufferAllocator())
+        let frame = Framing.closeFrame(code: .policyViolation, reason: reason, allocator: ByteBufferAllocator())
         let bytes = Array(frame.readableBytesView)
         #expect(bytes[0] == 0x88)
         #expect(Int(bytes[1]) <= 125)
@@ -134,7 +136,7 @@ import Testing
     @Test func leaveCountsOutOnceAndTheLastOneOutUnsubscribes() throws {
         let loop = EmbeddedEventLoop()
         let link = RecordingLink()
-        let hub = Hub(eventLoops: [loop], link: link, counters: NodeCounters(), logger: testLogger())
+        let hub = Hub(eventLoops: [loop], link: link, framing: WebSocketMessageFraming(), counters: NodeCounters(), logger: testLogger())
         let (first, _) = hub.join("room", on: loop)
         let (second, ready) = hub.join("room", on: loop)
         try ready.wait()
@@ -150,14 +152,14 @@ import Testing
 
     @Test func anAttachedClientReceivesUntilItLeaves() throws {
         let loop = EmbeddedEventLoop()
-        let hub = Hub(eventLoops: [loop], link: StandaloneLink(), counters: NodeCounters(), logger: testLogger())
+        let hub = Hub(eventLoops: [loop], link: StandaloneLink(), framing: WebSocketMessageFraming(), counters: NodeCounters(), logger: testLogger())
         let (other, _) = hub.join("room", on: loop)
         let (membership, _) = hub.join("room", on: loop)
         let connection = EmbeddedChannel(loop: loop)
         try connection.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
         let handler = WebSocketHandler(id: 1, membership: membership, limits: Limits(), counters: NodeCounters(), logger: testLogger())
         try connection.pipeline.syncOperations.addHandler(handler)  // attaches
-        #expect(membership.entry.loopMask.load(ordering: .relaxed) == 1)
+        #expect(membership.channel.loopMask.load(ordering: .relaxed) == 1)
 
         #expect(hub.publish(channel: "room", payload: ByteBuffer(string: "hi"), isText: true, on: loop) == 2)
         loop.run()
@@ -165,12 +167,41 @@ import Testing
 
         // A failure path leaving first, then the handler's own leave on close: counted out once.
         membership.leave()
-        #expect(membership.entry.loopMask.load(ordering: .relaxed) == 0)
+        #expect(membership.channel.loopMask.load(ordering: .relaxed) == 0)
         #expect(hub.directory.lookup("room")?.1 == 1)
         _ = try connection.finish()
         #expect(hub.directory.lookup("room")?.1 == 1)
         #expect(hub.publish(channel: "room", payload: ByteBuffer(string: "hi"), isText: true, on: loop) == 1)
         other.leave()
+        #expect(hub.directory.lookup("room") == nil)
+    }
+
+    /// A receiver that records what the hub hands it.
+    final class RecordingReceiver: ChannelReceiver {
+        var received: [String] = []
+        var flushes = 0
+        func enqueue(_ message: FramedMessage) -> Bool {
+            self.received.append(String(buffer: message.payload))
+            return true
+        }
+        func flushQueued() { self.flushes += 1 }
+    }
+
+    @Test func receiversLeaveInAnyOrderAndTheRestStillReceiveButNotTheirOwn() throws {
+        let loop = EmbeddedEventLoop()
+        let hub = Hub(eventLoops: [loop], link: StandaloneLink(), framing: WebSocketMessageFraming(), counters: NodeCounters(), logger: testLogger())
+        let clients = (0..<4).map { _ in (hub.join("room", on: loop).0, RecordingReceiver()) }
+        for (membership, receiver) in clients { membership.attach(receiver) }
+        clients[0].0.leave()  // the last moves into the first's place
+        clients[3].0.leave()  // it leaves from there
+        let message = WebSocketMessageFraming().frame(ByteBuffer(string: "m"), isText: true, allocator: ByteBufferAllocator())
+        #expect(clients[1].0.publish(message, isText: true, connectionID: 1) == 3)  // itself and one other
+        loop.run()
+        #expect(clients.map(\.1.received) == [[], [], ["m"], []])
+        #expect(clients.map(\.1.flushes) == [0, 0, 0, 0], "a receiver asks for its flush; this one never did")
+        #expect(hub.publish(channel: "room", payload: ByteBuffer(string: "p"), isText: true, on: loop) == 2)
+        #expect(clients.map(\.1.received) == [[], ["p"], ["m", "p"], []])
+        for (membership, _) in clients { membership.leave() }
         #expect(hub.directory.lookup("room") == nil)
     }
 }

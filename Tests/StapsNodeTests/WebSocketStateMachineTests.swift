@@ -1,10 +1,11 @@
 import NIOCore
+import NIOWebSocket
 @testable import StapsNode
 import Testing
 
 /// A client frame as the wire carries it (masked unless `mask` is nil).
-func clientFrame(_ opcode: UInt8, _ payload: [UInt8], fin: Bool = true, rsv: UInt8 = 0, mask: [UInt8]? = [0x37, 0xFA, 0x21, 0x3D], declaredLength: UInt64? = nil) -> [UInt8] {
-    var out: [UInt8] = [(fin ? 0x80 : 0) | rsv | opcode]
+func clientFrame(_ opcode: WebSocketOpcode, _ payload: [UInt8], fin: Bool = true, rsv: UInt8 = 0, mask: [UInt8]? = [0x37, 0xFA, 0x21, 0x3D], declaredLength: UInt64? = nil) -> [UInt8] {
+    var out: [UInt8] = [(fin ? 0x80 : 0) | rsv | UInt8(webSocketOpcode: opcode)]
     let length = declaredLength ?? UInt64(payload.count)
     let maskBit: UInt8 = mask == nil ? 0 : 0x80
     if length < 126 {
@@ -43,21 +44,21 @@ func actions(_ machine: inout WebSocketStateMachine, _ bytes: [UInt8], chunk: In
     return out
 }
 
-func serverFrame(_ opcode: UInt8, _ payload: [UInt8]) -> ByteBuffer {
+func serverFrame(_ opcode: WebSocketOpcode, _ payload: [UInt8]) -> ByteBuffer {
     Framing.frame(opcode: opcode, payload: ByteBuffer(bytes: payload), allocator: ByteBufferAllocator())
 }
 
 func relayed(_ text: String) -> WebSocketStateMachine.Action {
-    .relay(serverFrame(Framing.opText, Array(text.utf8)), headerLength: Framing.headerLength(payload: text.utf8.count), isText: true)
+    .relay(serverFrame(.text, Array(text.utf8)), headerLength: Framing.headerLength(payload: text.utf8.count), isText: true)
 }
 
 func closing(_ code: UInt16) -> (WebSocketStateMachine.Action) -> Bool {
-    { if case .close(let c, _) = $0 { return c == code } else { return false } }
+    { if case .close(let c, _) = $0 { return UInt16(webSocketErrorCode: c) == code } else { return false } }
 }
 
 func closeReply(_ code: UInt16?) -> WebSocketStateMachine.Action {
     guard let code else { return .replyToClose(ByteBuffer(bytes: [0x88, 0])) }
-    return .replyToClose(Framing.closeFrame(code: code, reason: "", allocator: ByteBufferAllocator()))
+    return .replyToClose(Framing.closeFrame(code: WebSocketErrorCode(codeNumber: Int(code)), reason: "", allocator: ByteBufferAllocator()))
 }
 
 @Suite struct WebSocketStateMachineTests {
@@ -65,7 +66,7 @@ func closeReply(_ code: UInt16?) -> WebSocketStateMachine.Action {
 
     @Test func aMessageIsRelayedFramedForReceiversWhateverTheReadsAre() {
         let text = String(repeating: "héllo wörld ✓ ", count: 20)
-        let frames = clientFrame(Framing.opText, Array(text.utf8))
+        let frames = clientFrame(.text, Array(text.utf8))
         for chunk in [1, 2, 3, 7, 64, .max] {
             var m = WebSocketStateMachine(maxMessageSize: max)
             #expect(actions(&m, frames, chunk: chunk) == [relayed(text)], "chunk \(chunk)")
@@ -76,50 +77,50 @@ func closeReply(_ code: UInt16?) -> WebSocketStateMachine.Action {
         for length in [1, 125, 126, 65535, 65536] {
             let payload = (0..<length).map { UInt8(truncatingIfNeeded: $0 * 7) }
             var m = WebSocketStateMachine(maxMessageSize: 1 << 20)
-            let got = actions(&m, clientFrame(Framing.opBinary, payload), chunk: 1000)
-            #expect(got == [.relay(serverFrame(Framing.opBinary, payload), headerLength: Framing.headerLength(payload: length), isText: false)])
+            let got = actions(&m, clientFrame(.binary, payload), chunk: 1000)
+            #expect(got == [.relay(serverFrame(.binary, payload), headerLength: Framing.headerLength(payload: length), isText: false)])
         }
     }
 
     @Test func fragmentsAreReassembledAndPingsBetweenThemAnswered() {
         var m = WebSocketStateMachine(maxMessageSize: max)
-        let bytes = clientFrame(Framing.opText, Array("Hel".utf8), fin: false)
-            + clientFrame(Framing.opPing, Array("p!".utf8))
-            + clientFrame(Framing.opContinuation, [0xC3], fin: false)  // ü split across fragments
-            + clientFrame(Framing.opContinuation, [0xBC] + Array("lo".utf8))
+        let bytes = clientFrame(.text, Array("Hel".utf8), fin: false)
+            + clientFrame(.ping, Array("p!".utf8))
+            + clientFrame(.continuation, [0xC3], fin: false)  // ü split across fragments
+            + clientFrame(.continuation, [0xBC] + Array("lo".utf8))
         for chunk in [1, 5, .max] {
             var m2 = m
-            #expect(actions(&m2, bytes, chunk: chunk) == [.pong(serverFrame(Framing.opPong, Array("p!".utf8))), relayed("Helülo")])
+            #expect(actions(&m2, bytes, chunk: chunk) == [.pong(serverFrame(.pong, Array("p!".utf8))), relayed("Helülo")])
         }
-        #expect(actions(&m, clientFrame(Framing.opPong, [1, 2])) == [])
+        #expect(actions(&m, clientFrame(.pong, [1, 2])) == [])
     }
 
     @Test func invalidUTF8FailsAtTheFirstBadByteNotAtTheEnd() {
         // The frame's first bytes are already invalid: the close comes before the rest arrives.
         var m = WebSocketStateMachine(maxMessageSize: max)
-        let frame = clientFrame(Framing.opText, [0x61, 0xC3, 0x28] + Array(repeating: 0x61, count: 1000))
+        let frame = clientFrame(.text, [0x61, 0xC3, 0x28] + Array(repeating: 0x61, count: 1000))
         var unread = ByteBuffer(bytes: frame.prefix(2 + 4 + 3 + 120))  // header (126-form: 4) + mask + 3 + …
         let action = m.next(&unread, allocator: ByteBufferAllocator())
         #expect(closing(1007)(action))
         // In a fragmented message: the first fragment is bad, no fin needed.
         var f = WebSocketStateMachine(maxMessageSize: max)
-        #expect(actions(&f, clientFrame(Framing.opText, [0xED, 0xA0, 0x80], fin: false)).map(closing(1007)) == [true])
+        #expect(actions(&f, clientFrame(.text, [0xED, 0xA0, 0x80], fin: false)).map(closing(1007)) == [true])
         // A message that ends in the middle of a code point.
         var e = WebSocketStateMachine(maxMessageSize: max)
-        #expect(actions(&e, clientFrame(Framing.opText, [0x61, 0xE2, 0x9C])).map(closing(1007)) == [true])
+        #expect(actions(&e, clientFrame(.text, [0x61, 0xE2, 0x9C])).map(closing(1007)) == [true])
     }
 
     @Test func protocolViolationsClose1002() {
         let cases: [(String, [UInt8])] = [
-            ("unmasked", clientFrame(Framing.opText, [0x61], mask: nil)),
-            ("rsv1", clientFrame(Framing.opText, [0x61], rsv: 0x40)),
-            ("rsv3", clientFrame(Framing.opBinary, [0x61], rsv: 0x10)),
-            ("opcode 3", clientFrame(3, [0x61])),
-            ("opcode 11", clientFrame(11, [])),
-            ("fragmented ping", clientFrame(Framing.opPing, [], fin: false)),
-            ("long ping", clientFrame(Framing.opPing, Array(repeating: 1, count: 126))),
-            ("continuation first", clientFrame(Framing.opContinuation, [0x61])),
-            ("new message inside a fragmented one", clientFrame(Framing.opText, [0x61], fin: false) + clientFrame(Framing.opText, [0x62])),
+            ("unmasked", clientFrame(.text, [0x61], mask: nil)),
+            ("rsv1", clientFrame(.text, [0x61], rsv: 0x40)),
+            ("rsv3", clientFrame(.binary, [0x61], rsv: 0x10)),
+            ("opcode 3", clientFrame(WebSocketOpcode(encodedWebSocketOpcode: 3)!, [0x61])),
+            ("opcode 11", clientFrame(WebSocketOpcode(encodedWebSocketOpcode: 11)!, [])),
+            ("fragmented ping", clientFrame(.ping, [], fin: false)),
+            ("long ping", clientFrame(.ping, Array(repeating: 1, count: 126))),
+            ("continuation first", clientFrame(.continuation, [0x61])),
+            ("new message inside a fragmented one", clientFrame(.text, [0x61], fin: false) + clientFrame(.text, [0x62])),
         ]
         for (name, bytes) in cases {
             var m = WebSocketStateMachine(maxMessageSize: max)
@@ -130,11 +131,11 @@ func closeReply(_ code: UInt16?) -> WebSocketStateMachine.Action {
 
     @Test func aBrokenCloseFrameIsTheLastWord() {
         var m = WebSocketStateMachine(maxMessageSize: 1024)
-        let got = actions(&m, clientFrame(Framing.opClose, [0x03, 0xE8] + Array(repeating: 0x61, count: 124)) + clientFrame(Framing.opText, [0x61]))
+        let got = actions(&m, clientFrame(.connectionClose, [0x03, 0xE8] + Array(repeating: 0x61, count: 124)) + clientFrame(.text, [0x61]))
         #expect(got.count == 1 && closing(1002)(got[0]))
         #expect(!m.awaitsClose && !m.isOpen)
         var open = WebSocketStateMachine(maxMessageSize: 1024)
-        _ = actions(&open, clientFrame(Framing.opBinary, [1], mask: nil))
+        _ = actions(&open, clientFrame(.binary, [1], mask: nil))
         #expect(open.awaitsClose)
     }
 
@@ -142,29 +143,29 @@ func closeReply(_ code: UInt16?) -> WebSocketStateMachine.Action {
         let size = 1 << 12
         // One frame declared too large: refused at its header, its payload skipped, then the close.
         var m = WebSocketStateMachine(maxMessageSize: size)
-        let big = clientFrame(Framing.opBinary, Array(repeating: 7, count: size + 1))
-        let close = clientFrame(Framing.opClose, [0x03, 0xE8])
-        let got = actions(&m, big + clientFrame(Framing.opText, [0x61]) + close, chunk: 333)
+        let big = clientFrame(.binary, Array(repeating: 7, count: size + 1))
+        let close = clientFrame(.connectionClose, [0x03, 0xE8])
+        let got = actions(&m, big + clientFrame(.text, [0x61]) + close, chunk: 333)
         #expect(got.count == 2 && closing(1009)(got[0]) && got[1] == .closed, "\(got)")
         // Fragments that add up to too much: refused at the fragment that crosses the limit.
         var f = WebSocketStateMachine(maxMessageSize: size)
         let half = Array(repeating: UInt8(0x61), count: size / 2 + 1)
-        let fragmented = clientFrame(Framing.opText, half, fin: false) + clientFrame(Framing.opContinuation, half) + close
+        let fragmented = clientFrame(.text, half, fin: false) + clientFrame(.continuation, half) + close
         let got2 = actions(&f, fragmented)
         #expect(got2.count == 2 && closing(1009)(got2[0]) && got2[1] == .closed, "\(got2)")
         // A continuation claiming Int.max bytes: 1009, no overflow.
         var o = WebSocketStateMachine(maxMessageSize: size)
-        let huge = clientFrame(Framing.opText, [0x61], fin: false) + clientFrame(Framing.opContinuation, [], declaredLength: UInt64(Int.max))
+        let huge = clientFrame(.text, [0x61], fin: false) + clientFrame(.continuation, [], declaredLength: UInt64(Int.max))
         #expect(actions(&o, huge).map(closing(1009)) == [true])
         // A length with its top bit set is a protocol error.
         var t = WebSocketStateMachine(maxMessageSize: size)
-        #expect(actions(&t, clientFrame(Framing.opBinary, [], declaredLength: 1 << 63)).map(closing(1002)) == [true])
+        #expect(actions(&t, clientFrame(.binary, [], declaredLength: 1 << 63)).map(closing(1002)) == [true])
     }
 
     @Test func aClientCloseIsAnsweredWithItsCodeOrTheReasonItIsInvalid() {
         func reply(_ payload: [UInt8]) -> WebSocketStateMachine.Action? {
             var m = WebSocketStateMachine(maxMessageSize: 1024)
-            return actions(&m, clientFrame(Framing.opClose, payload)).first
+            return actions(&m, clientFrame(.connectionClose, payload)).first
         }
         func code(_ c: UInt16) -> [UInt8] { [UInt8(c >> 8), UInt8(c & 0xFF)] }
         #expect(reply([]) == closeReply(nil))
@@ -189,15 +190,15 @@ func closeReply(_ code: UInt16?) -> WebSocketStateMachine.Action {
         let first = m.startClosing()
         let second = m.startClosing()
         #expect(first && !second)
-        let after = clientFrame(Framing.opText, [0x61]) + clientFrame(Framing.opPing, []) + clientFrame(Framing.opText, [0xFF]) + clientFrame(Framing.opClose, [0x03, 0xE8])
+        let after = clientFrame(.text, [0x61]) + clientFrame(.ping, []) + clientFrame(.text, [0xFF]) + clientFrame(.connectionClose, [0x03, 0xE8])
         #expect(actions(&m, after) == [.closed])
-        #expect(actions(&m, clientFrame(Framing.opText, [0x61])) == [])
+        #expect(actions(&m, clientFrame(.text, [0x61])) == [])
     }
 
     @Test func emptyMessagesAreKeepalivesNotRelayed() {
         var m = WebSocketStateMachine(maxMessageSize: 1024)
-        #expect(actions(&m, clientFrame(Framing.opText, []) + clientFrame(Framing.opBinary, []) + clientFrame(Framing.opText, [], fin: false) + clientFrame(Framing.opContinuation, [])) == [])
-        #expect(actions(&m, clientFrame(Framing.opText, [0x61])) == [relayed("a")])
+        #expect(actions(&m, clientFrame(.text, []) + clientFrame(.binary, []) + clientFrame(.text, [], fin: false) + clientFrame(.continuation, [])) == [])
+        #expect(actions(&m, clientFrame(.text, [0x61])) == [relayed("a")])
     }
 }
 
@@ -207,7 +208,7 @@ func closeReply(_ code: UInt16?) -> WebSocketStateMachine.Action {
         let allocator = ByteBufferAllocator()
         var expected: [UInt8] = []
         for i in 0..<100 {
-            let frame = serverFrame(Framing.opText, Array(repeating: UInt8(i), count: i % 3 == 0 ? 1000 : 10))
+            let frame = serverFrame(.text, Array(repeating: UInt8(i), count: i % 3 == 0 ? 1000 : 10))
             expected += Array(frame.readableBytesView)
             outbox.append(frame, allocator: allocator)
         }
@@ -222,7 +223,7 @@ func closeReply(_ code: UInt16?) -> WebSocketStateMachine.Action {
         #expect(buffers <= 67)  // 34 large frames, and the small ones between them in at most 33 buffers
         #expect(outbox.bytes == 0 && outbox.isEmpty)
         // 10,000 tiny frames take a few buffers, not 10,000.
-        for _ in 0..<10_000 { outbox.append(serverFrame(Framing.opBinary, [1]), allocator: allocator) }
+        for _ in 0..<10_000 { outbox.append(serverFrame(.binary, [1]), allocator: allocator) }
         #expect(outbox.bytes == 30_000)
         buffers = 0
         while outbox.popFirst() != nil { buffers += 1 }

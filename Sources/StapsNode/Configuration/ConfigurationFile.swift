@@ -145,131 +145,140 @@ public struct ConfigurationOverrides: Sendable, Equatable {
         var seen: [String: Int] = [:]
         for entry in try INI.parse(text, file: file, sections: ["staps", "daemon"]) {
             let name = "\(entry.section).\(entry.key)"
-            func fail(_ message: String) -> ConfigurationError {
-                ConfigurationError(file: file, line: entry.line, key: entry.key, message: message)
-            }
             let repeatable = name == "staps.socket" || name == "staps.port"
             if !repeatable, let first = seen[name] {
-                throw fail("set twice (first on line \(first))")
+                throw ConfigurationError(file: file, line: entry.line, key: entry.key, message: "set twice (first on line \(first))")
             }
             seen[name] = entry.line
             out.lines[name] = entry.line
-            let v = entry.value
-            switch entry.section {
-            case "staps":
-                switch entry.key {
-                case "socket":
-                    let paths = v.split(whereSeparator: { $0 == " " || $0 == "," }).map(String.init)
-                    guard !paths.isEmpty else { throw fail("needs a path") }
-                    for path in paths {
-                        do { try ValueParser.socketPath(path) } catch { throw fail(error.message) }
-                    }
-                    out.sockets = (out.sockets ?? []) + paths
-                case "port":
-                    let words = v.split(whereSeparator: { $0 == " " || $0 == "," }).map(String.init)
-                    guard !words.isEmpty else { throw fail("needs a port or host:port") }
-                    var addresses: [BindAddress] = []
-                    for word in words {
-                        do { addresses.append(try ValueParser.hostPort(word)) } catch { throw fail(error.message) }
-                    }
-                    out.ports = (out.ports ?? []) + addresses
-                case "mode":
-                    do { out.mode = try ValueParser.octal(v, max: 0o777) } catch { throw fail(error.message) }
-                case "amqp":
-                    do { try ValueParser.amqpURL(v) } catch { throw fail(error.message) }
-                    out.amqp = v
-                case "max_message_size":
-                    do { out.limits.maxMessageSize = try ValueParser.size(v, min: 1, max: 1 << 30) } catch { throw fail(error.message) }
-                case "send_buffer":
-                    do { out.limits.sendBuffer = try ValueParser.size(v, min: 1024, max: 1 << 32) } catch { throw fail(error.message) }
-                case "slow_consumer_grace":
-                    do { out.limits.slowConsumerGrace = try ValueParser.duration(v) } catch { throw fail(error.message) }
-                case "max_connections":
-                    do { out.limits.maxConnections = try ValueParser.integer(v, min: 1, max: 10_000_000) } catch { throw fail(error.message) }
-                case "handshake_timeout":
-                    do { out.limits.handshakeTimeout = try ValueParser.duration(v, positive: true) } catch { throw fail(error.message) }
-                case "ping_interval":
-                    do { out.limits.pingInterval = try ValueParser.duration(v, positive: true) } catch { throw fail(error.message) }
-                case "pong_timeout":
-                    do { out.limits.pongTimeout = try ValueParser.duration(v, positive: true) } catch { throw fail(error.message) }
-                case "shutdown_timeout":
-                    do { out.limits.shutdownTimeout = try ValueParser.duration(v) } catch { throw fail(error.message) }
-                case "amqp_exchange":
-                    guard !v.isEmpty, v.utf8.count <= 127, !v.hasPrefix("amq.") else {
-                        throw fail("'\(v)' is not a usable exchange name (1-127 bytes, not starting with amq.)")
-                    }
-                    out.cluster.exchange = v
-                case "amqp_queue_max_length":
-                    do { out.cluster.queueMaxLength = try ValueParser.integer(v, min: 1, max: 100_000_000) } catch { throw fail(error.message) }
-                case "amqp_queue_ttl":
-                    do { out.cluster.queueMessageTTL = try ValueParser.duration(v, positive: true) } catch { throw fail(error.message) }
-                case "amqp_unbind_linger":
-                    do { out.cluster.unbindLinger = try ValueParser.duration(v) } catch { throw fail(error.message) }
-                case "amqp_buffer":
-                    do { out.cluster.publishBuffer = try ValueParser.size(v, min: 1024, max: 1 << 34) } catch { throw fail(error.message) }
-                case "amqp_publish_window":
-                    do { out.cluster.publishWindow = try ValueParser.duration(v) } catch { throw fail(error.message) }
-                case "amqp_heartbeat":
-                    do { out.cluster.heartbeat = try ValueParser.duration(v, positive: true) } catch { throw fail(error.message) }
-                case "metrics":
-                    do { out.metrics = try ValueParser.listenAddress(v) } catch { throw fail(error.message) }
-                case "log_file":
-                    do { out.logFile = try ValueParser.absolutePath(v) } catch { throw fail(error.message) }
-                case "amqp_binding_buckets":
-                    guard let n = Int(v), [0, 16, 256, 4096].contains(n) else { throw fail("'\(v)' is not one of 0 (a binding per channel), 16, 256, 4096") }
-                    out.cluster.bindingBuckets = n
-                case "amqp_tls_ca":
-                    do { out.cluster.tlsCAFile = try ValueParser.absolutePath(v) } catch { throw fail(error.message) }
-                case "origin":
-                    var patterns: [OriginPattern] = []
-                    for item in v.split(whereSeparator: { $0 == " " || $0 == "," || $0 == "\t" }) {
-                        guard let pattern = OriginPattern(String(item)) else {
-                            throw fail("'\(item)' is not an origin: scheme://host[:port], or scheme://*.domain for its subdomains (http or https)")
-                        }
-                        patterns.append(pattern)
-                    }
-                    guard !patterns.isEmpty else { throw fail("needs one or more origins") }
-                    out.origins = patterns
-                case "origin_required":
-                    switch v.lowercased() {
-                    case "yes", "true", "on", "1": out.originRequired = true
-                    case "no", "false", "off", "0": out.originRequired = false
-                    default: throw fail("'\(v)' is not yes or no")
-                    }
-                case "post_token":
-                    guard v.utf8.count >= 16, v.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {
-                        throw fail("needs at least 16 printable characters, no spaces")
-                    }
-                    out.postToken = v
-                case "auth_url":
-                    do { out.authURL = try HookURL(v) } catch { throw fail(error.message) }
-                case "auth_timeout":
-                    do { out.authTimeout = try ValueParser.duration(v, positive: true) } catch { throw fail(error.message) }
-                case "auth_concurrency":
-                    do { out.authConcurrency = try ValueParser.integer(v, min: 1, max: 100_000) } catch { throw fail(error.message) }
-                default:
-                    throw fail("unknown key in [staps]")
+            do {
+                switch entry.section {
+                case "staps": try Self.apply(staps: entry.key, entry.value, to: &out)
+                case "daemon": try Self.apply(daemon: entry.key, entry.value, to: &out)
+                default: preconditionFailure("INI.parse admits only known sections")
                 }
-            case "daemon":
-                switch entry.key {
-                case "user":
-                    do { out.daemon.user = try ValueParser.accountName(v) } catch { throw fail(error.message) }
-                case "group":
-                    do { out.daemon.group = try ValueParser.accountName(v) } catch { throw fail(error.message) }
-                case "dir":
-                    do { out.daemon.directory = try ValueParser.absolutePath(v) } catch { throw fail(error.message) }
-                case "pid_file":
-                    do { out.daemon.pidFile = try ValueParser.absolutePath(v) } catch { throw fail(error.message) }
-                case "umask":
-                    do { out.daemon.umask = try ValueParser.octal(v, max: 0o777) } catch { throw fail(error.message) }
-                default:
-                    throw fail("unknown key in [daemon]")
-                }
-            default:
-                preconditionFailure("INI.parse admits only known sections")
+            } catch {
+                throw ConfigurationError(file: file, line: entry.line, key: entry.key, message: error.message)
             }
         }
         return out
+    }
+
+    private static func fail(_ message: String) -> ValueParser.Failure { ValueParser.Failure(message) }
+
+    /// One key of `[staps]`: the table of its keys, each with its parser.
+    private static func apply(staps key: String, _ v: String, to out: inout ConfigurationOverrides) throws(ValueParser.Failure) {
+        switch key {
+        case "socket":
+            let paths = v.split(whereSeparator: { $0 == " " || $0 == "," }).map(String.init)
+            guard !paths.isEmpty else { throw fail("needs a path") }
+            for path in paths {
+                try ValueParser.socketPath(path)
+            }
+            out.sockets = (out.sockets ?? []) + paths
+        case "port":
+            let words = v.split(whereSeparator: { $0 == " " || $0 == "," }).map(String.init)
+            guard !words.isEmpty else { throw fail("needs a port or host:port") }
+            var addresses: [BindAddress] = []
+            for word in words {
+                addresses.append(try ValueParser.hostPort(word))
+            }
+            out.ports = (out.ports ?? []) + addresses
+        case "mode":
+            out.mode = try ValueParser.octal(v, max: 0o777)
+        case "amqp":
+            try ValueParser.amqpURL(v)
+            out.amqp = v
+        case "max_message_size":
+            out.limits.maxMessageSize = try ValueParser.size(v, min: 1, max: 1 << 30)
+        case "send_buffer":
+            out.limits.sendBuffer = try ValueParser.size(v, min: 1024, max: 1 << 32)
+        case "slow_consumer_grace":
+            out.limits.slowConsumerGrace = try ValueParser.duration(v)
+        case "max_connections":
+            out.limits.maxConnections = try ValueParser.integer(v, min: 1, max: 10_000_000)
+        case "handshake_timeout":
+            out.limits.handshakeTimeout = try ValueParser.duration(v, positive: true)
+        case "ping_interval":
+            out.limits.pingInterval = try ValueParser.duration(v, positive: true)
+        case "pong_timeout":
+            out.limits.pongTimeout = try ValueParser.duration(v, positive: true)
+        case "shutdown_timeout":
+            out.limits.shutdownTimeout = try ValueParser.duration(v)
+        case "amqp_exchange":
+            guard !v.isEmpty, v.utf8.count <= 127, !v.hasPrefix("amq.") else {
+                throw fail("'\(v)' is not a usable exchange name (1-127 bytes, not starting with amq.)")
+            }
+            out.cluster.exchange = v
+        case "amqp_queue_max_length":
+            out.cluster.queueMaxLength = try ValueParser.integer(v, min: 1, max: 100_000_000)
+        case "amqp_queue_ttl":
+            out.cluster.queueMessageTTL = try ValueParser.duration(v, positive: true)
+        case "amqp_unbind_linger":
+            out.cluster.unbindLinger = try ValueParser.duration(v)
+        case "amqp_buffer":
+            out.cluster.publishBuffer = try ValueParser.size(v, min: 1024, max: 1 << 34)
+        case "amqp_publish_window":
+            out.cluster.publishWindow = try ValueParser.duration(v)
+        case "amqp_heartbeat":
+            out.cluster.heartbeat = try ValueParser.duration(v, positive: true)
+        case "metrics":
+            out.metrics = try ValueParser.listenAddress(v)
+        case "log_file":
+            out.logFile = try ValueParser.absolutePath(v)
+        case "amqp_binding_buckets":
+            guard let n = Int(v), [0, 16, 256, 4096].contains(n) else { throw fail("'\(v)' is not one of 0 (a binding per channel), 16, 256, 4096") }
+            out.cluster.bindingBuckets = n
+        case "amqp_tls_ca":
+            out.cluster.tlsCAFile = try ValueParser.absolutePath(v)
+        case "origin":
+            var patterns: [OriginPattern] = []
+            for item in v.split(whereSeparator: { $0 == " " || $0 == "," || $0 == "\t" }) {
+                guard let pattern = OriginPattern(String(item)) else {
+                    throw fail("'\(item)' is not an origin: scheme://host[:port], or scheme://*.domain for its subdomains (http or https)")
+                }
+                patterns.append(pattern)
+            }
+            guard !patterns.isEmpty else { throw fail("needs one or more origins") }
+            out.origins = patterns
+        case "origin_required":
+            switch v.lowercased() {
+            case "yes", "true", "on", "1": out.originRequired = true
+            case "no", "false", "off", "0": out.originRequired = false
+            default: throw fail("'\(v)' is not yes or no")
+            }
+        case "post_token":
+            guard v.utf8.count >= 16, v.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {
+                throw fail("needs at least 16 printable characters, no spaces")
+            }
+            out.postToken = v
+        case "auth_url":
+            do { out.authURL = try HookURL(v) } catch { throw fail(error.message) }
+        case "auth_timeout":
+            out.authTimeout = try ValueParser.duration(v, positive: true)
+        case "auth_concurrency":
+            out.authConcurrency = try ValueParser.integer(v, min: 1, max: 100_000)
+        default:
+            throw fail("unknown key in [staps]")
+        }
+    }
+
+    /// One key of `[daemon]`.
+    private static func apply(daemon key: String, _ v: String, to out: inout ConfigurationOverrides) throws(ValueParser.Failure) {
+        switch key {
+        case "user":
+            out.daemon.user = try ValueParser.accountName(v)
+        case "group":
+            out.daemon.group = try ValueParser.accountName(v)
+        case "dir":
+            out.daemon.directory = try ValueParser.absolutePath(v)
+        case "pid_file":
+            out.daemon.pidFile = try ValueParser.absolutePath(v)
+        case "umask":
+            out.daemon.umask = try ValueParser.octal(v, max: 0o777)
+        default:
+            throw fail("unknown key in [daemon]")
+        }
     }
 
     /// These settings with the command-line flags over them, key by key (`--socket` replaces the

@@ -1,3 +1,4 @@
+import Atomics
 import Logging
 import NIOCore
 import NIOHTTP1
@@ -28,8 +29,22 @@ enum ConnectionPipeline {
     }
 }
 
-/// Answers 414 when a connection's first request line runs past the head limit (the decoder
-/// alone would say 431), and steps aside at that line's end.
+extension HTTPHandler {
+    /// What every connection's HTTP handler is given: the node's parts and settings.
+    struct Shared: Sendable {
+        let hub: Hub
+        let limits: Limits
+        let counters: NodeCounters
+        let connectionIDs: ManagedAtomic<UInt64>
+        let nodeID: String
+        var access = AccessSettings()
+        /// Asks the authorization hook; nil when `auth_url` is not set.
+        var authorizer: Authorizer? = nil
+    }
+}
+
+/// Answers 414 when a connection's first request line runs past the head limit, and steps aside
+/// at that line's end. Hand-written: NIO's decoder alone reports it as a header overflow (431).
 final class RequestLineLimit: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
@@ -64,6 +79,7 @@ final class RequestLineLimit: ChannelInboundHandler, RemovableChannelHandler {
         ])
         context.write(self.wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .uriTooLong, headers: headers))), promise: nil)
         context.write(self.wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
+        // Written on the connection's loop, so its future completes there.
         context.writeAndFlush(self.wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in context.close(promise: nil) }
     }
 }

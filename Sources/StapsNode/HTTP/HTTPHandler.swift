@@ -1,84 +1,55 @@
-import Atomics
 import Logging
 import NIOCore
 import NIOHTTP1
 
-/// Serves one connection's HTTP: the page, POST publishing, and the websocket upgrade.
-///
-/// The upgrade is done here rather than by NIO's upgrade handler so that attaching the client to
-/// its staps channel, swapping the pipeline and writing the 101 happen in one event-loop step:
-/// a client receives its channel's messages before it can see its handshake complete.
+/// Serves one connection's HTTP: the page, POST publishing, and the websocket handshake, which
+/// `WebSocketUpgrade` completes by switching the connection over; with `auth_url`, a request
+/// waits for the hook (`HookWait`) before it is upgraded or its body read.
 final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
 
-    struct Shared: Sendable {
-        let hub: Hub
-        let limits: Limits
-        let counters: NodeCounters
-        let connectionIDs: ManagedAtomic<UInt64>
-        let nodeID: String
-        var access = AccessSettings()
-        /// Asks the authorization hook; nil when `auth_url` is not set.
-        var authorizer: Authorizer? = nil
-    }
+    private let shared: Shared
+    private let overConnectionLimit: Bool
+    private let encoder: HTTPResponseEncoder
+    private let decoder: ByteToMessageHandler<HTTPRequestDecoder>
+    private var logger: Logger
 
-    let shared: Shared
-    let overConnectionLimit: Bool
-    let encoder: HTTPResponseEncoder
-    let decoder: ByteToMessageHandler<HTTPRequestDecoder>
-    var logger: Logger
-
-    enum State {
+    private enum State {
         case idle
-        case receivingBody(HTTPRequestHead, String, ByteBuffer)
+        case receivingBody(HTTPRequestHead, channel: String, ByteBuffer)
         /// A bodiless request that gets an error: answered at its `.end`.
-        case rejecting(HTTPRequestHead, status: HTTPResponseStatus, reason: String, extraHeaders: [(String, String)])
+        case rejecting(HTTPRequestHead, Refusal)
         case ignoringBody
         /// A valid upgrade request whose `.end` has not arrived yet.
-        case awaitingUpgradeEnd(HTTPRequestHead, channel: String, key: String)
+        case awaitingUpgradeEnd(HTTPRequestHead, WebSocketUpgrade)
         /// Waiting for the authorization hook, reading nothing: for an upgrade, after its
         /// `.end`; for a POST, before its body.
-        case authorizing(HTTPRequestHead, channel: String, then: Authorized)
+        case authorizing(HTTPRequestHead, channel: String, HookedRequest)
         case upgrading
     }
-    /// What an admitted request goes on to.
-    enum Authorized {
-        case upgrade(key: String)
-        case post
+    private var state = State.idle
+    private var isAuthorizing: Bool {
+        if case .authorizing = self.state { return true }
+        return false
     }
-    var state = State.idle
+    private var isIdle: Bool {
+        if case .idle = self.state { return true }
+        return false
+    }
+    /// Whether requests are asked about (`auth_url` is set): then a missing hook client refuses.
+    private var isHooked: Bool { self.shared.access.hook.url != nil }
     /// One deadline from accept until the request is complete and answered (head, body and
     /// response, whatever the state of reading); re-armed for the next keep-alive request.
-    var requestTimer: Scheduled<Void>?
-    var requestDeadline = NIODeadline.now()
-    /// The hook call the request in `.authorizing` waits for, its timer (when `auth_timeout`
-    /// ends before the request's deadline, whose timer serves otherwise), and when it was asked.
-    var hookCall: HookCall?
-    var hookTimer: Scheduled<Void>?
-    var hookAsked = NIODeadline.now()
-    var shuttingDown = false
-    /// Whether requests are asked about (`auth_url` is set): then a missing hook client refuses.
-    var hooked: Bool { self.shared.access.hook.url != nil }
+    /// Hand-written: NIO's `IdleStateHandler` times silence, which a byte a second defeats.
+    private var requestTimer: Scheduled<Void>?
+    private var requestDeadline = NIODeadline.now()
+    private let hookWait = HookWait()
     /// The head of the request being answered, until its response is written.
-    var currentHead: HTTPRequestHead?
+    private var currentHead: HTTPRequestHead?
+    private var pipelining = HTTPPipelining()
 
-    /// Requests pipelined behind the one being answered are read only after its response is
-    /// written: what one read already brought is held here, at most `pipelineDepth` requests.
-    static let pipelineDepth = 16
-    var responding = false
-    /// A response with `Connection: close` is under way: nothing more is read or answered.
-    var closing = false
-    /// The request is one after which NIO's parser stops (an upgrade it does not become, or
-    /// CONNECT): its answer must close the connection.
-    var lastRequestEndsParsing = false
-    var held = CircularBuffer<HTTPServerRequestPart>()
-    var heldRequests = 0
-    var closeAfterHeld = false
-    /// Responses written on this connection: one that has none yet is answered (with
-    /// `Connection: close`) even when shutdown begins, so a restart drops no request that
-    /// was already accepted.
-    var responses = 0
+    private static let shuttingDownRefusal = Refusal(status: .serviceUnavailable, reason: "server shutting down", closes: true)
 
     init(shared: Shared, overConnectionLimit: Bool, encoder: HTTPResponseEncoder, decoder: ByteToMessageHandler<HTTPRequestDecoder>, logger: Logger) {
         self.shared = shared
@@ -94,106 +65,66 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     func handlerRemoved(context: ChannelHandlerContext) {
         self.requestTimer?.cancel()
-        self.abandonHookCall()
+        self.hookWait.abandon()
     }
 
     /// A client that leaves while its hook call is pending: the call stops, its slot is given
     /// back, and its answer (if any still comes) is ignored.
     func channelInactive(context: ChannelHandlerContext) {
-        self.abandonHookCall()
+        self.hookWait.abandon()
         context.fireChannelInactive()
     }
 
-    func armRequestTimer(context: ChannelHandlerContext) {
-        self.requestTimer?.cancel()
-        // The loop's clock (virtual on an EmbeddedEventLoop), like every deadline here.
-        self.requestDeadline = context.eventLoop.now + self.shared.limits.handshakeTimeout
-        self.requestTimer = context.eventLoop.assumeIsolated().scheduleTask(deadline: self.requestDeadline) { [self] in
-            // Still waiting for the hook: the hook's failure (503), not the client's (408).
-            if case .authorizing = self.state { return self.hookTimedOut(context: context) }
-            // Mid-response or mid-upgrade there is nothing left to say.
-            if self.responding || self.closing { return context.close(promise: nil) }
-            if case .upgrading = self.state { return context.close(promise: nil) }
-            self.state = .ignoringBody
-            // The request's own head when it has arrived (an upgrade's 408 counts as a refused handshake).
-            self.respond(context: context, head: self.currentHead ?? HTTPRequestHead(version: .http1_1, method: .GET, uri: "/"), status: .requestTimeout, text: "request not complete within \(self.shared.limits.handshakeTimeout.nanoseconds / 1_000_000) ms", close: true)
-        }
-    }
+    // MARK: - Reading requests
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let part = self.unwrapInboundIn(data)
-        guard !self.closing else { return }
-        guard !self.responding, !self.isAuthorizing, self.held.isEmpty else { return self.hold(part, context: context) }
-        self.handle(part, context: context)
-    }
-
-    var isAuthorizing: Bool {
-        if case .authorizing = self.state { return true }
-        return false
-    }
-
-    /// Keeps a part of a pipelined request until the response before it is written.
-    func hold(_ part: HTTPServerRequestPart, context: ChannelHandlerContext) {
-        guard !self.closeAfterHeld else { return }
-        if case .head = part {
-            self.heldRequests += 1
-            if self.heldRequests > Self.pipelineDepth {
-                // Answer what is held, then close: the rest is not read.
-                self.closeAfterHeld = true
-                return
-            }
+        if let part = self.pipelining.received(self.unwrapInboundIn(data), waiting: self.isAuthorizing) {
+            self.handle(part, context: context)
         }
-        self.held.append(part)
     }
 
     /// Handles held parts until a response is in flight again.
-    func releaseHeld(context: ChannelHandlerContext) {
-        while !self.responding, !self.closing, !self.isAuthorizing, let part = self.held.popFirst() {
-            if case .head = part { self.heldRequests -= 1 }
+    private func releaseHeld(context: ChannelHandlerContext) {
+        while let part = self.pipelining.nextHeld(waiting: self.isAuthorizing) {
             self.handle(part, context: context)
         }
-        if self.held.isEmpty, self.closeAfterHeld, !self.responding, !self.isAuthorizing, context.channel.isActive {
+        if self.pipelining.isDrained(waiting: self.isAuthorizing), context.channel.isActive {
             context.close(promise: nil)
         }
     }
 
-    func handle(_ part: HTTPServerRequestPart, context: ChannelHandlerContext) {
+    private func handle(_ part: HTTPServerRequestPart, context: ChannelHandlerContext) {
         switch part {
         case .head(let head):
             self.requestHead(head, context: context)
         case .body(let chunk):
-            switch self.state {
-            case .receivingBody(let head, let channel, var body):
-                self.state = .idle  // so `body` is uniquely referenced while it grows
-                if body.readableBytes + chunk.readableBytes > self.shared.limits.maxMessageSize {
-                    // Known to be too large now: answer now, read no more of it.
-                    self.reject(head, .payloadTooLarge, "body larger than \(self.shared.limits.maxMessageSize) bytes", close: true, context: context)
-                } else {
-                    body.writeImmutableBuffer(chunk)
-                    self.state = .receivingBody(head, channel, body)
-                }
-            default:
-                break
+            guard case .receivingBody(let head, let channel, var body) = self.state else { return }
+            self.state = .idle  // so `body` is uniquely referenced while it grows
+            if body.readableBytes + chunk.readableBytes > self.shared.limits.maxMessageSize {
+                // Known to be too large now: answer now, read no more of it.
+                self.reject(head, RequestRoute.tooLarge(self.shared.limits.maxMessageSize), context: context)
+            } else {
+                body.writeImmutableBuffer(chunk)
+                self.state = .receivingBody(head, channel: channel, body)
             }
         case .end:
             switch self.state {
             case .receivingBody(let head, let channel, let body):
                 self.state = .idle
                 self.post(head, channel: channel, body: body, context: context)
-            case .rejecting(let head, let status, let reason, let extra):
+            case .rejecting(let head, let refusal):
                 self.state = .idle
-                self.respond(context: context, head: head, status: status, text: reason, extraHeaders: extra)
+                self.respond(head, refusal, context: context)
             case .ignoringBody:
                 self.state = .idle
-            case .awaitingUpgradeEnd(let head, let channel, let key):
-                if self.shuttingDown {
+            case .awaitingUpgradeEnd(let head, let upgrade):
+                if self.pipelining.shuttingDown {
                     // No websocket starts now: answer at once, without asking the hook.
-                    self.state = .idle
-                    self.respond(context: context, head: head, status: .serviceUnavailable, text: "server shutting down", close: true)
-                } else if self.hooked {
-                    self.authorize(head, channel: channel, then: .upgrade(key: key), context: context)
+                    self.reject(head, Self.shuttingDownRefusal, context: context)
+                } else if self.isHooked {
+                    self.authorize(head, channel: upgrade.channel, .upgrade(upgrade), context: context)
                 } else {
-                    self.join(head, channel: channel, key: key, permission: .both, context: context)
+                    self.join(head, upgrade, permission: .both, context: context)
                 }
             case .idle, .upgrading, .authorizing:
                 break
@@ -201,124 +132,177 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
-    func requestHead(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
+    private func requestHead(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
         self.currentHead = head
-        self.lastRequestEndsParsing = head.method == .CONNECT
-            || (head.headers[canonicalForm: "connection"].contains { $0.lowercased() == "upgrade" } && head.headers.contains(name: "upgrade"))
+        self.pipelining.requestStarted(head)
         if self.overConnectionLimit {
             self.shared.counters.connectionsRefused.wrappingIncrement(ordering: .relaxed)
-            return self.reject(head, .serviceUnavailable, "too many connections, try again later", close: true, context: context)
+            return self.reject(head, Refusal(status: .serviceUnavailable, reason: "too many connections, try again later", closes: true), context: context)
         }
-        if head.version.major == 1, head.version.minor >= 1, head.headers["host"].count != 1 {
-            return self.reject(head, .badRequest, head.headers["host"].isEmpty ? "missing Host header" : "more than one Host header", close: true, context: context)
-        }
-        let target: RequestTarget
-        switch PathDecoding.target(ofURI: head.uri) {
-        case .success(let t): target = t
-        case .failure(let error):
-            return self.reject(head, HTTPResponseStatus(statusCode: error.status), error.reason, context: context)
-        }
-        if Self.isUpgradeToWebSocket(head.headers) {
-            return self.upgradeRequest(head, target: target, context: context)
-        }
-        switch head.method {
-        case .GET, .HEAD:
-            let page = Page(target: target, requestHeaders: head.headers)
+        switch RequestRoute.of(head, access: self.shared.access, maxMessageSize: self.shared.limits.maxMessageSize) {
+        case .page(let page):
             self.state = .ignoringBody
             self.writeResponse(context: context, head: head, status: .ok, contentType: "text/html; charset=utf-8", body: page.html, keepAlive: head.isKeepAlive, omitBody: head.method == .HEAD, extraHeaders: page.headers)
-        case .POST:
-            guard case .channel(let name) = target else {
-                return self.reject(head, .badRequest, "/ is not a channel: POST to /<channel>", context: context)
-            }
-            if let reason = self.shared.access.refusal(origin: head.headers["origin"]) {
-                return self.reject(head, .forbidden, reason, context: context)
-            }
-            guard self.shared.access.admitsPost(authorization: head.headers["authorization"]) else {
-                return self.reject(head, .unauthorized, "POST needs Authorization: Bearer <post_token>", extraHeaders: [("WWW-Authenticate", "Bearer realm=\"staps\"")], context: context)
-            }
-            if let length = head.headers.first(name: "content-length"), (Int(length) ?? .max) > self.shared.limits.maxMessageSize {
-                return self.reject(head, .payloadTooLarge, "body larger than \(self.shared.limits.maxMessageSize) bytes", close: true, context: context)
-            }
-            if self.hooked {
-                // Asked before the body is read: a refused body is never read.
-                return self.authorize(head, channel: name, then: .post, context: context)
-            }
-            self.receiveBody(head, channel: name, context: context)
-        default:
-            self.reject(head, .methodNotAllowed, "method not allowed: use GET, POST or a websocket upgrade", extraHeaders: [("Allow", "GET, HEAD, POST")], context: context)
+        case .post(let channel) where self.isHooked:
+            // Asked before the body is read: a refused body is never read.
+            self.authorize(head, channel: channel, .post, context: context)
+        case .post(let channel):
+            self.receiveBody(head, channel: channel, context: context)
+        case .upgrade(let upgrade):
+            // Nothing more is read until the pipeline is a websocket one.
+            context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
+            self.state = .awaitingUpgradeEnd(head, upgrade)
+        case .refuse(let refusal):
+            self.reject(head, refusal, context: context)
         }
     }
 
-    func receiveBody(_ head: HTTPRequestHead, channel name: String, context: ChannelHandlerContext) {
-        self.state = .receivingBody(head, name, context.channel.allocator.buffer(capacity: 0))
+    private func receiveBody(_ head: HTTPRequestHead, channel name: String, context: ChannelHandlerContext) {
+        self.state = .receivingBody(head, channel: name, context.channel.allocator.buffer(capacity: 0))
         if head.headers[canonicalForm: "expect"].contains(where: { $0.lowercased() == "100-continue" }) {
             context.writeAndFlush(self.wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .continue))), promise: nil)
         }
     }
 
-    /// Answers an error: at the request's `.end` when it has no body, else at once, closing
-    /// the connection (a body nobody wants is never read).
-    func reject(_ head: HTTPRequestHead, _ status: HTTPResponseStatus, _ reason: String, close: Bool = false, extraHeaders: [(String, String)] = [], context: ChannelHandlerContext) {
-        if close || Self.hasBody(head) {
-            self.state = .ignoringBody
-            self.respond(context: context, head: head, status: status, text: reason, extraHeaders: extraHeaders, close: true)
-        } else {
-            self.state = .rejecting(head, status: status, reason: reason, extraHeaders: extraHeaders)
-        }
-    }
-
-    static func hasBody(_ head: HTTPRequestHead) -> Bool {
-        head.headers.contains(name: "transfer-encoding") || head.headers["content-length"].contains { $0 != "0" }
-    }
-
-    /// `Connection: upgrade` and `Upgrade: websocket`, each possibly among other tokens.
-    static func isUpgradeToWebSocket(_ headers: HTTPHeaders) -> Bool {
-        headers[canonicalForm: "connection"].contains { $0.lowercased() == "upgrade" }
-            && headers[canonicalForm: "upgrade"].contains { $0.lowercased() == "websocket" }
-    }
-
-    /// A `Sec-WebSocket-Key` is the base64 of 16 bytes: 22 characters, the last of them
-    /// carrying 2 zero bits, then `==` (RFC 6455 §4.1).
-    static func isValidKey(_ key: String) -> Bool {
-        let bytes = Array(key.utf8)
-        guard bytes.count == 24, bytes[22] == UInt8(ascii: "="), bytes[23] == UInt8(ascii: "=") else { return false }
-        func isBase64(_ b: UInt8) -> Bool {
-            (b >= 0x41 && b <= 0x5A) || (b >= 0x61 && b <= 0x7A) || (b >= 0x30 && b <= 0x39) || b == 0x2B || b == 0x2F
-        }
-        return bytes[..<22].allSatisfy(isBase64) && "AQgw".utf8.contains(bytes[21])
-    }
-
-    func post(_ head: HTTPRequestHead, channel: String, body: ByteBuffer, context: ChannelHandlerContext) {
-        let contentType = head.headers.first(name: "content-type")?.lowercased() ?? ""
-        let isText = contentType.hasPrefix("text/")
-        if isText, !UTF8Validation.isValid(body) {
-            return self.respond(context: context, head: head, status: .badRequest, text: "text/* body is not valid UTF-8")
-        }
-        guard body.readableBytes > 0 else {
-            return self.respond(context: context, head: head, status: .badRequest, text: "empty body: empty messages are not relayed")
-        }
+    private func post(_ head: HTTPRequestHead, channel: String, body: ByteBuffer, context: ChannelHandlerContext) {
+        let (isText, refusal) = RequestRoute.publication(of: body, head)
+        if let refusal { return self.respond(head, refusal, context: context) }
         let receivers = self.shared.hub.publish(channel: channel, payload: body, isText: isText, on: context.eventLoop)
         let json = "{\"channel\":\"\(Page.jsonEscaped(channel))\",\"receivers\":\(receivers)}\n"
         self.writeResponse(context: context, head: head, status: .accepted, contentType: "application/json", body: json, keepAlive: head.isKeepAlive)
     }
 
-    func respond(context: ChannelHandlerContext, head: HTTPRequestHead, status: HTTPResponseStatus, text: String, extraHeaders: [(String, String)] = [], close: Bool = false) {
-        self.writeResponse(context: context, head: head, status: status, contentType: "text/plain; charset=utf-8", body: text + "\n", keepAlive: head.isKeepAlive && !close, extraHeaders: extraHeaders)
+    // MARK: - The authorization hook and the upgrade
+
+    /// Asks the hook about a request that passed every other check, reading nothing more from
+    /// the connection until it has answered; its deadline is the request's at the latest.
+    private func authorize(_ head: HTTPRequestHead, channel: String, _ request: HookedRequest, context: ChannelHandlerContext) {
+        guard let authorizer = self.shared.authorizer else {
+            // auth_url is set but there is no client to ask it with: refuse, never admit.
+            return self.reject(head, Refusal(status: .serviceUnavailable, reason: "authorization hook not available", closes: true), context: context)
+        }
+        context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
+        self.state = .authorizing(head, channel: channel, request)
+        let headers = HookRequest.headers(for: head, channel: channel, peerIP: context.channel.remoteAddress?.ipAddress)
+        self.hookWait.ask(authorizer, headers: headers, requestDeadline: self.requestDeadline, on: context.eventLoop) { [self] decision in
+            self.authorized(decision, context: context)
+        }
     }
 
-    func writeResponse(context: ChannelHandlerContext, head: HTTPRequestHead, status: HTTPResponseStatus, contentType: String, body: String, keepAlive: Bool, omitBody: Bool = false, extraHeaders: [(String, String)] = []) {
+    /// Acts on the hook's decision for the request in `.authorizing`.
+    private func authorized(_ decision: HookDecision, context: ChannelHandlerContext) {
+        guard case .authorizing(let head, let channel, let request) = self.state else { return }
+        guard context.channel.isActive else {
+            self.state = .idle
+            return
+        }
+        self.shared.authorizer?.record(decision)
+        decision.log(to: self.logger)
+        switch request.outcome(of: decision) {
+        case .upgrade(let upgrade, let permission):
+            self.join(head, upgrade, permission: permission, context: context)
+        case .receiveBody:
+            self.receiveBody(head, channel: channel, context: context)
+            self.resumeReading(context: context)
+        case .refuse(let refusal):
+            self.reject(head, refusal, context: context)
+            self.resumeReading(context: context)
+        }
+    }
+
+    /// Reads again after the hook answered a POST, beginning with what arrived meanwhile.
+    private func resumeReading(context: ChannelHandlerContext) {
+        guard !self.pipelining.isAnswering else { return }
+        context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+        self.releaseHeld(context: context)
+    }
+
+    /// Joins the staps channel (bound in the cluster when clustered), then switches the
+    /// connection to the websocket protocol. Until the websocket handler holds the membership,
+    /// every path that gives up leaves it.
+    private func join(_ head: HTTPRequestHead, _ upgrade: WebSocketUpgrade, permission: Permission, context: ChannelHandlerContext) {
+        self.state = .upgrading
+        let (membership, ready) = self.shared.hub.join(upgrade.channel, on: context.eventLoop)
+        let id = self.shared.connectionIDs.wrappingIncrementThenLoad(ordering: .relaxed)
+        self.logger[metadataKey: "connection.id"] = "\(id)"
+        self.logger[metadataKey: "channel"] = "\(upgrade.channel)"
+        // `Hub.join` hops `ready` to this connection's loop.
+        ready.assumeIsolated().whenComplete { [self] result in
+            switch result {
+            case .success:
+                guard context.channel.isActive else {
+                    membership.leave()
+                    return context.close(promise: nil)
+                }
+                guard !self.pipelining.shuttingDown else {
+                    membership.leave()
+                    return self.reject(head, Self.shuttingDownRefusal, context: context)
+                }
+                upgrade.switchProtocols(context, codec: [self.decoder, self.encoder], membership: membership, id: id, permission: permission, shared: self.shared, logger: self.logger)
+            case .failure(let error):
+                membership.leave()
+                self.logger.warning("the channel's cluster binding failed", metadata: ["error": "\(error)"])
+                self.reject(head, Refusal(status: .serviceUnavailable, reason: "the channel's cluster binding failed: \(error)", closes: true), context: context)
+            }
+        }
+    }
+
+    // MARK: - Answering
+
+    private func armRequestTimer(context: ChannelHandlerContext) {
+        self.requestTimer?.cancel()
+        // The loop's clock (virtual on an EmbeddedEventLoop), like every deadline here.
+        self.requestDeadline = context.eventLoop.now + self.shared.limits.handshakeTimeout
+        // Handlers run on their connection's loop, and so does this task.
+        self.requestTimer = context.eventLoop.assumeIsolated().scheduleTask(deadline: self.requestDeadline) { [self] in
+            self.requestTimedOut(context: context)
+        }
+    }
+
+    private func requestTimedOut(context: ChannelHandlerContext) {
+        // Still waiting for the hook: the hook's failure (503), not the client's (408).
+        if case .authorizing = self.state {
+            if let failure = self.hookWait.timeOut(now: context.eventLoop.now) { self.authorized(failure, context: context) }
+            return
+        }
+        // Mid-response or mid-upgrade there is nothing left to say.
+        if self.pipelining.isAnswering { return context.close(promise: nil) }
+        if case .upgrading = self.state { return context.close(promise: nil) }
+        self.state = .ignoringBody
+        // The request's own head when it has arrived (an upgrade's 408 counts as a refused handshake).
+        let head = self.currentHead ?? HTTPRequestHead(version: .http1_1, method: .GET, uri: "/")
+        self.respond(head, Refusal(status: .requestTimeout, reason: "request not complete within \(self.shared.limits.handshakeTimeout.nanoseconds / 1_000_000) ms", closes: true), context: context)
+    }
+
+    /// Answers an error: at the request's `.end` when it has no body, else at once, closing
+    /// the connection (a body nobody wants is never read).
+    private func reject(_ head: HTTPRequestHead, _ refusal: Refusal, context: ChannelHandlerContext) {
+        if refusal.closes || RequestRoute.hasBody(head) {
+            self.state = .ignoringBody
+            var closing = refusal
+            closing.closes = true
+            self.respond(head, closing, context: context)
+        } else {
+            self.state = .rejecting(head, refusal)
+        }
+    }
+
+    private func respond(_ head: HTTPRequestHead, _ refusal: Refusal, context: ChannelHandlerContext) {
+        self.writeResponse(context: context, head: head, status: refusal.status, contentType: "text/plain; charset=utf-8", body: refusal.reason + "\n", keepAlive: head.isKeepAlive && !refusal.closes, extraHeaders: refusal.extraHeaders)
+    }
+
+    private func writeResponse(context: ChannelHandlerContext, head: HTTPRequestHead, status: HTTPResponseStatus, contentType: String, body: String, keepAlive: Bool, omitBody: Bool = false, extraHeaders: [(String, String)] = []) {
         var headers = HTTPHeaders()
         headers.add(name: "Content-Type", value: contentType)
         headers.add(name: "Content-Length", value: "\(body.utf8.count)")
         headers.add(name: "Cache-Control", value: "no-store")
         headers.add(name: "X-Staps-Node", value: self.shared.nodeID)
         for (name, value) in extraHeaders { headers.add(name: name, value: value) }
-        let keepAlive = keepAlive && !self.shuttingDown && !self.lastRequestEndsParsing
-        self.responses += 1
+        let keepAlive = self.pipelining.responseStarted(keepAlive: keepAlive)
         self.currentHead = nil
         self.shared.counters.httpResponses.increment(Int(status.code))
         self.shared.counters.httpResponseTotal.wrappingIncrement(ordering: .relaxed)
-        if Self.isUpgradeToWebSocket(head.headers) { self.shared.counters.handshakesRejected.increment(Int(status.code)) }
+        if WebSocketUpgrade.isRequested(by: head.headers) { self.shared.counters.handshakesRejected.increment(Int(status.code)) }
         if !keepAlive { headers.add(name: "Connection", value: "close") }
         context.write(self.wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))), promise: nil)
         if !omitBody {
@@ -326,53 +310,45 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
         let done = context.writeAndFlush(self.wrapOutboundOut(.end(nil)))
         if !keepAlive {
-            self.closing = true
+            // Written on the connection's loop, so its future completes there.
             done.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
             return
         }
         // Nothing more is read until this response is written.
-        self.responding = true
         context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
+        // Written on the connection's loop, so its future completes there.
         done.assumeIsolated().whenComplete { [self] result in
-            self.responding = false
+            let closes = self.pipelining.responseWritten(idle: self.isIdle)
             guard case .success = result, context.channel.isActive else { return }
             self.armRequestTimer(context: context)
-            if self.shuttingDown, case .idle = self.state, self.held.isEmpty { return context.close(promise: nil) }
+            if closes { return context.close(promise: nil) }
             context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
             self.releaseHeld(context: context)
         }
     }
 
+    // MARK: - Events
+
+    /// The node is stopping (`Node.shutdown`).
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if event is ShutdownEvent {
-            self.shuttingDown = true
-            // Idle between keep-alive requests: done. Not asked anything yet: wait for the request.
-            if case .idle = self.state, self.responses > 0, !self.responding, self.held.isEmpty { context.close(promise: nil) }
-            // An upgrade waiting for the hook would be dropped once admitted (no websocket
-            // starts during shutdown): drop it now, its call with it. A POST is still answered.
-            if case .authorizing(let head, _, .upgrade) = self.state {
-                self.abandonHookCall()
-                self.state = .idle
-                self.respond(context: context, head: head, status: .serviceUnavailable, text: "server shutting down", close: true)
-            }
-            return
+        guard event is ChannelShouldQuiesceEvent else { return context.fireUserInboundEventTriggered(event) }
+        if self.pipelining.quiesce(idle: self.isIdle) { context.close(promise: nil) }
+        // An upgrade waiting for the hook would be dropped once admitted (no websocket
+        // starts during shutdown): drop it now, its call with it. A POST is still answered.
+        if case .authorizing(let head, _, .upgrade) = self.state {
+            self.hookWait.abandon()
+            self.reject(head, Self.shuttingDownRefusal, context: context)
         }
-        context.fireUserInboundEventTriggered(event)
     }
 
     /// A request the decoder cannot parse gets its status (when no response is under way), then
     /// the connection closes: nothing after it can be trusted.
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         self.logger.debug("http error", metadata: ["error": "\(error)"])
-        guard let parserError = error as? HTTPParserError, !self.responding, !self.closing, case .idle = self.state else {
+        guard let parserError = error as? HTTPParserError, !self.pipelining.isAnswering, self.isIdle else {
             return context.close(promise: nil)
         }
-        let head = HTTPRequestHead(version: .http1_1, method: .GET, uri: "/")
         self.state = .ignoringBody
-        if parserError == .headerOverflow {
-            self.respond(context: context, head: head, status: .requestHeaderFieldsTooLarge, text: "request head larger than \(ConnectionPipeline.maxHeadBytes) bytes or more than \(ConnectionPipeline.maxHeaderFields) header fields", close: true)
-        } else {
-            self.respond(context: context, head: head, status: .badRequest, text: "malformed HTTP request (\(parserError))", close: true)
-        }
+        self.respond(HTTPRequestHead(version: .http1_1, method: .GET, uri: "/"), RequestRoute.refusal(for: parserError), context: context)
     }
 }

@@ -1,16 +1,16 @@
 import Atomics
-import Logging
-import NIOConcurrencyHelpers
 import NIOCore
 import StapsCluster
 
-/// The staps channel table of one event loop. Confined to that loop: every method runs on it.
+/// The receivers of every staps channel on one event loop, and what that loop has queued for
+/// the other loops and for the cluster. Confined to that loop: every method runs on it.
 final class LoopHub: @unchecked Sendable {
     // @unchecked: all mutable state is touched only on `eventLoop` (asserted in debug builds),
     // other loops reach it only through `eventLoop.execute`, and `hub` is set once by
     // `Hub.init` before any loop can reach this one.
     let eventLoop: EventLoop
-    let bit: UInt64
+    /// This loop's bit in `ActiveChannel.loopMask`.
+    let loopBit: UInt64
     let allocator = ByteBufferAllocator()
     /// The hub that owns this loop hub (weak: the hub holds its loop hubs). Read once per
     /// `endTick`, never per message.
@@ -21,119 +21,137 @@ final class LoopHub: @unchecked Sendable {
     /// What this loop counts per message (metrics).
     let counters = LoopCounters()
 
-    /// Bytes other loops have queued for this one and it has not delivered yet.
-    let backlog = ManagedAtomic<Int>(0)
-    /// Per other loop: the batches this loop handed it that it has not delivered yet.
-    let undelivered: [ManagedAtomic<Int>]
+    /// Bytes other loops have queued for this one that it has not delivered yet.
+    let backlogFromOtherLoops = ManagedAtomic<Int>(0)
+    /// Per other loop: how many of this loop's batches wait there, not delivered yet.
+    let batchesWaitingOnLoop: [ManagedAtomic<Int>]
     /// Batches of this loop's that another loop may have waiting before this loop's publishers
     /// pause reading: that loop's own clients would otherwise wait behind a flood's backlog.
-    static let batchesAhead = 2
+    static let maxBatchesWaiting = 2
 
-    private var channels: [ObjectIdentifier: LocalChannel] = [:]
-    private var dirty: [WebSocketHandler] = []
-    private var outgoing: [[(ChannelEntry, ByteBuffer)]]
-    private var outgoingBytes: [Int]
-    private var clusterOutgoing: [ClusterMessage] = []
+    /// This loop's receivers, by the identity of their `ActiveChannel`.
+    private var receiversByChannel: [ObjectIdentifier: LocalReceivers] = [:]
+    /// Receivers with writes queued this tick, flushed once at its end.
+    private var receiversToFlush: [any ChannelReceiver] = []
+    /// Per other loop: the messages for its receivers queued this tick, and their bytes.
+    private var batchesForLoops: [[Delivery]]
+    private var batchBytesForLoops: [Int]
+    /// Messages from this loop's clients for the other nodes, handed to the link at the tick's end.
+    private var messagesForCluster: [ClusterMessage] = []
     private var tickScheduled = false
 
-    final class LocalChannel {
-        let entry: ChannelEntry
-        var members: ContiguousArray<WebSocketHandler> = []
-        init(entry: ChannelEntry) { self.entry = entry }
+    /// One message for the receivers of one channel on another loop.
+    typealias Delivery = (channel: ActiveChannel, message: FramedMessage)
+
+    /// The receivers of one staps channel on this loop: an array the hot path walks, and where
+    /// each one sits in it, so that any of them leaves in O(1).
+    final class LocalReceivers {
+        let channel: ActiveChannel
+        private(set) var receivers: ContiguousArray<any ChannelReceiver> = []
+        private var positions: [ObjectIdentifier: Int] = [:]
+
+        init(channel: ActiveChannel) { self.channel = channel }
+
+        func append(_ receiver: any ChannelReceiver) {
+            self.positions[ObjectIdentifier(receiver)] = self.receivers.count
+            self.receivers.append(receiver)
+        }
+
+        /// Removes `receiver`; the last one moves into its place.
+        func remove(_ receiver: ObjectIdentifier) {
+            guard let position = self.positions.removeValue(forKey: receiver) else { return }
+            let last = self.receivers.removeLast()
+            guard position < self.receivers.count else { return }
+            self.receivers[position] = last
+            self.positions[ObjectIdentifier(last)] = position
+        }
     }
 
     init(eventLoop: EventLoop, index: Int, loopCount: Int, clustered: Bool) {
         self.eventLoop = eventLoop
         self.clustered = clustered
-        self.bit = 1 << UInt64(index)
-        self.outgoing = Array(repeating: [], count: loopCount)
-        self.outgoingBytes = Array(repeating: 0, count: loopCount)
-        self.undelivered = (0..<loopCount).map { _ in ManagedAtomic<Int>(0) }
+        self.loopBit = 1 << UInt64(index)
+        self.batchesForLoops = Array(repeating: [], count: loopCount)
+        self.batchBytesForLoops = Array(repeating: 0, count: loopCount)
+        self.batchesWaitingOnLoop = (0..<loopCount).map { _ in ManagedAtomic<Int>(0) }
     }
 
-    /// Adds `member` to the members of `entry` on this loop (for `Membership.attach(_:)`).
-    /// From now on it receives every message; returns its list and its slot in it.
-    func add(_ member: WebSocketHandler, to entry: ChannelEntry) -> (LocalChannel, slot: Int) {
+    /// Adds `receiver` to the receivers of `channel` on this loop (for `Membership.attach(_:)`).
+    /// From now on it receives every message; returns the list it is in.
+    func add(_ receiver: any ChannelReceiver, to channel: ActiveChannel) -> LocalReceivers {
         self.eventLoop.assertInEventLoop()
-        let key = ObjectIdentifier(entry)
-        let local: LocalChannel
-        if let existing = self.channels[key] {
+        let key = ObjectIdentifier(channel)
+        let local: LocalReceivers
+        if let existing = self.receiversByChannel[key] {
             local = existing
         } else {
-            local = LocalChannel(entry: entry)
-            self.channels[key] = local
-            _ = entry.loopMask.loadThenBitwiseOr(with: self.bit, ordering: .sequentiallyConsistent)
+            local = LocalReceivers(channel: channel)
+            self.receiversByChannel[key] = local
+            _ = channel.loopMask.loadThenBitwiseOr(with: self.loopBit, ordering: .sequentiallyConsistent)
         }
-        local.members.append(member)
-        entry.receivers.wrappingIncrement(ordering: .relaxed)
+        local.append(receiver)
+        channel.receivers.wrappingIncrement(ordering: .relaxed)
         LoopCounters.add(1, to: self.counters.websocketClients)
-        return (local, local.members.count - 1)
+        return local
     }
 
-    /// Removes the member at `slot` of `local` (for `Membership.leave()`): the last member
-    /// moves into its place, and the loop's last member clears the loop's bit.
-    func remove(slot: Int, from local: LocalChannel) {
+    /// Removes `receiver` from `local` (for `Membership.leave()`); the loop's last receiver of
+    /// the channel clears the loop's bit.
+    func remove(_ receiver: ObjectIdentifier, from local: LocalReceivers) {
         self.eventLoop.assertInEventLoop()
-        let last = local.members.count - 1
-        if slot != last {
-            let moved = local.members[last]
-            local.members[slot] = moved
-            moved.membership.slot = slot
-        }
-        local.members.removeLast()
-        local.entry.receivers.wrappingDecrement(ordering: .relaxed)
+        local.remove(receiver)
+        local.channel.receivers.wrappingDecrement(ordering: .relaxed)
         LoopCounters.add(-1, to: self.counters.websocketClients)
-        if local.members.isEmpty {
-            self.channels[ObjectIdentifier(local.entry)] = nil
-            _ = local.entry.loopMask.loadThenBitwiseAnd(with: ~self.bit, ordering: .sequentiallyConsistent)
+        if local.receivers.isEmpty {
+            self.receiversByChannel[ObjectIdentifier(local.channel)] = nil
+            _ = local.channel.loopMask.loadThenBitwiseAnd(with: ~self.loopBit, ordering: .sequentiallyConsistent)
         }
     }
 
-    /// The hot path: hands one framed message to every receiver on this loop but the sender,
-    /// queues it once for every other loop with receivers, and once for the cluster.
+    /// The hot path: hands one framed message to every receiver on this loop but the sender's
+    /// own (`sender`, when it is one), queues it once for every other loop with receivers, and
+    /// once for the cluster (`connectionID` 0 for a POST).
     ///
     /// - Returns: the work it made here: one per local receiver and per other loop, plus one.
     @inline(__always) @discardableResult
-    func publish(from sender: WebSocketHandler?, entry: ChannelEntry, frame: ByteBuffer, headerLength: Int, isText: Bool) -> Int {
+    func publish(_ message: FramedMessage, to channel: ActiveChannel, isText: Bool, from sender: ObjectIdentifier?, connectionID: UInt64) -> Int {
         var work = 1
         // Receivers node-wide, the sender excluded when it is one (a publish-only client is
         // not; a POST has no sender).
-        let receivers = entry.receivers.load(ordering: .relaxed) &- (sender?.receives == true ? 1 : 0)
-        self.counters.fanout.record(receivers)
-        if let local = self.channels[ObjectIdentifier(entry)] {
-            work &+= local.members.count
+        self.counters.fanout.record(channel.receivers.load(ordering: .relaxed) &- (sender == nil ? 0 : 1))
+        if let local = self.receiversByChannel[ObjectIdentifier(channel)] {
+            work &+= local.receivers.count
             var reached = 0
-            for member in local.members where member !== sender {
-                if member.enqueue(frame) { reached &+= 1 }
+            for receiver in local.receivers where ObjectIdentifier(receiver) != sender {
+                if receiver.enqueue(message) { reached &+= 1 }
             }
             LoopCounters.add(reached, to: self.counters.messagesDelivered)
-            LoopCounters.add(reached &* (frame.readableBytes &- headerLength), to: self.counters.bytesDelivered)
+            LoopCounters.add(reached &* message.payloadLength, to: self.counters.bytesDelivered)
         }
-        var mask = entry.loopMask.load(ordering: .sequentiallyConsistent) & ~self.bit
+        var mask = channel.loopMask.load(ordering: .sequentiallyConsistent) & ~self.loopBit
         while mask != 0 {
             let i = mask.trailingZeroBitCount
-            self.outgoing[i].append((entry, frame))
-            self.outgoingBytes[i] &+= frame.readableBytes
+            self.batchesForLoops[i].append((channel, message))
+            self.batchBytesForLoops[i] &+= message.bytes.readableBytes
             mask &= mask - 1
             work &+= 1
         }
         if self.clustered {
-            let payload = frame.getSlice(at: frame.readerIndex + headerLength, length: frame.readableBytes - headerLength)!
-            self.clusterOutgoing.append(ClusterMessage(channel: entry.name, payload: payload, isText: isText, connectionID: sender?.id ?? 0))
+            self.messagesForCluster.append(ClusterMessage(channel: channel.name, payload: message.payload, isText: isText, connectionID: connectionID))
         }
         self.scheduleTick()
         return work
     }
 
     func queueForCluster(_ message: ClusterMessage) {
-        self.clusterOutgoing.append(message)
+        self.messagesForCluster.append(message)
         self.scheduleTick()
     }
 
-    /// Marks a connection as having unflushed writes; flushed once at the end of this loop tick.
+    /// `receiver` has writes queued: it is flushed once at the end of this loop tick.
     @inline(__always)
-    func markDirty(_ connection: WebSocketHandler) {
-        self.dirty.append(connection)
+    func flushAtEndOfTick(_ receiver: any ChannelReceiver) {
+        self.receiversToFlush.append(receiver)
         self.scheduleTick()
     }
 
@@ -148,69 +166,70 @@ final class LoopHub: @unchecked Sendable {
     /// other loop, one batch for the cluster.
     private func endTick() {
         self.tickScheduled = false
-        self.flushDirty()
+        self.flushReceivers()
         // Nil only once the node has let go of its hub: nobody is left to hand batches to.
-        guard let hub = self.hub else { return self.discardOutgoing() }
-        for i in self.outgoing.indices where !self.outgoing[i].isEmpty {
-            let batch = self.outgoing[i]
-            let bytes = self.outgoingBytes[i]
-            self.outgoing[i].removeAll(keepingCapacity: true)
-            self.outgoingBytes[i] = 0
+        guard let hub = self.hub else { return self.discardBatches() }
+        for i in self.batchesForLoops.indices where !self.batchesForLoops[i].isEmpty {
+            let batch = self.batchesForLoops[i]
+            let bytes = self.batchBytesForLoops[i]
+            self.batchesForLoops[i].removeAll(keepingCapacity: true)
+            self.batchBytesForLoops[i] = 0
             let target = hub.loops[i]
-            if target.backlog.loadThenWrappingIncrement(by: bytes, ordering: .relaxed) > Hub.crossLoopBacklogLimit {
-                target.backlog.wrappingDecrement(by: bytes, ordering: .relaxed)
+            if target.backlogFromOtherLoops.loadThenWrappingIncrement(by: bytes, ordering: .relaxed) > Hub.crossLoopBacklogLimit {
+                target.backlogFromOtherLoops.wrappingDecrement(by: bytes, ordering: .relaxed)
                 hub.droppedCrossLoopBatch(messages: batch.count)
                 continue
             }
-            let undelivered = self.undelivered[i]
-            undelivered.wrappingIncrement(ordering: .relaxed)
+            let waiting = self.batchesWaitingOnLoop[i]
+            waiting.wrappingIncrement(ordering: .relaxed)
             target.eventLoop.execute {
-                target.deliver(batch, backlog: target.backlog, bytes: bytes)
-                undelivered.wrappingDecrement(ordering: .relaxed)
+                target.deliver(batch, releasing: bytes, of: target.backlogFromOtherLoops)
+                waiting.wrappingDecrement(ordering: .relaxed)
             }
         }
-        if !self.clusterOutgoing.isEmpty {
-            let batch = self.clusterOutgoing
-            self.clusterOutgoing.removeAll(keepingCapacity: true)
+        if !self.messagesForCluster.isEmpty {
+            let batch = self.messagesForCluster
+            self.messagesForCluster.removeAll(keepingCapacity: true)
             hub.link.publish(batch)
         }
     }
 
-    private func discardOutgoing() {
-        for i in self.outgoing.indices {
-            self.outgoing[i].removeAll(keepingCapacity: true)
-            self.outgoingBytes[i] = 0
+    private func discardBatches() {
+        for i in self.batchesForLoops.indices {
+            self.batchesForLoops[i].removeAll(keepingCapacity: true)
+            self.batchBytesForLoops[i] = 0
         }
-        self.clusterOutgoing.removeAll(keepingCapacity: true)
+        self.messagesForCluster.removeAll(keepingCapacity: true)
     }
 
-    private func flushDirty() {
-        guard !self.dirty.isEmpty else { return }
-        for connection in self.dirty { connection.flushPending() }
-        self.dirty.removeAll(keepingCapacity: true)
+    private func flushReceivers() {
+        guard !self.receiversToFlush.isEmpty else { return }
+        for receiver in self.receiversToFlush { receiver.flushQueued() }
+        self.receiversToFlush.removeAll(keepingCapacity: true)
     }
 
-    /// A batch from another loop or the cluster: deliver to this loop's members, flush once.
-    func deliver(_ batch: [(ChannelEntry, ByteBuffer)], backlog: ManagedAtomic<Int>, bytes: Int) {
+    /// A batch from another loop or the cluster: deliver to this loop's receivers, flush once,
+    /// and take the batch's `bytes` off the `backlog` they were counted in.
+    func deliver(_ batch: [Delivery], releasing bytes: Int, of backlog: ManagedAtomic<Int>) {
         var reached = 0
         var payloadBytes = 0
-        for (entry, frame) in batch {
-            guard let local = self.channels[ObjectIdentifier(entry)] else { continue }
+        for (channel, message) in batch {
+            guard let local = self.receiversByChannel[ObjectIdentifier(channel)] else { continue }
             var n = 0
-            for member in local.members where member.enqueue(frame) { n &+= 1 }
+            for receiver in local.receivers where receiver.enqueue(message) { n &+= 1 }
             reached &+= n
-            payloadBytes &+= n &* Framing.payloadLength(ofServerFrame: frame)
+            payloadBytes &+= n &* message.payloadLength
         }
         LoopCounters.add(reached, to: self.counters.messagesDelivered)
         LoopCounters.add(payloadBytes, to: self.counters.bytesDelivered)
         backlog.wrappingDecrement(by: bytes, ordering: .relaxed)
-        self.flushDirty()
+        self.flushReceivers()
     }
 
-    /// True while some other loop has more than `batchesAhead` of this loop's batches
+    /// True while some other loop has more than `maxBatchesWaiting` of this loop's batches
     /// waiting: publishers here then wait (reading paused) until it catches up.
-    var othersAreBehind: Bool {
-        for counter in self.undelivered where counter.load(ordering: .relaxed) > Self.batchesAhead {
+    var otherLoopsAreBehind: Bool {
+        for counter in self.batchesWaitingOnLoop where counter.load(ordering: .relaxed) > Self.maxBatchesWaiting {
             return true
         }
         return false

@@ -75,7 +75,7 @@ public final class Node: Sendable {
             self.group = MultiThreadedEventLoopGroup(numberOfThreads: min(System.coreCount, 64))
             self.ownsGroup = true
         }
-        self.hub = Hub(eventLoops: Array(self.group.makeIterator()), link: link, counters: self.counters, logger: logger)
+        self.hub = Hub(eventLoops: Array(self.group.makeIterator()), link: link, framing: WebSocketMessageFraming(), counters: self.counters, logger: logger)
         self.metrics = NodeMetrics(NodeMetrics.Sources(hub: self.hub, counters: self.counters, link: link, hooked: configuration.access.hook.url != nil))
         self.metricsServer = MetricsServer(metrics: self.metrics, group: self.group)
         self.memoryTrimmer = MemoryTrimmer(hub: self.hub, counters: self.counters, connections: self.connections)
@@ -244,7 +244,7 @@ public final class Node: Sendable {
         // its request (an accepted request is answered, not dropped).
         await self.drainEventLoops()
         for connection in self.connections.all {
-            connection.pipeline.fireUserInboundEventTriggered(ShutdownEvent())
+            connection.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent())
         }
         let deadline = NIODeadline.now() + self.configuration.limits.shutdownTimeout
         let left = await self.connections.waitUntilClosed(by: deadline, on: self.group.next())

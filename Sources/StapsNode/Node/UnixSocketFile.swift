@@ -1,3 +1,5 @@
+import NIOCore
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -69,22 +71,14 @@ enum UnixSocketFile {
         return fd
     }
 
-    /// Calls `body` with `path` as a `sockaddr_un` (-1 with ENAMETOOLONG when it does not fit).
+    /// Calls `body` with `path` as a socket address (NIO's `sockaddr_un`); -1 with ENAMETOOLONG
+    /// when it does not fit.
     private static func withAddress(_ path: String, _ body: (UnsafePointer<sockaddr>, socklen_t) -> Int32) -> Int32 {
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
+        guard let address = try? SocketAddress(unixDomainSocketPath: path) else {
             errno = ENAMETOOLONG
             return -1
         }
-        withUnsafeMutableBytes(of: &addr.sun_path) { dst in
-            for (i, b) in bytes.enumerated() { dst[i] = b }
-            dst[bytes.count] = 0
-        }
-        return withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
+        return address.withSockAddr { body($0, socklen_t($1)) }
     }
 
     /// True when `fd` is an IPv4 or IPv6 socket.

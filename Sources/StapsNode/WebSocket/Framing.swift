@@ -2,14 +2,8 @@ import NIOCore
 import NIOWebSocket
 
 /// Server-side RFC 6455 framing: a message is framed once into one buffer that every receiver shares.
+/// Opcodes and close codes are NIOWebSocket's `WebSocketOpcode` and `WebSocketErrorCode`.
 public enum Framing {
-    public static let opContinuation: UInt8 = 0x0
-    public static let opText: UInt8 = 0x1
-    public static let opBinary: UInt8 = 0x2
-    public static let opClose: UInt8 = 0x8
-    public static let opPing: UInt8 = 0x9
-    public static let opPong: UInt8 = 0xA
-
     /// Bytes of the header of an unmasked server frame carrying `length` payload bytes.
     @inlinable
     public static func headerLength(payload length: Int) -> Int {
@@ -18,13 +12,14 @@ public enum Framing {
 
     /// Writes a FIN frame header (no mask) for `opcode` and `length` payload bytes.
     @inlinable
-    public static func writeHeader(into buffer: inout ByteBuffer, opcode: UInt8, length: Int) {
+    public static func writeHeader(into buffer: inout ByteBuffer, opcode: WebSocketOpcode, length: Int) {
+        let first = 0x80 | UInt8(webSocketOpcode: opcode)
         if length < 126 {
-            buffer.writeMultipleIntegers(0x80 | opcode, UInt8(length))
+            buffer.writeMultipleIntegers(first, UInt8(length))
         } else if length <= 0xFFFF {
-            buffer.writeMultipleIntegers(0x80 | opcode, UInt8(126), UInt16(length))
+            buffer.writeMultipleIntegers(first, UInt8(126), UInt16(length))
         } else {
-            buffer.writeMultipleIntegers(0x80 | opcode, UInt8(127), UInt64(length))
+            buffer.writeMultipleIntegers(first, UInt8(127), UInt64(length))
         }
     }
 
@@ -36,8 +31,16 @@ public enum Framing {
         return frame.readableBytes - header
     }
 
+    /// The code of a close frame made here (1005 when it has none), and whether it carries a
+    /// reason (the node's answer to a broken close does).
+    static func closeCode(ofServerFrame frame: ByteBuffer) -> (WebSocketErrorCode, hasReason: Bool) {
+        let length = payloadLength(ofServerFrame: frame)
+        guard length >= 2, let code = frame.getWebSocketErrorCode(at: frame.readerIndex + 2) else { return (.noStatusReceived, false) }
+        return (code, length > 2)
+    }
+
     /// A complete frame holding `payload` as it is.
-    public static func frame(opcode: UInt8, payload: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer {
+    public static func frame(opcode: WebSocketOpcode, payload: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer {
         var out = allocator.buffer(capacity: headerLength(payload: payload.readableBytes) + payload.readableBytes)
         writeHeader(into: &out, opcode: opcode, length: payload.readableBytes)
         out.writeImmutableBuffer(payload)
@@ -45,12 +48,12 @@ public enum Framing {
     }
 
     /// A close frame with `code` and a UTF-8 `reason` (cut to fit 125 bytes).
-    public static func closeFrame(code: UInt16, reason: String, allocator: ByteBufferAllocator) -> ByteBuffer {
+    public static func closeFrame(code: WebSocketErrorCode, reason: String, allocator: ByteBufferAllocator) -> ByteBuffer {
         var reasonBytes = Array(reason.utf8.prefix(123))
         while !reasonBytes.isEmpty, String(validating: reasonBytes, as: UTF8.self) == nil { reasonBytes.removeLast() }
         var out = allocator.buffer(capacity: 4 + reasonBytes.count)
-        writeHeader(into: &out, opcode: opClose, length: 2 + reasonBytes.count)
-        out.writeInteger(code)
+        writeHeader(into: &out, opcode: .connectionClose, length: 2 + reasonBytes.count)
+        out.write(webSocketErrorCode: code)
         out.writeBytes(reasonBytes)
         return out
     }
@@ -75,14 +78,19 @@ public enum Framing {
             i += 1
         }
     }
+}
 
-    /// The mask bytes of `key` loaded in memory order, for `unmask`.
-    @inlinable
-    public static func maskWord(_ key: WebSocketMaskingKey) -> UInt32 {
-        var word: UInt32 = 0
-        withUnsafeMutableBytes(of: &word) { w in
-            for i in 0..<4 { w[i] = key[i] }
-        }
-        return word
+extension WebSocketErrorCode {
+    /// 1005 and 1006 (RFC 6455 §7.4.1) are never sent, only counted: NIO has no case for them.
+    static var noStatusReceived: WebSocketErrorCode { .unknown(1005) }
+    static var abnormalClosure: WebSocketErrorCode { .unknown(1006) }
+}
+
+/// How the hub frames the messages that arrive unframed (POST bodies, other nodes' messages):
+/// as one text or binary websocket frame.
+struct WebSocketMessageFraming: MessageFraming {
+    func frame(_ payload: ByteBuffer, isText: Bool, allocator: ByteBufferAllocator) -> FramedMessage {
+        let bytes = Framing.frame(opcode: isText ? .text : .binary, payload: payload, allocator: allocator)
+        return FramedMessage(bytes: bytes, headerLength: bytes.readableBytes &- payload.readableBytes)
     }
 }

@@ -1,4 +1,5 @@
 import NIOCore
+import NIOWebSocket
 
 /// The protocol of one websocket connection, server side (RFC 6455), as a pure state machine:
 /// fed the client's bytes, it says what to do, one action at a time.
@@ -17,7 +18,7 @@ struct WebSocketStateMachine {
         case pong(ByteBuffer)
         /// The client broke the protocol: send a close frame with `code` and `reason`, then wait
         /// (bounded) for its close. Later bytes are read only to find that close.
-        case close(code: UInt16, reason: String)
+        case close(code: WebSocketErrorCode, reason: String)
         /// The client closed: write this framed close, then drop the connection.
         case replyToClose(ByteBuffer)
         /// The client answered our close: drop the connection.
@@ -34,6 +35,8 @@ struct WebSocketStateMachine {
 
     // The frame being read.
     private var inPayload = false
+    /// The raw 4-bit opcode (`Opcode`), matched per frame: matching NIO's `WebSocketOpcode`
+    /// would lean on the optimizer inlining its Equatable conformance across modules.
     private var opcode: UInt8 = 0
     private var fin = false
     private var maskKey: UInt32 = 0
@@ -67,7 +70,7 @@ struct WebSocketStateMachine {
         guard self.mode == .open else { return false }
         self.mode = .closing
         self.message = nil
-        self.skipping = self.inPayload && self.opcode != Framing.opClose
+        self.skipping = self.inPayload && self.opcode != Opcode.close
         return true
     }
 
@@ -136,23 +139,23 @@ struct WebSocketStateMachine {
     private mutating func beginFrame(allocator: ByteBufferAllocator) -> Action? {
         if self.mode == .closing {
             // Only the client's close matters now; everything else is skipped unchecked.
-            if self.opcode == Framing.opClose, self.frameRemaining <= 125 {
+            if self.opcode == Opcode.close, self.frameRemaining <= 125 {
                 self.control = allocator.buffer(capacity: self.frameRemaining)
             } else {
                 self.skipping = true
             }
             return nil
         }
-        guard self.rsv == 0 else { return self.fail(1002, "reserved bits set without an extension") }
-        guard self.masked else { return self.fail(1002, "client frames must be masked") }
-        guard !self.lengthTooLarge else { return self.fail(1002, "frame length has its top bit set") }
+        guard self.rsv == 0 else { return self.fail(.protocolError, "reserved bits set without an extension") }
+        guard self.masked else { return self.fail(.protocolError, "client frames must be masked") }
+        guard !self.lengthTooLarge else { return self.fail(.protocolError, "frame length has its top bit set") }
         switch self.opcode {
-        case Framing.opClose, Framing.opPing, Framing.opPong:
-            guard self.fin else { return self.fail(1002, "fragmented control frame") }
-            guard self.frameRemaining <= 125 else { return self.fail(1002, "control frame longer than 125 bytes") }
+        case Opcode.close, Opcode.ping, Opcode.pong:
+            guard self.fin else { return self.fail(.protocolError, "fragmented control frame") }
+            guard self.frameRemaining <= 125 else { return self.fail(.protocolError, "control frame longer than 125 bytes") }
             self.control = allocator.buffer(capacity: self.frameRemaining)
-        case Framing.opText, Framing.opBinary:
-            guard self.message == nil else { return self.fail(1002, "new message before the fragmented one ended") }
+        case Opcode.text, Opcode.binary:
+            guard self.message == nil else { return self.fail(.protocolError, "new message before the fragmented one ended") }
             guard self.frameRemaining <= self.maxMessageSize else { return self.tooLarge() }
             // What a header claims is not allocated before the bytes arrive: at most 64 KiB
             // up front, then the buffer grows with the payload.
@@ -161,13 +164,13 @@ struct WebSocketStateMachine {
             message.moveWriterIndex(forwardBy: Self.headroom)
             message.moveReaderIndex(forwardBy: Self.headroom)
             self.message = message
-            self.messageIsText = self.opcode == Framing.opText
+            self.messageIsText = self.opcode == Opcode.text
             self.utf8 = UTF8Validator()
-        case Framing.opContinuation:
-            guard let message = self.message else { return self.fail(1002, "continuation frame without a message") }
+        case Opcode.continuation:
+            guard let message = self.message else { return self.fail(.protocolError, "continuation frame without a message") }
             guard self.frameRemaining <= self.maxMessageSize - message.readableBytes else { return self.tooLarge() }
         default:
-            return self.fail(1002, "unknown opcode \(self.opcode)")
+            return self.fail(.protocolError, "unknown opcode \(self.opcode)")
         }
         return nil
     }
@@ -180,7 +183,7 @@ struct WebSocketStateMachine {
             buffer.moveReaderIndex(forwardBy: n)
             return nil
         }
-        if self.opcode >= Framing.opClose {
+        if self.opcode >= Opcode.close {
             Self.appendUnmasked(buffer.readSlice(length: n)!, key: self.maskKey, phase: phase, to: &self.control!)
             return nil
         }
@@ -190,7 +193,7 @@ struct WebSocketStateMachine {
         Self.appendUnmasked(buffer.readSlice(length: n)!, key: self.maskKey, phase: phase, to: &message)
         if self.messageIsText {
             let valid = message.withUnsafeReadableBytes { self.utf8.feed(UnsafeRawBufferPointer(rebasing: $0[start...])) }
-            guard valid else { return self.fail(1007, "text message is not valid UTF-8") }
+            guard valid else { return self.fail(.dataInconsistentWithMessage, "text message is not valid UTF-8") }
         }
         self.message = message
         return nil
@@ -202,7 +205,7 @@ struct WebSocketStateMachine {
             return nil
         }
         switch self.opcode {
-        case Framing.opClose:
+        case Opcode.close:
             let payload = self.control.take()!
             if self.mode == .closing {
                 self.mode = .closed
@@ -211,20 +214,19 @@ struct WebSocketStateMachine {
             self.mode = .closed
             self.message = nil
             return .replyToClose(Self.closeReply(to: payload, allocator: allocator))
-        case Framing.opPing:
-            return .pong(Framing.frame(opcode: Framing.opPong, payload: self.control.take()!, allocator: allocator))
-        case Framing.opPong:
+        case Opcode.ping:
+            return .pong(Framing.frame(opcode: .pong, payload: self.control.take()!, allocator: allocator))
+        case Opcode.pong:
             self.control = nil
             return nil
         default:
             guard self.fin, var message = self.message.take() else { return nil }
-            if self.messageIsText, !self.utf8.isComplete { return self.fail(1007, "text message is not valid UTF-8") }
+            if self.messageIsText, !self.utf8.isComplete { return self.fail(.dataInconsistentWithMessage, "text message is not valid UTF-8") }
             let length = message.readableBytes
             guard length > 0 else { return nil }  // empty messages are keepalives, not relayed
-            let opcode = self.messageIsText ? Framing.opText : Framing.opBinary
             let headerLength = Framing.headerLength(payload: length)
             let at = message.readerIndex - headerLength
-            message.setInteger(0x80 | opcode, at: at)
+            message.setInteger(0x80 | (self.messageIsText ? Opcode.text : Opcode.binary), at: at)
             if length < 126 {
                 message.setInteger(UInt8(length), at: at + 1)
             } else if length <= 0xFFFF {
@@ -241,10 +243,10 @@ struct WebSocketStateMachine {
 
     // MARK: Failing and closing
 
-    private mutating func fail(_ code: UInt16, _ reason: String) -> Action {
+    private mutating func fail(_ code: WebSocketErrorCode, _ reason: String) -> Action {
         // A broken close frame was the client's close: no other will come, so the connection
         // is dropped once ours is written.
-        self.mode = self.inPayload && self.opcode == Framing.opClose ? .closed : .closing
+        self.mode = self.inPayload && self.opcode == Opcode.close ? .closed : .closing
         self.message = nil
         self.control = nil
         self.skipping = self.inPayload
@@ -252,7 +254,7 @@ struct WebSocketStateMachine {
     }
 
     private mutating func tooLarge() -> Action {
-        self.fail(1009, "message larger than \(self.maxMessageSize) bytes")
+        self.fail(.messageTooLarge, "message larger than \(self.maxMessageSize) bytes")
     }
 
     /// The close frame answering a client's close (RFC 6455 §5.5.1, §7.4): its own code when it
@@ -261,19 +263,19 @@ struct WebSocketStateMachine {
         var payload = payload
         guard payload.readableBytes > 0 else {
             var out = allocator.buffer(capacity: 2)
-            Framing.writeHeader(into: &out, opcode: Framing.opClose, length: 0)
+            Framing.writeHeader(into: &out, opcode: .connectionClose, length: 0)
             return out
         }
         guard let code = payload.readInteger(as: UInt16.self) else {
-            return Framing.closeFrame(code: 1002, reason: "close frame with a one-byte payload", allocator: allocator)
+            return Framing.closeFrame(code: .protocolError, reason: "close frame with a one-byte payload", allocator: allocator)
         }
         guard isValidReceivedCloseCode(code) else {
-            return Framing.closeFrame(code: 1002, reason: "invalid close code \(code)", allocator: allocator)
+            return Framing.closeFrame(code: .protocolError, reason: "invalid close code \(code)", allocator: allocator)
         }
         guard UTF8Validation.isValid(payload) else {
-            return Framing.closeFrame(code: 1007, reason: "close reason is not valid UTF-8", allocator: allocator)
+            return Framing.closeFrame(code: .dataInconsistentWithMessage, reason: "close reason is not valid UTF-8", allocator: allocator)
         }
-        return Framing.closeFrame(code: code, reason: "", allocator: allocator)
+        return Framing.closeFrame(code: WebSocketErrorCode(codeNumber: Int(code)), reason: "", allocator: allocator)
     }
 
     /// Close codes a client may send: the registered ones an endpoint may put in a frame
@@ -293,6 +295,16 @@ struct WebSocketStateMachine {
             Framing.unmask(UnsafeMutableRawBufferPointer(rebasing: all[offset...]), key: key, phase: phase)
         }
     }
+}
+
+/// NIO's opcodes as the raw nibble the parser matches.
+private enum Opcode {
+    static var continuation: UInt8 { UInt8(webSocketOpcode: .continuation) }
+    static var text: UInt8 { UInt8(webSocketOpcode: .text) }
+    static var binary: UInt8 { UInt8(webSocketOpcode: .binary) }
+    static var close: UInt8 { UInt8(webSocketOpcode: .connectionClose) }
+    static var ping: UInt8 { UInt8(webSocketOpcode: .ping) }
+    static var pong: UInt8 { UInt8(webSocketOpcode: .pong) }
 }
 
 extension Optional {
