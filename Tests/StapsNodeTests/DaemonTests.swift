@@ -148,6 +148,8 @@ import Glibc
         let name = "staps-test-notify-\(UUID4.make().prefix(8))"
         let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0)
         defer { close(fd) }
+        // An abstract address (leading NUL, no trailing one), as systemd's notify socket may be:
+        // NIO's SocketAddress cannot say it, so by hand.
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
         let bytes = [UInt8(0)] + Array(name.utf8)
@@ -185,10 +187,7 @@ import Glibc
         let path = dir.path + "/activated.sock"
         let listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         defer { close(listener) }
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &addr.sun_path) { dst in for (i, b) in path.utf8.enumerated() { dst[i] = b } }
-        #expect(withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } } == 0)
+        #expect(withUnixAddress(path, listener, bind) == 0)
         #expect(listen(listener, 512) == 0)
         let log = dir.path + "/stderr"
         // The configuration names another socket: an inherited one is served instead.

@@ -351,14 +351,7 @@ import WebSocketClient
             let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
             fds.append(fd)
             _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
-            var addr = sockaddr_un()
-            addr.sun_family = sa_family_t(AF_UNIX)
-            withUnsafeMutableBytes(of: &addr.sun_path) { dst in
-                for (i, b) in path.utf8.enumerated() { dst[i] = b }
-            }
-            let ok = withUnsafePointer(to: &addr) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-            }
+            let ok = withUnixAddress(path, fd, connect)
             if ok == 0 { queued += 1 } else { break }  // EAGAIN: the queue is full
         }
         // Linux queues backlog + 1; the node asks for 4096, capped by net.core.somaxconn.

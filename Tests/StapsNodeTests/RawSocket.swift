@@ -11,16 +11,7 @@ final class RawSocket {
     init(unix path: String) throws {
         self.fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         guard self.fd >= 0 else { throw TestError.unexpected("socket: \(String(cString: strerror(errno)))") }
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        withUnsafeMutableBytes(of: &addr.sun_path) { dst in
-            for (i, b) in bytes.enumerated() { dst[i] = b }
-            dst[bytes.count] = 0
-        }
-        let ok = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(self.fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
+        let ok = withUnixAddress(path, self.fd, connect)
         guard ok == 0 else {
             let reason = String(cString: strerror(errno))
             Glibc.close(self.fd)

@@ -326,3 +326,10 @@ func runRepositoryScript(_ script: String, _ args: [String], stdout: String, std
 func tail(_ text: String, lines: Int) -> String {
     text.split(separator: "\n", omittingEmptySubsequences: false).suffix(lines).joined(separator: "\n")
 }
+
+/// `call` (connect or bind) with `fd` and the unix socket address of `path`, through NIO's
+/// `SocketAddress`; -1 when the path does not fit.
+func withUnixAddress(_ path: String, _ fd: Int32, _ call: (Int32, UnsafePointer<sockaddr>, socklen_t) -> Int32) -> Int32 {
+    guard let address = try? SocketAddress(unixDomainSocketPath: path) else { return -1 }
+    return address.withSockAddr { call(fd, $0, socklen_t($1)) }
+}
