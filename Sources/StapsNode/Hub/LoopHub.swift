@@ -43,30 +43,6 @@ final class LoopHub: @unchecked Sendable {
     /// One message for the receivers of one channel on another loop.
     typealias Delivery = (channel: ActiveChannel, message: FramedMessage)
 
-    /// The receivers of one staps channel on this loop: an array the hot path walks, and where
-    /// each one sits in it, so that any of them leaves in O(1).
-    final class LocalReceivers {
-        let channel: ActiveChannel
-        private(set) var receivers: ContiguousArray<any ChannelReceiver> = []
-        private var positions: [ObjectIdentifier: Int] = [:]
-
-        init(channel: ActiveChannel) { self.channel = channel }
-
-        func append(_ receiver: any ChannelReceiver) {
-            self.positions[ObjectIdentifier(receiver)] = self.receivers.count
-            self.receivers.append(receiver)
-        }
-
-        /// Removes `receiver`; the last one moves into its place.
-        func remove(_ receiver: ObjectIdentifier) {
-            guard let position = self.positions.removeValue(forKey: receiver) else { return }
-            let last = self.receivers.removeLast()
-            guard position < self.receivers.count else { return }
-            self.receivers[position] = last
-            self.positions[ObjectIdentifier(last)] = position
-        }
-    }
-
     init(eventLoop: EventLoop, index: Int, loopCount: Int, clustered: Bool) {
         self.eventLoop = eventLoop
         self.clustered = clustered
@@ -78,7 +54,7 @@ final class LoopHub: @unchecked Sendable {
 
     /// Adds `receiver` to the receivers of `channel` on this loop (for `Membership.attach(_:)`).
     /// From now on it receives every message; returns the list it is in.
-    func add(_ receiver: any ChannelReceiver, to channel: ActiveChannel) -> LocalReceivers {
+    func add(_ receiver: any ChannelReceiver, of membership: Membership, to channel: ActiveChannel) -> LocalReceivers {
         self.eventLoop.assertInEventLoop()
         let key = ObjectIdentifier(channel)
         let local: LocalReceivers
@@ -89,7 +65,7 @@ final class LoopHub: @unchecked Sendable {
             self.receiversByChannel[key] = local
             _ = channel.loopMask.loadThenBitwiseOr(with: self.loopBit, ordering: .sequentiallyConsistent)
         }
-        local.append(receiver)
+        local.append(receiver, of: membership)
         channel.receivers.wrappingIncrement(ordering: .relaxed)
         LoopCounters.add(1, to: self.counters.websocketClients)
         return local
@@ -97,9 +73,9 @@ final class LoopHub: @unchecked Sendable {
 
     /// Removes `receiver` from `local` (for `Membership.leave()`); the loop's last receiver of
     /// the channel clears the loop's bit.
-    func remove(_ receiver: ObjectIdentifier, from local: LocalReceivers) {
+    func remove(_ membership: Membership, from local: LocalReceivers) {
         self.eventLoop.assertInEventLoop()
-        local.remove(receiver)
+        local.remove(membership)
         local.channel.receivers.wrappingDecrement(ordering: .relaxed)
         LoopCounters.add(-1, to: self.counters.websocketClients)
         if local.receivers.isEmpty {

@@ -20,10 +20,12 @@ final class Membership {
         /// Counted in the directory, receiving nothing yet.
         case joined
         /// Counted, and `receiver` is one of its channel's receivers on its loop.
-        case attached(LoopHub.LocalReceivers, receiver: ObjectIdentifier)
+        case attached(LocalReceivers, receiver: ObjectIdentifier)
         case left
     }
     private var state = State.joined
+    /// Where its receiver sits in its channel's `LocalReceivers` while attached (kept by that list).
+    fileprivate var position = 0
 
     /// For `Hub.join` only.
     init(channel: ActiveChannel, loopHub: LoopHub, directory: ChannelDirectory) {
@@ -38,7 +40,7 @@ final class Membership {
         self.loopHub.eventLoop.assertInEventLoop()
         switch self.state {
         case .joined:
-            let local = self.loopHub.add(receiver, to: self.channel)
+            let local = self.loopHub.add(receiver, of: self, to: self.channel)
             self.state = .attached(local, receiver: ObjectIdentifier(receiver))
         case .attached:
             assertionFailure("a membership is attached once")
@@ -62,12 +64,42 @@ final class Membership {
         switch self.state {
         case .left:
             return
-        case .attached(let local, let receiver):
-            self.loopHub.remove(receiver, from: local)
+        case .attached(let local, _):
+            self.loopHub.remove(self, from: local)
         case .joined:
             break
         }
         self.state = .left
         self.directory.leave(self.channel)
+    }
+}
+
+/// The receivers of one staps channel on one event loop: the array the hot path walks, and
+/// beside it their memberships, which remember where each sits, so that any of them leaves in
+/// O(1) (the last moves into its place). Confined to that loop.
+final class LocalReceivers {
+    let channel: ActiveChannel
+    private(set) var receivers: ContiguousArray<any ChannelReceiver> = []
+    /// `members[i]` is the membership of `receivers[i]`.
+    private var members: ContiguousArray<Membership> = []
+
+    init(channel: ActiveChannel) { self.channel = channel }
+
+    func append(_ receiver: any ChannelReceiver, of membership: Membership) {
+        membership.position = self.receivers.count
+        self.receivers.append(receiver)
+        self.members.append(membership)
+    }
+
+    /// Removes `membership`'s receiver; the last one moves into its place.
+    func remove(_ membership: Membership) {
+        let position = membership.position
+        guard position < self.members.count, self.members[position] === membership else { return }
+        let lastReceiver = self.receivers.removeLast()
+        let lastMember = self.members.removeLast()
+        guard position < self.receivers.count else { return }
+        self.receivers[position] = lastReceiver
+        self.members[position] = lastMember
+        lastMember.position = position
     }
 }

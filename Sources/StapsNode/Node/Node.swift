@@ -211,9 +211,7 @@ public final class Node: Sendable {
             .childChannelOption(.writeBufferWaterMark, value: .init(low: limits.sendBuffer / 2, high: limits.sendBuffer))
             .childChannelOption(.maxMessagesPerRead, value: 16)
             .childChannelInitializer { connection in
-                let count = connections.add(connection)
-                open.wrappingIncrement(ordering: .relaxed)
-                connection.closeFuture.whenComplete { _ in open.wrappingDecrement(ordering: .relaxed) }
+                let count = connections.add(connection, gauge: open)
                 var connectionLogger = logger
                 if let remote = connection.remoteAddress { connectionLogger[metadataKey: "remote"] = "\(remote)" }
                 return connection.eventLoop.makeCompletedFuture {

@@ -15,13 +15,17 @@ final class OpenConnections: Sendable {
     /// Every connection open now.
     var all: [Channel] { self.open.withLockedValue { Array($0.values) } }
 
-    /// Keeps `connection` until it closes. Returns how many are open with it.
-    func add(_ connection: Channel) -> Int {
+    /// Keeps `connection` until it closes, counted here and in `gauge` (the listener's kind).
+    /// Returns how many are open with it. One callback on the close future for both: a second
+    /// one costs every open connection a callback list of its own.
+    func add(_ connection: Channel, gauge: ManagedAtomic<Int>? = nil) -> Int {
         let key = ObjectIdentifier(connection)
         self.open.withLockedValue { $0[key] = connection }
         let count = self.counted.wrappingIncrementThenLoad(ordering: .relaxed)
+        gauge?.wrappingIncrement(ordering: .relaxed)
         connection.closeFuture.whenComplete { _ in
             self.counted.wrappingDecrement(ordering: .relaxed)
+            gauge?.wrappingDecrement(ordering: .relaxed)
             self.open.withLockedValue { $0[key] = nil }
         }
         return count
