@@ -363,4 +363,58 @@ import WebSocketClient
         fds = []
         await node.shutdown()
     }
+
+    /// Receivers that vanish (unix sockets closed with SO_LINGER 0, never having read) while
+    /// messages are flushed to them: a flush that meets the closed socket closes the connection
+    /// from inside the flush, and the handler must take that re-entry (it once held exclusive
+    /// access to its outbound state across the call: Swift stops the process on such a second
+    /// access). The node keeps serving the one that stays, every message in order.
+    @Test func receiversVanishingMidFlushLeaveTheOthersServed() async throws {
+        let node = try await TestNode.start()
+        let sender = try await TestClient.connect(node.unix, "/vanish")
+        let stays = try await TestClient.connect(node.unix, "/vanish")
+        let key = "dGhlIHNhbXBsZSBub25jZQ=="
+        let upgrade = "GET /vanish HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: \(key)\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        let path = node.socketPath
+        // Blocking sockets on this task's thread: the node runs on its own event loops.
+        let vanishing = try (0..<40).map { _ in
+            let socket = try RawSocket(unix: path)
+            _ = socket.send(upgrade)
+            guard String(decoding: socket.read(until: Array("\r\n\r\n".utf8), timeout: 5), as: UTF8.self).hasPrefix("HTTP/1.1 101") else {
+                throw TestError.unexpected("no 101 for a vanishing receiver")
+            }
+            return socket
+        }
+        let payload = String(repeating: "v", count: 1024)
+        let messages = 400
+        for i in 0..<messages {
+            sender.send("\(i) \(payload)")
+            if i % 10 == 9, !vanishing.isEmpty { vanishing[i / 10 % vanishing.count].abort() }
+            if i % 50 == 49 { try await Task.sleep(for: .milliseconds(1)) }  // pacing: let flushes meet the closed sockets
+        }
+        for i in 0..<messages {
+            #expect(try await stays.nextText() == "\(i) \(payload)")
+        }
+        let late = try await TestClient.connect(node.unix, "/vanish")
+        sender.send("after")
+        #expect(try await late.nextText() == "after")
+        await node.stop()
+    }
+
+    /// The longest unix socket path Linux takes (107 bytes) is listened on and served: the
+    /// configuration allows it, so the bind must too (NIO's SocketAddress stops at 103).
+    @Test func theLongestUnixSocketPathIsServed() async throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let path = dir.path + "/" + String(repeating: "s", count: 107 - dir.path.utf8.count - 1)
+        #expect(path.utf8.count == 107)
+        let node = Node(configuration: NodeConfiguration(addresses: [.unixDomainSocket(path: path)]), logger: testLogger("node"))
+        try await node.start()
+        // Reached through a short symlink: clients made with NIO cannot name the long path either.
+        let link = dir.path + "/l"
+        #expect(symlink(path, link) == 0)
+        let (status, _, _) = try await httpRequest(.unix(path: link), "POST", "/long", headers: [("Content-Type", "text/plain")], body: Array("hi".utf8))
+        #expect(status == 202)
+        await node.shutdown()
+    }
 }

@@ -1,5 +1,3 @@
-import NIOCore
-
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -71,14 +69,24 @@ enum UnixSocketFile {
         return fd
     }
 
-    /// Calls `body` with `path` as a socket address (NIO's `sockaddr_un`); -1 with ENAMETOOLONG
-    /// when it does not fit.
+    /// Calls `body` with `path` as a `sockaddr_un` (-1 with ENAMETOOLONG when it does not fit).
+    /// By hand, not NIO's `SocketAddress(unixDomainSocketPath:)`: that stops at 103 bytes (the
+    /// macOS limit), and Linux takes the 107 that `socket` paths may have here.
     private static func withAddress(_ path: String, _ body: (UnsafePointer<sockaddr>, socklen_t) -> Int32) -> Int32 {
-        guard let address = try? SocketAddress(unixDomainSocketPath: path) else {
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
             errno = ENAMETOOLONG
             return -1
         }
-        return address.withSockAddr { body($0, socklen_t($1)) }
+        withUnsafeMutableBytes(of: &addr.sun_path) { dst in
+            for (i, b) in bytes.enumerated() { dst[i] = b }
+            dst[bytes.count] = 0
+        }
+        return withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
     }
 
     /// True when `fd` is an IPv4 or IPv6 socket.

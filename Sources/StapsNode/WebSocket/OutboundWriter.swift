@@ -5,6 +5,12 @@ import NIOCore
 /// waits in the `Outbox`, with at most one pong beside it. How long a backed-up client may stay
 /// so is the handler's to decide; this only says how much waits.
 ///
+/// It makes no call into NIO: the handler writes what it takes from here. A write or a flush
+/// can call back into the handler (a failed flush closes the connection and fires
+/// `channelInactive`; one that drains below the low watermark fires
+/// `channelWritabilityChanged`), and a mutating method of this struct would hold exclusive
+/// access to it across that call: Swift stops the process on the second access.
+///
 /// Confined to the connection's event loop, like the handler that holds it.
 struct OutboundWriter {
     private var outbox = Outbox()
@@ -28,57 +34,37 @@ struct OutboundWriter {
         return buffered + self.outbox.bytes + (self.pendingPong?.readableBytes ?? 0)
     }
 
-    /// Queues a frame; a big tick's share goes to NIO at once, so writability (and the caps
-    /// that hang on it) applies within the tick too.
+    /// Queues a frame; true when a big tick's share should go to NIO at once (`handOver`), so
+    /// that writability (and the caps that hang on it) applies within the tick too.
     @inline(__always)
-    mutating func append(_ frame: ByteBuffer, context: ChannelHandlerContext) {
-        self.outbox.append(frame, allocator: context.channel.allocator)
-        if self.outbox.bytes >= Self.handOverAt {
-            self.handOver(context: context)
-        }
+    mutating func append(_ frame: ByteBuffer, allocator: ByteBufferAllocator) -> Bool {
+        self.outbox.append(frame, allocator: allocator)
+        return self.outbox.bytes >= Self.handOverAt
     }
 
     /// Queues the answer to a ping. Every ping is answered while the client reads (through the
     /// outbox, so tiny pongs are copied together and counted); one that does not read gets its
     /// send buffer's worth, then only its latest ping answered.
-    mutating func appendPong(_ pong: ByteBuffer, context: ChannelHandlerContext) {
-        if self.pendingPong == nil, context.channel.isWritable {
-            self.outbox.append(pong, allocator: context.channel.allocator)
+    mutating func appendPong(_ pong: ByteBuffer, writable: Bool, allocator: ByteBufferAllocator) {
+        if self.pendingPong == nil, writable {
+            self.outbox.append(pong, allocator: allocator)
         } else {
             self.pendingPong = pong
         }
     }
 
-    /// Hands NIO what it will take (the waiting pong first, then whole frames) and flushes.
-    mutating func flush(context: ChannelHandlerContext) {
-        if let pong = self.pendingPong, context.channel.isWritable {
-            self.pendingPong = nil
-            context.write(NIOAny(pong), promise: nil)
-        }
-        self.handOver(context: context)
-        context.flush()
+    /// The waiting pong, to write now.
+    mutating func takePong() -> ByteBuffer? {
+        defer { self.pendingPong = nil }
+        return self.pendingPong
     }
 
-    /// Writes every waiting frame, whatever NIO holds already (before a close frame); drops
-    /// the waiting pong. Does not flush.
-    mutating func writeAll(context: ChannelHandlerContext) {
-        while let frame = self.outbox.popFirst() {
-            context.write(NIOAny(frame), promise: nil)
-        }
-        self.pendingPong = nil
-    }
+    /// The oldest waiting frame, to write now.
+    mutating func popFrame() -> ByteBuffer? { self.outbox.popFirst() }
 
     /// Drops everything waiting.
     mutating func removeAll() {
         self.outbox.removeAll()
         self.pendingPong = nil
-    }
-
-    /// Hands NIO whole frames while it takes them.
-    private mutating func handOver(context: ChannelHandlerContext) {
-        let connection = context.channel
-        while connection.isWritable, let frame = self.outbox.popFirst() {
-            context.write(NIOAny(frame), promise: nil)
-        }
     }
 }

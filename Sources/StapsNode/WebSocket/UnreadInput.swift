@@ -19,26 +19,23 @@ struct UnreadInput {
     }
 
     /// Everything read was used but at most a partial frame header: keeps a copy of that (not
-    /// the read buffer it sits at the end of), and resumes reading if it was paused.
-    mutating func keepRest(of bytes: ByteBuffer, context: ChannelHandlerContext) {
+    /// the read buffer it sits at the end of). True when reading was paused and is to resume
+    /// (the handler sets the option: this makes no call into NIO, see `OutboundWriter`).
+    mutating func keepRest(of bytes: ByteBuffer, allocator: ByteBufferAllocator) -> Bool {
         if bytes.readableBytes > 0 {
-            var rest = context.channel.allocator.buffer(capacity: bytes.readableBytes)
+            var rest = allocator.buffer(capacity: bytes.readableBytes)
             rest.writeImmutableBuffer(bytes)
             self.held = rest
         }
-        if self.readingPaused {
-            self.readingPaused = false
-            context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
-        }
+        defer { self.readingPaused = false }
+        return self.readingPaused
     }
 
-    /// Holds `bytes` for a later turn, with reading paused meanwhile.
-    mutating func hold(_ bytes: ByteBuffer, context: ChannelHandlerContext) {
+    /// Holds `bytes` for a later turn; true when reading is to pause meanwhile (it was not yet).
+    mutating func hold(_ bytes: ByteBuffer) -> Bool {
         self.held = bytes
-        if !self.readingPaused {
-            self.readingPaused = true
-            context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
-        }
+        defer { self.readingPaused = true }
+        return !self.readingPaused
     }
 
     /// The held bytes, to use now.

@@ -152,7 +152,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler, Ch
                 self.armSlowTimer(context: context)
             }
         }
-        self.writer.append(message.bytes, context: context)
+        if self.writer.append(message.bytes, allocator: context.channel.allocator) { self.handOver(context) }
         self.requestFlush()
         return true
     }
@@ -169,10 +169,37 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler, Ch
     func flushQueued() {
         self.flushRequested = false
         guard let context = self.writableContext else { return }
-        self.writer.flush(context: context)
+        self.flushWriter(context)
         if self.isOpen, self.writer.isBackedUp, self.slowTimer == nil {
             self.armSlowTimer(context: context)
         }
+    }
+
+    // MARK: Writing (each call into NIO between short accesses to `writer`: see OutboundWriter)
+
+    /// Hands NIO whole frames while it takes them.
+    private func handOver(_ context: ChannelHandlerContext) {
+        while context.channel.isWritable, let frame = self.writer.popFrame() {
+            context.write(NIOAny(frame), promise: nil)
+        }
+    }
+
+    /// Hands NIO what it will take (the waiting pong first, then whole frames) and flushes.
+    private func flushWriter(_ context: ChannelHandlerContext) {
+        if context.channel.isWritable, let pong = self.writer.takePong() {
+            context.write(NIOAny(pong), promise: nil)
+        }
+        self.handOver(context)
+        context.flush()
+    }
+
+    /// Writes every waiting frame, whatever NIO holds already (before a close frame); drops
+    /// the waiting pong. Does not flush.
+    private func writeAllWaiting(_ context: ChannelHandlerContext) {
+        while let frame = self.writer.popFrame() {
+            context.write(NIOAny(frame), promise: nil)
+        }
+        _ = self.writer.takePong()
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -232,14 +259,17 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler, Ch
         while true {
             switch self.machine.next(&bytes, allocator: allocator) {
             case .needMoreData:
-                return self.unread.keepRest(of: bytes, context: context)
+                if self.unread.keepRest(of: bytes, allocator: context.channel.allocator) {
+                    context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+                }
+                return
             case .relay(let frame, let headerLength, let isText):
                 budget -= self.relay(FramedMessage(bytes: frame, headerLength: headerLength), isText: isText)
                 if budget <= 0, bytes.readableBytes > 0 {
                     return self.pauseReading(holding: bytes, context: context)
                 }
             case .pong(let pong):
-                self.writer.appendPong(pong, context: context)
+                self.writer.appendPong(pong, writable: context.channel.isWritable, allocator: context.channel.allocator)
                 self.requestFlush()
                 budget -= 1
             case .close(let code, let reason):
@@ -269,7 +299,9 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler, Ch
 
     /// Holds the rest of `bytes`, with reading paused, for a later loop turn.
     private func pauseReading(holding bytes: ByteBuffer, context: ChannelHandlerContext) {
-        self.unread.hold(bytes, context: context)
+        if self.unread.hold(bytes) {
+            context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
+        }
         _ = self.schedule(in: Self.pause, context: context) { [self] in
             guard let context = self.writableContext, let unread = self.unread.take() else { return }
             self.process(unread, context: context)
@@ -299,7 +331,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler, Ch
         self.countClose(code: code, byClient: false)
         self.leave()
         self.logger.debug("closing websocket", metadata: ["close.code": "\(UInt16(webSocketErrorCode: code))", "close.reason": "\(reason)"])
-        self.writer.writeAll(context: context)
+        self.writeAllWaiting(context)
         let frame = Framing.closeFrame(code: code, reason: reason, allocator: context.channel.allocator)
         if self.machine.awaitsClose {
             context.writeAndFlush(self.wrapOutboundOut(frame), promise: nil)
