@@ -4,8 +4,7 @@ import PackageDescription
 // The targets, from the bottom up (ARCHITECTURE.md draws how a message crosses them):
 //   StapsCluster    what nodes say to each other and how a node talks to its link: the
 //                   ClusterLink protocol, routing keys, the message body format, broker URLs
-//   RabbitClient    rabbitmq-c wrapped: one AMQP connection, publish batches (the only
-//                   importer of CRabbit besides the link)
+//   RabbitClient    rabbitmq-c wrapped: one AMQP connection, publish batches
 //   StapsRabbit     the cluster link over RabbitMQ: its queue, its thread, its topology
 //   StapsNode       the node: listeners, HTTP, access, websockets, the hub, observability
 //   StapsHook       the authorization hook's HTTP client
@@ -42,7 +41,8 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
     ],
     targets: [
-        // rabbitmq-c (Debian: librabbitmq-dev). Only RabbitClient and StapsRabbit import it.
+        // rabbitmq-c (Debian: librabbitmq-dev): imported by RabbitClient, the link (StapsRabbit) and
+        // the bare-broker baselines (StapsBench), never by the node.
         .systemLibrary(
             name: "CRabbit",
             pkgConfig: "librabbitmq",
@@ -68,7 +68,7 @@ let package = Package(
                 .product(name: "NIOWebSocket", package: "swift-nio"),
                 logging, atomics, locks,
                 // Metrics objects are swift-metrics'; the Prometheus text comes from swift-prometheus.
-                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
             ] + nio
         ),
@@ -96,7 +96,7 @@ let package = Package(
         .executableTarget(
             name: "StapsBench",
             dependencies: [
-                "WebSocketClient", "StapsNode", "StapsCluster", "StapsRabbit", "RabbitClient", "CRabbit",
+                "WebSocketClient", "StapsCluster", "StapsRabbit", "RabbitClient", "CRabbit",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 logging, atomics, locks,
             ] + nio

@@ -270,8 +270,8 @@ public final class AMQPConnection {
         }
     }
 
-    /// Sends `queue.bind` or `queue.unbind` on `channel` without waiting for the answer.
-    public func sendTopology(_ operation: TopologyMethod, queue: CString, exchange: CString, key: CString, channel: amqp_channel_t) throws(BrokerError) {
+    /// Sends `queue.bind` or `queue.unbind` on AMQP channel `amqpChannel` without waiting for the answer.
+    public func sendTopology(_ operation: TopologyMethod, queue: CString, exchange: CString, key: CString, amqpChannel channel: amqp_channel_t) throws(BrokerError) {
         let empty = amqp_table_t(num_entries: 0, entries: nil)
         var status: Int32
         switch operation {

@@ -5,7 +5,6 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import StapsCluster
-import StapsNode
 import StapsRabbit
 import WebSocketClient
 

@@ -5,7 +5,6 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import StapsCluster
-import StapsNode
 import StapsRabbit
 import WebSocketClient
 
@@ -96,7 +95,7 @@ struct FanOut: AsyncParsableCommand {
         let finished = ManagedAtomic<Int>(0)
         for (client, id) in publisherClients {
             let pump = Publisher(client: client, id: id, count: messages, size: size, rate: rate, finished: finished)
-            client.channel.eventLoop.execute { pump.start() }
+            client.connection.eventLoop.execute { pump.start() }
         }
         // Wait for every delivery, or for progress to stop.
         var lastTotal = -1
@@ -110,7 +109,7 @@ struct FanOut: AsyncParsableCommand {
             if Double(now() - lastProgress) / 1e9 > min(timeout, 5) || Double(now() - start) / 1e9 > timeout { break }
         }
         // Stopping the client threads orders their writes before the reads below.
-        for (client, _) in publisherClients { client.channel.close(promise: nil) }
+        for (client, _) in publisherClients { client.connection.close(promise: nil) }
         try await group.shutdownGracefully()
         var histogram = Histogram()
         var received = 0, duplicated = 0, echoed = 0, closed = 0
@@ -159,7 +158,7 @@ final class Publisher: @unchecked Sendable {
     }
 
     func pump() {
-        let channel = client.channel
+        let connection = client.connection
         let allowed: Int
         if rate > 0 {
             let due = Int(Double(now() - startTime) / 1e9 * Double(rate)) + 1
@@ -168,26 +167,26 @@ final class Publisher: @unchecked Sendable {
             allowed = count - sent
         }
         var burst = 0
-        while burst < min(allowed, 64), channel.isWritable {
-            var payload = channel.allocator.buffer(capacity: size)
+        while burst < min(allowed, 64), connection.isWritable {
+            var payload = connection.allocator.buffer(capacity: size)
             payload.writeMultipleIntegers(id, Int32(sent), now())
             payload.writeRepeatingByte(0x2A, count: size - 16)
             client.send(opcode: .binary, payload, flush: false)
             sent += 1
             burst += 1
         }
-        channel.flush()
+        connection.flush()
         if sent >= count {
             finished.wrappingIncrement(ordering: .relaxed)
             return
         }
-        guard channel.isActive else { return }
+        guard connection.isActive else { return }
         if rate > 0 && burst == allowed {
-            channel.eventLoop.scheduleTask(in: .microseconds(500)) { self.pump() }
-        } else if channel.isWritable {
-            channel.eventLoop.execute { self.pump() }
+            connection.eventLoop.scheduleTask(in: .microseconds(500)) { self.pump() }
+        } else if connection.isWritable {
+            connection.eventLoop.execute { self.pump() }
         } else {
-            channel.eventLoop.scheduleTask(in: .microseconds(200)) { self.pump() }
+            connection.eventLoop.scheduleTask(in: .microseconds(200)) { self.pump() }
         }
     }
 }

@@ -5,7 +5,6 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import StapsCluster
-import StapsNode
 import StapsRabbit
 import WebSocketClient
 
@@ -36,7 +35,7 @@ struct Idle: AsyncParsableCommand {
         let after = try Self.rss(pid)
         let per = Double(after - before) / Double(connections)
         print("idle: \(connections) connections over \(channels) channels: node RSS \(before / 1024) KiB -> \(after / 1024) KiB, \(Int(per)) bytes per connection")
-        for c in clients { c.channel.close(promise: nil) }
+        for c in clients { c.connection.close(promise: nil) }
         try await Task.sleep(nanoseconds: 200_000_000)
         try await group.shutdownGracefully()
     }

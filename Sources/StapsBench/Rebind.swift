@@ -5,7 +5,6 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import StapsCluster
-import StapsNode
 import StapsRabbit
 import WebSocketClient
 
@@ -19,7 +18,7 @@ struct Rebind: AsyncParsableCommand {
         abstract: "Holds N channels on K cluster links, restarts the broker, and times until every link has rebound them all.",
         discussion: """
             The links are staps's own RabbitMQ links (StapsRabbit), one per simulated node, in this
-            process, against the real broker: a channel is held by subscribing it as a node does
+            process, against the real broker: a channel is held by having the link receive it as a node does
             for its first local client, without a websocket per channel (100,000 sockets would
             exceed the file limits of most machines, and sockets are not what is measured).
             Probe channels (published from one link, consumed by the next) send a numbered
@@ -49,7 +48,7 @@ struct Rebind: AsyncParsableCommand {
             guard Double(now() - start) / 1e9 < 10 else { throw ValidationError("the links did not come up") }
             try await Task.sleep(nanoseconds: 10_000_000)
         }
-        // Hold: every channel subscribed as a node's first client would, confirmed by the broker.
+        // Hold: every channel received as a node's first client would have it, confirmed by the broker.
         let t0 = now()
         var futures: [EventLoopFuture<Void>] = []
         for i in 0..<channels {

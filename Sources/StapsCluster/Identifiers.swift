@@ -51,7 +51,8 @@ extension SHA1 {
     public static func hex(_ text: String) -> String { Hex.string(Self.hash(Array(text.utf8))) }
 }
 
-/// Hexadecimal digits, the one encoder every key, id and escape here uses.
+/// Hexadecimal digits for keys, ids and URL escapes (the page's JSON escapes use `\u` with
+/// `String(radix:)`, their own format).
 public enum Hex {
     private static let lower = Array("0123456789abcdef".utf8)
     private static let upper = Array("0123456789ABCDEF".utf8)

@@ -96,7 +96,7 @@ extension LinkWorker {
             let request = self.unsentTopology[self.unsentTopologyHead]
             self.unsentTopologyHead += 1
             sent += 1
-            try consumer.sendTopology(request.operation, queue: self.queue!, exchange: self.exchange, key: CString(request.key), channel: Self.topologyChannel)
+            try consumer.sendTopology(request.operation, queue: self.queue!, exchange: self.exchange, key: CString(request.key), amqpChannel: Self.topologyChannel)
         }
         if self.unsentTopologyHead == self.unsentTopology.count {
             self.unsentTopology.removeAll(keepingCapacity: true)

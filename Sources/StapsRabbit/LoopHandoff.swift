@@ -1,5 +1,5 @@
 import Atomics
-import CRabbit
+import CRabbit  // for eventfd(2): its shim includes <sys/eventfd.h>, which Glibc does not export
 import NIOConcurrencyHelpers
 import NIOCore
 import StapsCluster

@@ -106,12 +106,12 @@ public struct HandshakeError: Error, CustomStringConvertible {
 /// A small websocket client on NIO (masking and framing by NIOWebSocket, independent of the
 /// server's own framing code). Used by the tests and by `staps-bench`.
 public final class WebSocketClient: Sendable {
-    public let channel: Channel
+    public let connection: Channel
     /// The 101 response head, as the server sent it.
     public let handshakeHead: String
 
-    init(channel: Channel, handshakeHead: String) {
-        self.channel = channel
+    init(connection: Channel, handshakeHead: String) {
+        self.connection = connection
         self.handshakeHead = handshakeHead
     }
 
@@ -171,30 +171,30 @@ public final class WebSocketClient: Sendable {
             try? await channel.close()
             throw error
         }
-        return WebSocketClient(channel: channel, handshakeHead: head)
+        return WebSocketClient(connection: channel, handshakeHead: head)
     }
 
     /// Sends one masked frame (FIN unless `fin` is false); not flushed unless `flush`.
     public func send(opcode: WebSocketOpcode, _ payload: ByteBuffer, fin: Bool = true, flush: Bool = true) {
         let frame = WebSocketFrame(fin: fin, opcode: opcode, maskKey: .random(), data: payload)
         if flush {
-            self.channel.writeAndFlush(frame, promise: nil)
+            self.connection.writeAndFlush(frame, promise: nil)
         } else {
-            self.channel.write(frame, promise: nil)
+            self.connection.write(frame, promise: nil)
         }
     }
 
     public func send(text: String) {
-        self.send(opcode: .text, self.channel.allocator.buffer(string: text))
+        self.send(opcode: .text, self.connection.allocator.buffer(string: text))
     }
 
     public func send(binary: [UInt8]) {
-        self.send(opcode: .binary, self.channel.allocator.buffer(bytes: binary))
+        self.send(opcode: .binary, self.connection.allocator.buffer(bytes: binary))
     }
 
     /// Sends a close frame; the server answers and drops the connection.
     public func close(code: UInt16 = 1000, reason: String = "") {
-        var payload = self.channel.allocator.buffer(capacity: 2 + reason.utf8.count)
+        var payload = self.connection.allocator.buffer(capacity: 2 + reason.utf8.count)
         payload.writeInteger(code)
         payload.writeString(reason)
         self.send(opcode: .connectionClose, payload)
@@ -202,7 +202,7 @@ public final class WebSocketClient: Sendable {
 
     /// Drops the TCP connection without a closing handshake.
     public func disconnect() async {
-        try? await self.channel.close()
+        try? await self.connection.close()
     }
 }
 

@@ -350,8 +350,8 @@ final class LatencyProbe: Sendable {
         for _ in 0..<300 { sender.send(binary: [UInt8](repeating: 0x5A, count: 16 << 10)) }
         // Over its send buffer for longer than the 500 ms grace: the grace is under test.
         try await Task.sleep(nanoseconds: 1_200_000_000)
-        slow.client.channel.read()
-        _ = slow.client.channel.setOption(ChannelOptions.autoRead, value: true)
+        slow.client.connection.read()
+        _ = slow.client.connection.setOption(ChannelOptions.autoRead, value: true)
         var messages = 0
         while true {
             switch try await slow.next(timeout: 5) {

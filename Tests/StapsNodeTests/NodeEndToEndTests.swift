@@ -276,8 +276,8 @@ import WebSocketClient
         }
         #expect(node.node.counters.slowConsumersClosed.load(ordering: .relaxed) == 1)
         // The slow client, once it reads, finds the 1008 after what was buffered for it.
-        try await slow.client.channel.setOption(.autoRead, value: true).get()
-        slow.client.channel.read()
+        try await slow.client.connection.setOption(.autoRead, value: true).get()
+        slow.client.connection.read()
         let (code, reason) = try await slow.nextClose(timeout: 20)
         #expect(code == 1008)
         #expect(reason == "slow consumer")
@@ -294,8 +294,8 @@ import WebSocketClient
         let (code, _) = try await { () async throws -> (UInt16?, String) in
             // Silent past ping_interval + pong_timeout (0.4 s): the idle timeout is under test.
             try await Task.sleep(nanoseconds: 1_000_000_000)
-            try await b.client.channel.setOption(.autoRead, value: true).get()
-            b.client.channel.read()
+            try await b.client.connection.setOption(.autoRead, value: true).get()
+            b.client.connection.read()
             return try await b.nextClose()
         }()
         #expect(code == 1001)

@@ -66,7 +66,7 @@ import WebSocketClient
         #expect(FileManager.default.fileExists(atPath: socket))
         let (second, _) = try await Self.launch(["--socket", socket], waitFor: socket)
         let c = try await TestClient.connect(.unix(path: socket), "/again")
-        #expect(c.client.channel.isActive)
+        #expect(c.client.connection.isActive)
         second.terminate()
         #expect(try await Self.waitForExit(second) == 0)
     }

@@ -38,7 +38,7 @@ enum BindBaseline {
         let start = NIODeadline.now()
         while answered < total {
             while sent < total, sent - answered < window {
-                try connection.sendTopology(sent % 2 == 0 ? .bind : .unbind, queue: queue, exchange: exchange, key: keys[sent / 2], channel: 2)
+                try connection.sendTopology(sent % 2 == 0 ? .bind : .unbind, queue: queue, exchange: exchange, key: keys[sent / 2], amqpChannel: 2)
                 sent += 1
             }
             var pfd = pollfd(fd: connection.fileDescriptor, events: Int16(POLLIN), revents: 0)

@@ -7,6 +7,7 @@ public enum WebSocketAccept {
         return base64(digest)
     }
 
+    /// By hand: NIO's base64 lives in `_NIOBase64`, a target no product exports.
     static func base64(_ bytes: [UInt8]) -> String {
         let table = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".utf8)
         var out: [UInt8] = []
