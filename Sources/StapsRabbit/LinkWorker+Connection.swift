@@ -34,10 +34,10 @@ extension LinkWorker {
         }
         let now = NIODeadline.now()
         (self.lastHeardPublisher, self.lastHeardConsumer, self.lastHeartbeatToConsumer) = (now, now, now)
-        (self.topologyProgress, self.confirmProgress) = (now, now)
+        self.confirmProgress = now
         self.blockedReason = nil
-        self.topology.connected()
-        self.counters.rebindsLeft.store(self.topology.rebindsLeft, ordering: .relaxed)
+        self.bindings.connected(now: now)
+        self.counters.rebindsLeft.store(self.bindings.rebindsLeft, ordering: .relaxed)
         self.connectedAt = now
         self.rebindReported = false
         let status = (self.broker, self.queueName)
@@ -47,7 +47,7 @@ extension LinkWorker {
         let dropped = self.counters.droppedWhileDown.load(ordering: .relaxed) - self.droppedAtOutageStart
         if self.warnedThisOutage, let since = self.downSince {
             self.logger.warning("broker link restored; publishing again, binding every binding key again", metadata: [
-                "down.seconds": "\(Self.seconds(now - since))", "dropped.while_down": "\(dropped)", "bindings.to_rebind": "\(self.topology.rebindsLeft)",
+                "down.seconds": "\(Self.seconds(now - since))", "dropped.while_down": "\(dropped)", "bindings.to_rebind": "\(self.bindings.rebindsLeft)",
             ])
             self.counters.reconnects.wrappingIncrement(ordering: .relaxed)
         } else {
@@ -59,11 +59,11 @@ extension LinkWorker {
 
     /// Once every wanted binding key is bound again after a reconnection: one line, with how long it took.
     func reportRebind(now: NIODeadline) {
-        guard !self.rebindReported, self.topology.rebindsLeft == 0 else { return }
+        guard !self.rebindReported, self.bindings.rebindsLeft == 0 else { return }
         self.rebindReported = true
         guard self.counters.reconnects.load(ordering: .relaxed) > 0 else { return }
         self.logger.notice("binding keys bound again", metadata: [
-            "bindings": "\(self.topology.bound.count)", "seconds.since.link.up": "\(Double((now - self.connectedAt).nanoseconds / 1_000_000) / 1000)",
+            "bindings": "\(self.bindings.boundCount)", "seconds.since.link.up": "\(Double((now - self.connectedAt).nanoseconds / 1_000_000) / 1000)",
         ])
     }
 
@@ -112,8 +112,6 @@ extension LinkWorker {
     func disconnect(polite: Bool) {
         self.link.connectedFlag.store(false, ordering: .relaxed)
         self.link.status.withLockedValue { $0 = nil }
-        self.unsentTopology = []
-        self.unsentTopologyHead = 0
         if polite {
             self.publisher?.close()
             self.consumer?.close()
@@ -122,7 +120,7 @@ extension LinkWorker {
         self.consumer = nil
         self.counters.bindingKeysBound.store(0, ordering: .relaxed)
         self.handoff.markAllUnbound()
-        for waiter in self.topology.disconnected() { waiter?.succeed(()) }
+        for waiter in self.bindings.disconnected() { waiter?.succeed(()) }
         let lost = self.confirms.reset() + self.handoff.dropPublishes()
         self.counters.droppedWhileDown.wrappingIncrement(by: lost, ordering: .relaxed)
     }
@@ -157,7 +155,7 @@ extension LinkWorker {
         self.consumer?.close()
         self.publisher = nil
         self.consumer = nil
-        for waiter in self.topology.disconnected() { waiter?.fail(LinkStopped()) }
+        for waiter in self.bindings.disconnected() { waiter?.fail(LinkStopped()) }
         self.counters.droppedWhileDown.wrappingIncrement(by: self.confirms.reset(), ordering: .relaxed)
         Self.failAll(self.handoff.close(), counters: self.counters)
         let c = self.counters

@@ -60,62 +60,30 @@ extension LinkWorker {
     /// a waiting join proceeds on the key's `bind-ok`. Down (`consumer` nil): at once (local
     /// service); bound on reconnection.
     func handle(_ commands: [LoopHandoff.Command], on consumer: AMQPConnection?) throws(BrokerError) {
-        var requests: [Topology<EventLoopPromise<Void>?>.Request] = []
-        let now = NIODeadline.now()
-        for command in commands {
-            switch command {
-            case .firstChannel(let key, let promise):
-                let (ready, send) = self.topology.want(key, promise)
-                ready??.succeed(())
-                if let send { requests.append(send) }
-            case .awaitBinding(let key, let promise):
-                let (ready, send) = self.topology.want(key, promise)
-                ready??.succeed(())
-                if let send { requests.append(send) }
-            case .lastChannelGone(let key):
-                self.topology.linger(key, now: now)
-            }
-        }
-        if let consumer { try self.send(requests, on: consumer) }
-    }
-
-    /// Queues requests the topology counts as in flight, and sends what the socket takes.
-    func send(_ requests: [Topology<EventLoopPromise<Void>?>.Request], on consumer: AMQPConnection) throws(BrokerError) {
-        guard !requests.isEmpty else { return try self.flushTopology(consumer) }
-        if self.topology.requestsInFlight == requests.count { self.topologyProgress = .now() }
-        self.unsentTopology.append(contentsOf: requests)
-        try self.flushTopology(consumer)
+        for waiter in self.bindings.handle(commands, now: .now()) { waiter?.succeed(()) }
+        if let consumer { try self.flushBindings(consumer) }
     }
 
     /// Sends queued binds and unbinds while the socket takes them without waiting (rabbitmq-c
     /// writes with no deadline, and a frozen broker stops reading): 64 between checks.
-    func flushTopology(_ consumer: AMQPConnection) throws(BrokerError) {
+    func flushBindings(_ consumer: AMQPConnection) throws(BrokerError) {
         var sent = 0
-        while self.unsentTopologyHead < self.unsentTopology.count {
-            if sent % 64 == 0, !consumer.canWrite { break }
-            let request = self.unsentTopology[self.unsentTopologyHead]
-            self.unsentTopologyHead += 1
+        while sent % 64 != 0 || consumer.canWrite, let request = self.bindings.nextUnsent() {
             sent += 1
             try consumer.sendTopology(request.operation, queue: self.queue!, exchange: self.exchange, key: CString(request.key), amqpChannel: Self.topologyChannel)
-        }
-        if self.unsentTopologyHead == self.unsentTopology.count {
-            self.unsentTopology.removeAll(keepingCapacity: true)
-            self.unsentTopologyHead = 0
         }
     }
 
     /// The broker answered the oldest bind or unbind.
     func answered(_ operation: TopologyMethod) throws(BrokerError) {
-        let waiters: [EventLoopPromise<Void>?]
-        let key: String
+        let answer: (key: String, settled: Bool, waiters: [BindingPipeline.Waiter])
         do {
-            (key, waiters) = try self.topology.answered(operation)
+            answer = try self.bindings.answered(operation, now: .now())
         } catch {
             throw BrokerError(operation: "bind binding keys", reason: "\(error)")
         }
-        self.topologyProgress = .now()
-        if self.topology.isSettled(key) { self.handoff.markBound(key) }
-        self.counters.bindingKeysBound.store(self.topology.bound.count, ordering: .relaxed)
-        for waiter in waiters { waiter?.succeed(()) }
+        if answer.settled { self.handoff.markBound(answer.key) }
+        self.counters.bindingKeysBound.store(self.bindings.boundCount, ordering: .relaxed)
+        for waiter in answer.waiters { waiter?.succeed(()) }
     }
 }

@@ -35,11 +35,9 @@ final class LinkWorker: @unchecked Sendable {
     let exchange: CString
     let nodeID: CString
     var keys: [String: CString] = [:]
-    /// Binding keys (see `RoutingKey.binding`) this node wants bound.
-    var topology: Topology<EventLoopPromise<Void>?>
-    /// Requests the topology counts as in flight that the socket has not taken yet.
-    var unsentTopology: [Topology<EventLoopPromise<Void>?>.Request] = []
-    var unsentTopologyHead = 0
+    /// Binding keys (see `RoutingKey.binding`) this node wants bound, and their binds and
+    /// unbinds on the way to the broker.
+    var bindings: BindingPipeline
     var confirms = Confirms()
 
     /// The broker URL in use (index into `config.urls`); starts at a random one.
@@ -59,8 +57,6 @@ final class LinkWorker: @unchecked Sendable {
     var lastHeardPublisher = NIODeadline.now()
     var lastHeardConsumer = NIODeadline.now()
     var lastHeartbeatToConsumer = NIODeadline.now()
-    /// When the broker last answered a bind/unbind (or one was first sent): for `answerTimeout`.
-    var topologyProgress = NIODeadline.now()
     var confirmProgress = NIODeadline.now()
     /// Set while the broker has blocked publishing (memory or disk alarm).
     var blockedReason: String?
@@ -97,7 +93,7 @@ final class LinkWorker: @unchecked Sendable {
         self.counters = link.counters
         self.exchange = CString(link.configuration.settings.exchange)
         self.nodeID = CString(link.configuration.nodeID)
-        self.topology = Topology(linger: link.configuration.settings.unbindLinger)
+        self.bindings = BindingPipeline(linger: link.configuration.settings.unbindLinger)
         self.brokerIndex = Int.random(in: 0..<link.configuration.urls.count)
         self.logger[metadataKey: "broker"] = "\(self.broker)"
     }
@@ -126,7 +122,7 @@ final class LinkWorker: @unchecked Sendable {
         self.counters.droppedWhileDown.wrappingIncrement(by: self.handoff.dropPublishes(), ordering: .relaxed)
         let taken = self.handoff.take(publishBytes: 0)
         try? self.handle(taken.commands, on: nil)
-        _ = self.topology.expire(now: .now()) { !self.handoff.release($0) }
+        self.bindings.expireAndRebind(now: .now()) { !self.handoff.release($0) }
         self.sleepUntilWoken(timeoutMillis: Self.millisUntil(self.nextAttempt, cap: 100))
     }
 
@@ -157,14 +153,14 @@ final class LinkWorker: @unchecked Sendable {
                                     oversizeFirst: !tls || publisher.unackedBytes == 0)
         do {
             try self.handle(taken.commands, on: consumer)
-            try self.send(self.topology.expire(now: now) { !self.handoff.release($0) }, on: consumer)
-            try self.send(self.topology.nextRebinds(), on: consumer)
+            self.bindings.expireAndRebind(now: now) { !self.handoff.release($0) }
+            try self.flushBindings(consumer)
         } catch {
             // Taken, never published: not lost without a count.
             self.counters.droppedWhileDown.wrappingIncrement(by: taken.publishes.count, ordering: .relaxed)
             throw error
         }
-        self.counters.rebindsLeft.store(self.topology.rebindsLeft, ordering: .relaxed)
+        self.counters.rebindsLeft.store(self.bindings.rebindsLeft, ordering: .relaxed)
         if !taken.publishes.isEmpty {
             self.nextPublish = now + self.settings.publishWindow
             try self.publish(taken.publishes, on: publisher)
@@ -255,8 +251,8 @@ final class LinkWorker: @unchecked Sendable {
         if silent > heartbeat {
             throw BrokerError(operation: "heartbeat", reason: "no data from the broker for \(Self.seconds(silent)) s (two heartbeats)")
         }
-        if self.topology.requestsInFlight > 0, reading, now - self.topologyProgress > self.answerTimeout, silentConsumer > self.answerTimeout {
-            throw BrokerError(operation: "bind binding keys", reason: "the broker answered none of \(self.topology.requestsInFlight) binds for \(Self.seconds(now - self.topologyProgress)) s")
+        if self.bindings.inFlight > 0, reading, now - self.bindings.lastProgress > self.answerTimeout, silentConsumer > self.answerTimeout {
+            throw BrokerError(operation: "bind binding keys", reason: "the broker answered none of \(self.bindings.inFlight) binds for \(Self.seconds(now - self.bindings.lastProgress)) s")
         }
         if self.confirms.outstanding > 0, self.blockedReason == nil, now - self.confirmProgress > self.answerTimeout, silentPublisher > self.answerTimeout {
             throw BrokerError(operation: "publish", reason: "the broker confirmed none of \(self.confirms.outstanding) publishes for \(Self.seconds(now - self.confirmProgress)) s")
