@@ -51,18 +51,17 @@ struct BindingPipeline {
         var ready: [Waiter] = []
         var requests: [Request] = []
         for command in commands {
+            let wanted: (key: String, waiter: Waiter)
             switch command {
-            case .firstChannel(let key, let promise):
-                let (proceed, send) = self.topology.want(key, promise)
-                if let proceed { ready.append(proceed) }
-                if let send { requests.append(send) }
-            case .awaitBinding(let key, let promise):
-                let (proceed, send) = self.topology.want(key, promise)
-                if let proceed { ready.append(proceed) }
-                if let send { requests.append(send) }
+            case .firstChannel(let key, let promise): wanted = (key, promise)
+            case .awaitBinding(let key, let promise): wanted = (key, promise)
             case .lastChannelGone(let key):
                 self.topology.linger(key, now: now)
+                continue
             }
+            let (proceed, send) = self.topology.want(wanted.key, wanted.waiter)
+            if let proceed { ready.append(proceed) }
+            if let send { requests.append(send) }
         }
         self.queue(requests, now: now)
         return ready
