@@ -1,4 +1,5 @@
 import NIOCore
+import NIOEmbedded
 import StapsCluster
 import StapsNode
 @testable import StapsRabbit
@@ -161,5 +162,52 @@ import Testing
         #expect(c.outstanding == 1)
         #expect(c.settle(tag: 1, multiple: true) == 1)
         #expect(c.outstanding == 0 && c.messages == 0, "the hole tag 2 left is skipped")
+    }
+}
+
+/// The binds on their way to the broker: what proceeds at once, what is queued, in what order,
+/// when the answer timeout starts, and what a lost connection leaves.
+@Suite struct BindingPipelineTests {
+    @Test func joinsWaitForTheirBindWhileUpAndProceedWhileDown() throws {
+        let loop = EmbeddedEventLoop()
+        var pipeline = BindingPipeline(linger: .seconds(2))
+        let t0 = NIODeadline.uptimeNanoseconds(1_000_000_000)
+        // Down: a join proceeds at once, nothing is queued.
+        let early = loop.makePromise(of: Void.self)
+        #expect(pipeline.handle([.firstChannel("c.a.*.*.*", early)], now: t0).count == 1)
+        #expect(pipeline.nextUnsent() == nil)
+        // Up: the wanted key is rebound, and a new key's join waits for its bind.
+        pipeline.connected(now: t0)
+        pipeline.expireAndRebind(now: t0) { _ in false }
+        let join = loop.makePromise(of: Void.self)
+        #expect(pipeline.handle([.firstChannel("c.b.*.*.*", join), .lastChannelGone("c.a.*.*.*")], now: t0 + .seconds(1)).isEmpty)
+        #expect(pipeline.nextUnsent()?.key == "c.a.*.*.*")
+        #expect(pipeline.nextUnsent()?.key == "c.b.*.*.*")
+        #expect(pipeline.nextUnsent() == nil)
+        #expect(pipeline.inFlight == 2)
+        // The answer timeout started with the first request; a later one does not restart it.
+        #expect(pipeline.lastProgress == t0)
+        let first = try pipeline.answered(.bind, now: t0 + .seconds(3))
+        #expect(first.key == "c.a.*.*.*" && first.settled && first.waiters.isEmpty)  // a rebind: no join waits on it
+        let second = try pipeline.answered(.bind, now: t0 + .seconds(4))
+        #expect(second.key == "c.b.*.*.*" && second.settled && second.waiters.count == 1 && pipeline.lastProgress == t0 + .seconds(4))
+        #expect(pipeline.boundCount == 2 && pipeline.inFlight == 0)
+        // The linger of the key that lost its last channel ends: its unbind is queued.
+        pipeline.expireAndRebind(now: t0 + .seconds(4)) { _ in false }
+        #expect(pipeline.nextUnsent() == BindingPipeline.Request(operation: .unbind, key: "c.a.*.*.*"))
+        #expect(throws: Topology<BindingPipeline.Waiter>.OutOfOrder.self) { try pipeline.answered(.bind, now: t0 + .seconds(5)) }
+        early.succeed(())
+        join.succeed(())
+    }
+
+    @Test func aLostConnectionReturnsTheWaitingJoinsAndForgetsWhatWasNotSent() {
+        let loop = EmbeddedEventLoop()
+        var pipeline = BindingPipeline(linger: .seconds(2))
+        pipeline.connected(now: .now())
+        let join = loop.makePromise(of: Void.self)
+        #expect(pipeline.handle([.firstChannel("c.c.*.*.*", join)], now: .now()).isEmpty)
+        let waiting = pipeline.disconnected()
+        #expect(waiting.count == 1 && pipeline.nextUnsent() == nil && pipeline.inFlight == 0 && pipeline.boundCount == 0)
+        join.succeed(())
     }
 }
