@@ -43,14 +43,12 @@ final class LoopHandoff: Sendable {
 
     private struct State {
         var commands: [Command] = []
-        var publishes: [ClusterMessage] = []
-        var publishBytes = 0
+        var publishes: PendingPublishes
         var closed = false
         var bindings: [String: Binding] = [:]
     }
 
     let wakeFD: Int32
-    let capacity: Int
     let buckets: Int
     /// True while the link's thread is (about to be) blocked in poll: only then is a wake-up
     /// write needed. A busy thread picks up new work on its next round without one.
@@ -58,17 +56,15 @@ final class LoopHandoff: Sendable {
     /// True while the link is connected (set by its thread). While it is not, joins proceed at
     /// once (local service; bound on reconnection) without waiting for a connect attempt.
     let connected = ManagedAtomic<Bool>(false)
-    private let state = NIOLockedValueBox(State())
+    private let state: NIOLockedValueBox<State>
 
     init(capacity: Int, buckets: Int) {
-        self.capacity = capacity
+        self.state = NIOLockedValueBox(State(publishes: PendingPublishes(capacity: capacity)))
         self.buckets = buckets
         self.wakeFD = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
     }
 
     deinit { Glibc.close(self.wakeFD) }
-
-    static func bytes(of message: ClusterMessage) -> Int { message.payload.readableBytes + message.channel.utf8.count }
 
     /// A channel got its first local client: the promise succeeds at once when its binding key
     /// is bound, later (from the link's thread) otherwise, and fails when the link stopped.
@@ -156,10 +152,7 @@ final class LoopHandoff: Sendable {
     /// Queues publishes; false when they don't fit (the caller drops and counts them).
     func add(publishes batch: [ClusterMessage], bytes: Int) -> Bool {
         let accepted = self.state.withLockedValue { state -> Bool in
-            guard !state.closed, state.publishBytes + bytes <= self.capacity else { return false }
-            state.publishes.append(contentsOf: batch)
-            state.publishBytes += bytes
-            return true
+            !state.closed && state.publishes.add(batch, bytes: bytes)
         }
         if accepted { self.wake() }
         return accepted
@@ -187,45 +180,22 @@ final class LoopHandoff: Sendable {
         self.state.withLockedValue { state in
             var out = Taken()
             swap(&out.commands, &state.commands)
-            guard limit > 0, !state.publishes.isEmpty else { return out }
-            if overhead == 0, state.publishBytes <= limit {
-                swap(&out.publishes, &state.publishes)
-                state.publishBytes = 0
-                return out
-            }
-            var bytes = 0
-            var n = 0
-            while n < state.publishes.count {
-                let size = Self.bytes(of: state.publishes[n])
-                guard bytes + size + overhead <= limit || (n == 0 && oversizeFirst) else { break }
-                bytes += size
-                n += 1
-            }
-            out.publishes = Array(state.publishes[..<n])
-            state.publishes.removeFirst(n)
-            state.publishBytes -= bytes
+            out.publishes = state.publishes.take(bytes: limit, overhead: overhead, oversizeFirst: oversizeFirst)
             return out
         }
     }
 
     /// Drops the publishes waiting (the broker is down); returns how many messages that was.
     func dropPublishes() -> Int {
-        self.state.withLockedValue { state in
-            let n = state.publishes.count
-            state.publishes = []
-            state.publishBytes = 0
-            return n
-        }
+        self.state.withLockedValue { $0.publishes.removeAll().count }
     }
 
     /// Closes the handoff for good; returns what was still in it.
     func close() -> Taken {
         self.state.withLockedValue { state in
             state.closed = true
-            let out = Taken(commands: state.commands, publishes: state.publishes)
+            let out = Taken(commands: state.commands, publishes: state.publishes.removeAll())
             state.commands = []
-            state.publishes = []
-            state.publishBytes = 0
             return out
         }
     }

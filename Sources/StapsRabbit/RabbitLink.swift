@@ -169,7 +169,7 @@ public final class RabbitLink: ClusterLink, Sendable {
             self.counters.droppedWhileDown.wrappingIncrement(by: batch.count, ordering: .relaxed)
             return
         }
-        let bytes = batch.reduce(0) { $0 + LoopHandoff.bytes(of: $1) }
+        let bytes = batch.reduce(0) { $0 + PendingPublishes.bytes(of: $1) }
         if !self.handoff.add(publishes: batch, bytes: bytes) {
             self.counters.droppedBufferFull.wrappingIncrement(by: batch.count, ordering: .relaxed)
         }
