@@ -35,11 +35,13 @@ struct PendingPublishes {
         guard limit > 0, !self.messages.isEmpty else { return [] }
         if overhead == 0, self.bytes <= limit { return self.removeAll() }
         var bytes = 0
+        var wire = 0
         var n = 0
         while n < self.messages.count {
             let size = Self.bytes(of: self.messages[n])
-            guard bytes + size + overhead <= limit || (n == 0 && oversizeFirst) else { break }
+            guard wire + size + overhead <= limit || (n == 0 && oversizeFirst) else { break }
             bytes += size
+            wire += size + overhead
             n += 1
         }
         let out = Array(self.messages[..<n])

@@ -55,6 +55,21 @@ import Testing
     }
 }
 
+/// The publishes waiting for the link's thread.
+@Suite struct PendingPublishesTests {
+    /// On TLS a take must fit the socket's room, wire and all: every message's overhead counts.
+    @Test func theWireOverheadCountsForEveryMessage() {
+        var p = PendingPublishes(capacity: 1 << 20)
+        let batch = (0..<4).map { i in ClusterMessage(channel: "c", payload: ByteBuffer(string: "m\(i)xxxxxxx"), isText: true, connectionID: 1) }
+        let added = p.add(batch, bytes: 40)
+        #expect(added)
+        // 10 bytes each and 5 of overhead: 3 fit in 45, not 4.
+        let taken = p.take(bytes: 45, overhead: 5, oversizeFirst: true)
+        #expect(taken.map { String(buffer: $0.payload) } == ["m0xxxxxxx", "m1xxxxxxx", "m2xxxxxxx"])
+        #expect(p.bytes == 10)
+    }
+}
+
 @Suite struct TopologyTests {
     typealias T = Topology<Int>
     let t0 = NIODeadline.uptimeNanoseconds(1_000_000_000)
