@@ -12,6 +12,9 @@ public struct ClusterSettings: Sendable, Equatable {
     public var unbindLinger: TimeAmount
     /// Bytes of outbound messages that may wait for the broker before more are dropped.
     public var publishBuffer: Int
+    /// How long a message may wait in the node for the broker before it is dropped (and
+    /// counted) instead of sent late. Defaults to `queueMessageTTL`.
+    public var maxAge: TimeAmount
     /// AMQP heartbeat interval.
     public var heartbeat: TimeAmount
     /// Publishes go out at most once per window, so busy channels share AMQP messages.
@@ -29,6 +32,7 @@ public struct ClusterSettings: Sendable, Equatable {
         queueMessageTTL: TimeAmount = .seconds(10),
         unbindLinger: TimeAmount = .seconds(2),
         publishBuffer: Int = 64 << 20,
+        maxAge: TimeAmount? = nil,
         heartbeat: TimeAmount = .seconds(10),
         publishWindow: TimeAmount = .milliseconds(5),
         bindingBuckets: Int = 256,
@@ -39,6 +43,7 @@ public struct ClusterSettings: Sendable, Equatable {
         self.queueMessageTTL = queueMessageTTL
         self.unbindLinger = unbindLinger
         self.publishBuffer = publishBuffer
+        self.maxAge = maxAge ?? queueMessageTTL
         self.heartbeat = heartbeat
         self.publishWindow = publishWindow
         self.bindingBuckets = bindingBuckets

@@ -133,7 +133,7 @@ extension LinkWorker {
             let deadline = NIODeadline.now() + .seconds(2)
             do {
                 let tls = self.broker.tls
-                let rest = self.handoff.take(publishBytes: tls ? self.publishBudget(publisher) : .max, overhead: tls ? Self.wireOverhead : 0, oversizeFirst: !tls)
+                let rest = self.take(publishBytes: tls ? self.publishBudget(publisher) : .max, overhead: tls ? Self.wireOverhead : 0, oversizeFirst: !tls)
                 Self.failAll(LoopHandoff.Taken(commands: rest.commands), counters: self.counters)
                 if self.blockedReason == nil {
                     try self.publish(rest.publishes, on: publisher)
@@ -162,6 +162,7 @@ extension LinkWorker {
         self.logger.notice("broker link totals", metadata: [
             "published": "\(c.published.load(ordering: .relaxed))", "received": "\(c.received.load(ordering: .relaxed))",
             "dropped.while_down": "\(c.droppedWhileDown.load(ordering: .relaxed))", "dropped.buffer_full": "\(c.droppedBufferFull.load(ordering: .relaxed))",
+            "dropped.expired": "\(c.droppedExpired.load(ordering: .relaxed))",
             "rejected": "\(c.rejected.load(ordering: .relaxed))", "malformed": "\(c.malformed.load(ordering: .relaxed))",
             "reconnects": "\(c.reconnects.load(ordering: .relaxed))",
         ])
@@ -177,5 +178,6 @@ extension LinkWorker {
             }
         }
         counters.droppedWhileDown.wrappingIncrement(by: taken.publishes.count, ordering: .relaxed)
+        counters.droppedExpired.wrappingIncrement(by: taken.expired, ordering: .relaxed)
     }
 }

@@ -64,6 +64,7 @@ final class LinkWorker: @unchecked Sendable {
     var nextHousekeeping = NIODeadline.now()
     var nextDropReport = NIODeadline.now()
     var reportedBufferDrops = 0
+    var reportedExpired = 0
     var reportedMalformed = 0
     /// When the next publish may go out (see `ClusterSettings.publishWindow`).
     var nextPublish = NIODeadline.now()
@@ -120,10 +121,18 @@ final class LinkWorker: @unchecked Sendable {
     /// dropped and counted.
     private func whileDown() {
         self.counters.droppedWhileDown.wrappingIncrement(by: self.handoff.dropPublishes(), ordering: .relaxed)
-        let taken = self.handoff.take(publishBytes: 0)
+        let taken = self.take(publishBytes: 0)
         try? self.handle(taken.commands, on: nil)
         self.bindings.expireAndRebind(now: .now()) { !self.handoff.release($0) }
         self.sleepUntilWoken(timeoutMillis: Self.millisUntil(self.nextAttempt, cap: 100))
+    }
+
+    /// What the event loops handed over (`LoopHandoff.take`), counting the publishes it
+    /// dropped for their age.
+    func take(publishBytes: Int, overhead: Int = 0, oversizeFirst: Bool = true) -> LoopHandoff.Taken {
+        let taken = self.handoff.take(publishBytes: publishBytes, overhead: overhead, oversizeFirst: oversizeFirst)
+        self.counters.droppedExpired.wrappingIncrement(by: taken.expired, ordering: .relaxed)
+        return taken
     }
 
     static func millisUntil(_ deadline: NIODeadline, cap: Int) -> Int {
@@ -149,8 +158,8 @@ final class LinkWorker: @unchecked Sendable {
         try self.waitForWork(consumer, publisher, reading: reading, mayPublish: mayPublish, publishDue: publishDue, waitForRoom: waitForRoom)
         let now = NIODeadline.now()
         let tls = self.broker.tls
-        let taken = self.handoff.take(publishBytes: publishDue ? budget : 0, overhead: tls ? Self.wireOverhead : 0,
-                                    oversizeFirst: !tls || publisher.unackedBytes == 0)
+        let taken = self.take(publishBytes: publishDue ? budget : 0, overhead: tls ? Self.wireOverhead : 0,
+                              oversizeFirst: !tls || publisher.unackedBytes == 0)
         do {
             try self.handle(taken.commands, on: consumer)
             self.bindings.expireAndRebind(now: now) { !self.handoff.release($0) }
@@ -291,17 +300,19 @@ final class LinkWorker: @unchecked Sendable {
         self.handoff.sleeping.store(false, ordering: .sequentiallyConsistent)
     }
 
-    /// Messages dropped because the outbound buffer was full, or malformed bodies: one warning
-    /// per 10 s at most.
+    /// Messages dropped because the outbound buffer was full or they waited too long, or
+    /// malformed bodies: one warning per 10 s at most.
     private func reportDrops(now: NIODeadline) {
         guard now >= self.nextDropReport else { return }
         let dropped = self.counters.droppedBufferFull.load(ordering: .relaxed)
+        let expired = self.counters.droppedExpired.load(ordering: .relaxed)
         let malformed = self.counters.malformed.load(ordering: .relaxed)
-        if dropped > self.reportedBufferDrops {
+        if dropped > self.reportedBufferDrops || expired > self.reportedExpired {
             self.logger.warning("broker slower than the clients: dropped messages for other nodes", metadata: [
-                "dropped": "\(dropped - self.reportedBufferDrops)", "amqp_buffer": "\(self.settings.publishBuffer)",
+                "dropped.buffer_full": "\(dropped - self.reportedBufferDrops)", "amqp_buffer": "\(self.settings.publishBuffer)",
+                "dropped.expired": "\(expired - self.reportedExpired)", "amqp_max_age": "\(Self.seconds(self.settings.maxAge))s",
             ])
-            self.reportedBufferDrops = dropped
+            (self.reportedBufferDrops, self.reportedExpired) = (dropped, expired)
             self.nextDropReport = now + .seconds(10)
         }
         if malformed > self.reportedMalformed {

@@ -39,6 +39,10 @@ final class LoopHandoff: Sendable {
     struct Taken {
         var commands: [Command] = []
         var publishes: [ClusterMessage] = []
+        /// When the publishes arrived (see `PendingPublishes.Run`).
+        var arrivals: [PendingPublishes.Run] = []
+        /// Publishes dropped for their age (`amqp_max_age`) since the last take.
+        var expired = 0
     }
 
     private struct State {
@@ -58,8 +62,8 @@ final class LoopHandoff: Sendable {
     let connected = ManagedAtomic<Bool>(false)
     private let state: NIOLockedValueBox<State>
 
-    init(capacity: Int, buckets: Int) {
-        self.state = NIOLockedValueBox(State(publishes: PendingPublishes(capacity: capacity)))
+    init(capacity: Int, maxAge: TimeAmount, buckets: Int) {
+        self.state = NIOLockedValueBox(State(publishes: PendingPublishes(capacity: capacity, maxAge: maxAge)))
         self.buckets = buckets
         self.wakeFD = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
     }
@@ -149,10 +153,12 @@ final class LoopHandoff: Sendable {
         }
     }
 
-    /// Queues publishes; false when they don't fit (the caller drops and counts them).
+    /// Queues publishes, stamped with the time they arrived; false when they don't fit (the
+    /// caller drops and counts them).
     func add(publishes batch: [ClusterMessage], bytes: Int) -> Bool {
+        let now = NIODeadline.now()
         let accepted = self.state.withLockedValue { state -> Bool in
-            !state.closed && state.publishes.add(batch, bytes: bytes)
+            !state.closed && state.publishes.add(batch, bytes: bytes, now: now)
         }
         if accepted { self.wake() }
         return accepted
@@ -175,12 +181,15 @@ final class LoopHandoff: Sendable {
 
     /// Takes every command, and publishes up to `publishBytes` bytes (whole messages, oldest
     /// first), counting `overhead` more per message for what the wire adds. The first message
-    /// is taken even when it alone is over the limit only if `oversizeFirst`.
+    /// is taken even when it alone is over the limit only if `oversizeFirst`. Publishes older
+    /// than `amqp_max_age` are dropped first, and counted in `expired`.
     func take(publishBytes limit: Int, overhead: Int = 0, oversizeFirst: Bool = true) -> Taken {
-        self.state.withLockedValue { state in
+        let now = NIODeadline.now()
+        return self.state.withLockedValue { state in
             var out = Taken()
             swap(&out.commands, &state.commands)
-            out.publishes = state.publishes.take(bytes: limit, overhead: overhead, oversizeFirst: oversizeFirst)
+            let publishes = state.publishes.take(bytes: limit, overhead: overhead, oversizeFirst: oversizeFirst, now: now)
+            (out.publishes, out.arrivals, out.expired) = (publishes.messages, publishes.arrivals, publishes.expired)
             return out
         }
     }
@@ -194,7 +203,9 @@ final class LoopHandoff: Sendable {
     func close() -> Taken {
         self.state.withLockedValue { state in
             state.closed = true
-            let out = Taken(commands: state.commands, publishes: state.publishes.removeAll())
+            var out = Taken(commands: state.commands)
+            out.expired = state.publishes.removeExpired(now: .now())
+            out.publishes = state.publishes.removeAll()
             state.commands = []
             return out
         }

@@ -48,6 +48,9 @@ public final class RabbitCounters: Sendable {
     public let droppedWhileDown = ManagedAtomic<Int>(0)
     /// Dropped because the outbound buffer was full (broker slower than the clients, or blocked).
     public let droppedBufferFull = ManagedAtomic<Int>(0)
+    /// Dropped because they waited for the broker longer than `amqp_max_age` (broker slower
+    /// than the clients, or blocked): not sent late.
+    public let droppedExpired = ManagedAtomic<Int>(0)
     /// Refused by the broker (`basic.nack`).
     public let rejected = ManagedAtomic<Int>(0)
     /// Bodies from other nodes that were not in the wire format (nothing of them is delivered).
@@ -90,7 +93,8 @@ public final class RabbitLink: ClusterLink, Sendable {
     public init(configuration: RabbitConfiguration, logger: Logger) {
         self.configuration = configuration
         self.logger = logger
-        self.handoff = LoopHandoff(capacity: configuration.settings.publishBuffer, buckets: configuration.settings.bindingBuckets)
+        let settings = configuration.settings
+        self.handoff = LoopHandoff(capacity: settings.publishBuffer, maxAge: settings.maxAge, buckets: settings.bindingBuckets)
         self.finished = self.finishLoop.next().makePromise()
     }
 
@@ -127,6 +131,7 @@ public final class RabbitLink: ClusterLink, Sendable {
             dropped: [
                 ("broker_down", c.droppedWhileDown.load(ordering: .relaxed)),
                 ("buffer_full", c.droppedBufferFull.load(ordering: .relaxed)),
+                ("expired", c.droppedExpired.load(ordering: .relaxed)),
                 ("rejected", c.rejected.load(ordering: .relaxed)),
                 ("malformed", c.malformed.load(ordering: .relaxed)),
             ],

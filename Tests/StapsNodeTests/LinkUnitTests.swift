@@ -55,18 +55,84 @@ import Testing
     }
 }
 
-/// The publishes waiting for the link's thread.
+/// The publishes waiting for the link's thread: bounded in bytes and in age, one arrival
+/// stamp per batch, oldest first.
 @Suite struct PendingPublishesTests {
-    /// On TLS a take must fit the socket's room, wire and all: every message's overhead counts.
-    @Test func theWireOverheadCountsForEveryMessage() {
-        var p = PendingPublishes(capacity: 1 << 20)
-        let batch = (0..<4).map { i in ClusterMessage(channel: "c", payload: ByteBuffer(string: "m\(i)xxxxxxx"), isText: true, connectionID: 1) }
-        let added = p.add(batch, bytes: 40)
-        #expect(added)
-        // 10 bytes each and 5 of overhead: 3 fit in 45, not 4.
-        let taken = p.take(bytes: 45, overhead: 5, oversizeFirst: true)
-        #expect(taken.map { String(buffer: $0.payload) } == ["m0xxxxxxx", "m1xxxxxxx", "m2xxxxxxx"])
-        #expect(p.bytes == 10)
+    static let t0 = NIODeadline.uptimeNanoseconds(1_000_000_000)
+
+    /// Messages of 10 bytes each (9 of payload, the channel's 1): `a0`, `a1`, …
+    static func batch(_ tag: String, _ n: Int, size: Int = 9) -> [ClusterMessage] {
+        (0..<n).map { i in
+            ClusterMessage(channel: "c", payload: ByteBuffer(string: "\(tag)\(i)" + String(repeating: "x", count: size - tag.count - String(i).count)),
+                           isText: true, connectionID: 1)
+        }
+    }
+
+    static func tags(_ messages: [ClusterMessage]) -> [String] { messages.map { String(buffer: $0.payload).filter { $0 != "x" } } }
+
+    /// Adds `n` messages tagged `tag` that arrive `after` t0; whether they fit.
+    static func add(_ p: inout PendingPublishes, _ tag: String, _ n: Int, after: TimeAmount, size: Int = 9) -> Bool {
+        p.add(Self.batch(tag, n, size: size), bytes: n * (size + 1), now: Self.t0 + after)
+    }
+
+    static func take(_ p: inout PendingPublishes, _ limit: Int = 1 << 20, overhead: Int = 0, oversizeFirst: Bool = true, after: TimeAmount) -> PendingPublishes.Taken {
+        p.take(bytes: limit, overhead: overhead, oversizeFirst: oversizeFirst, now: Self.t0 + after)
+    }
+
+    @Test func whatWaitedLongerThanTheMaxAgeIsDroppedAndCountedNotSent() {
+        var p = PendingPublishes(capacity: 1 << 20, maxAge: .seconds(2))
+        #expect(Self.add(&p, "a", 3, after: .zero) && Self.add(&p, "b", 2, after: .seconds(1)) && Self.add(&p, "c", 1, after: .milliseconds(2500)))
+        // Exactly the max age is not too old; a nanosecond more is.
+        let nothing = Self.take(&p, 0, after: .seconds(2))
+        #expect(nothing.messages.isEmpty && nothing.expired == 0 && p.bytes == 60)
+        let taken = Self.take(&p, after: .seconds(2) + .nanoseconds(1))
+        #expect(taken.expired == 3, "batch a, whole")
+        #expect(Self.tags(taken.messages) == ["b0", "b1", "c0"])
+        #expect(taken.arrivals == [.init(count: 2, arrived: Self.t0 + .seconds(1)), .init(count: 1, arrived: Self.t0 + .milliseconds(2500))])
+        #expect(p.isEmpty && p.bytes == 0)
+        #expect(Self.take(&p, after: .seconds(9)).expired == 0, "counted once")
+    }
+
+    @Test func aPartialTakeSplitsABatchWhoseRestKeepsItsStamp() {
+        var p = PendingPublishes(capacity: 1 << 20, maxAge: .seconds(2))
+        #expect(Self.add(&p, "a", 4, after: .zero) && Self.add(&p, "b", 2, after: .seconds(1)))
+        // 10 bytes each and 5 of overhead for every message (on amqps a take must fit the
+        // socket's room, wire and all): 3 fit in 45, not 4.
+        let first = Self.take(&p, 45, overhead: 5, after: .milliseconds(100))
+        #expect(Self.tags(first.messages) == ["a0", "a1", "a2"])
+        #expect(first.arrivals == [.init(count: 3, arrived: Self.t0)])
+        #expect(p.bytes == 30)
+        // The rest of batch a is as old as batch a.
+        let second = Self.take(&p, after: .milliseconds(2001))
+        #expect(second.expired == 1)
+        #expect(Self.tags(second.messages) == ["b0", "b1"])
+        #expect(second.arrivals == [.init(count: 2, arrived: Self.t0 + .seconds(1))])
+        // Over the limit alone: taken only when the first may be.
+        #expect(Self.add(&p, "big", 1, after: .seconds(3), size: 100))
+        #expect(Self.take(&p, 50, oversizeFirst: false, after: .seconds(3)).messages.isEmpty)
+        #expect(Self.tags(Self.take(&p, 50, after: .seconds(3)).messages) == ["big0"])
+    }
+
+    @Test func aFullBufferMakesRoomByDroppingWhatIsTooOldBeforeRefusingFreshMessages() {
+        var p = PendingPublishes(capacity: 50, maxAge: .seconds(2))
+        #expect(Self.add(&p, "a", 3, after: .zero) && Self.add(&p, "b", 2, after: .seconds(1)))
+        #expect(!Self.add(&p, "c", 1, after: .seconds(2)), "full, and nothing is too old yet")
+        #expect(Self.add(&p, "d", 1, after: .seconds(3)), "batch a is too old: it makes room")
+        #expect(!Self.add(&p, "e", 3, after: .seconds(3)), "batch b is not too old: no room")
+        let taken = Self.take(&p, after: .seconds(3))
+        #expect(taken.expired == 3, "what add dropped is reported by the next take")
+        #expect(Self.tags(taken.messages) == ["b0", "b1", "d0"])
+    }
+
+    @Test func takingEverythingLeavesTheExpiredCountToReport() {
+        var p = PendingPublishes(capacity: 1 << 20, maxAge: .seconds(1))
+        #expect(Self.add(&p, "a", 2, after: .zero) && Self.add(&p, "b", 2, after: .seconds(2)))
+        #expect(!Self.add(&p, "huge", 1, after: .seconds(2), size: 1 << 20), "makes room: a goes")
+        #expect(Self.tags(p.removeAll()) == ["b0", "b1"])
+        #expect(p.isEmpty && p.bytes == 0)
+        #expect(p.removeExpired(now: Self.t0 + .seconds(2)) == 2)
+        #expect(Self.add(&p, "c", 1, after: .seconds(3)))
+        #expect(Self.take(&p, after: .seconds(3)).arrivals == [.init(count: 1, arrived: Self.t0 + .seconds(3))])
     }
 }
 
