@@ -15,7 +15,8 @@ struct Delay: AsyncParsableCommand {
         abstract: "The mix of issue 15 on a cluster: churn, many light channels connecting at once, a busy channel and a probe across two nodes; reports the probe's delay per window, the nodes' counters and the broker's flow control.",
         discussion: """
             Name the nodes' endpoints in order (node 1 first). The probe sends from node 1 to a
-            receiver on node 2; the busy channel's publisher is on the last node, its receivers
+            receiver on node 2, and, as a control that never crosses the broker, from node 2 to
+            node 2 (both pairs on a client thread of their own); the busy channel's publisher is on the last node, its receivers
             round-robin; each light channel has one client per node in turn, the first of which
             publishes once all of them are connected; churn workers connect round-robin. All light
             clients connect at once at the start. Every load stops by itself after --seconds; then
@@ -63,11 +64,19 @@ struct Delay: AsyncParsableCommand {
         let light = DeliveryLog()
         let busy = DeliveryLog()
 
-        // The probe, the busy channel and their receivers first: they must see the burst.
-        _ = try await WebSocketClient.connect(to: node(1), path: run + "-probe", group: group) { event in
+        // The probe, the busy channel and their receivers first: they must see the burst. The
+        // probe pair has a thread of its own, so that it times the cluster, not the load's clients.
+        let probeGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        _ = try await WebSocketClient.connect(to: node(1), path: run + "-probe", group: probeGroup) { event in
             if case .message(_, let buffer) = event { probe.received(buffer, at: now()) }
         }
-        let probeSender = try await WebSocketClient.connect(to: node(0), path: run + "-probe", group: group) { _ in }
+        let probeSender = try await WebSocketClient.connect(to: node(0), path: run + "-probe", group: probeGroup) { _ in }
+        // The control: a pair on node 2 alone, its messages never cross the broker.
+        let local = ProbeLog()
+        _ = try await WebSocketClient.connect(to: node(1), path: run + "-local", group: probeGroup) { event in
+            if case .message(_, let buffer) = event { local.received(buffer, at: now()) }
+        }
+        let localSender = try await WebSocketClient.connect(to: node(1), path: run + "-local", group: probeGroup) { _ in }
         for r in 0..<busyReceivers {
             _ = try await WebSocketClient.connect(to: node(r), path: run + "-busy", group: group) { event in
                 if case .message(_, let buffer) = event { busy.received(buffer, at: now()) }
@@ -85,6 +94,7 @@ struct Delay: AsyncParsableCommand {
         let probeTask = probeSender.connection.eventLoop.scheduleRepeatedTask(initialDelay: .zero, delay: .milliseconds(Int64(probeInterval))) { task in
             guard !stopping.load(ordering: .relaxed) else { return task.cancel() }
             probeSender.send(opcode: .binary, probe.next(allocator: probeSender.connection.allocator, size: size, at: now()))
+            localSender.send(opcode: .binary, local.next(allocator: localSender.connection.allocator, size: size, at: now()))
         }
         let busyPump = RatePump(client: busySender, source: -2, rate: Double(busyRate), size: size, stopping: stopping)
         busyPump.start(every: .milliseconds(10))
@@ -125,7 +135,7 @@ struct Delay: AsyncParsableCommand {
             snapshots.append(scraper.scrape())
             let k = snapshots.count - 1
             let (sent, got, worst) = probe.progress(window: k - 1, start: start, length: window)
-            print("  \(Int(Double(k - 1) * window))-\(Int(Double(k) * window)) s: probe \(got)/\(sent) arrived, worst \(ms(worst)) ms; published +\(Int(MetricsScraper.delta(snapshots, k, "staps_broker_published_total")))")
+            print("  \(Int(Double(k - 1) * window))-\(Int(Double(k) * window)) s: probe \(got)/\(sent) arrived, worst \(ms(worst)) ms (on node 2 alone: \(ms(local.progress(window: k - 1, start: start, length: window).worst)) ms); published +\(Int(MetricsScraper.delta(snapshots, k, "staps_broker_published_total")))")
         }
         stopping.store(true, ordering: .relaxed)
         probeTask.cancel()
@@ -148,17 +158,18 @@ struct Delay: AsyncParsableCommand {
         var lastProgress = now()
         while Double(now() - drainStart) / 1e9 < drain {
             let total = probe.receivedCount + light.count + busy.count
-            if probe.receivedCount == probe.sentCount && light.count >= expectedLight && busy.count >= expectedBusy { break }
+            if probe.receivedCount == probe.sentCount && local.receivedCount == local.sentCount && light.count >= expectedLight && busy.count >= expectedBusy { break }
             if total != last { (last, lastProgress) = (total, now()) }
             if Double(now() - lastProgress) / 1e9 > 5 { break }
             try await Task.sleep(nanoseconds: 50_000_000)
         }
         snapshots.append(scraper.scrape())
         try await group.shutdownGracefully()
+        try await probeGroup.shutdownGracefully()
 
         let flow = (try? BrokerSamples(path: brokerSamples)) ?? BrokerSamples()
         print("light clients: \(lightChannels * lightClients - lightFailures) of \(lightChannels * lightClients) connected in \(String(format2: connectSeconds, 1)) s; churn: \(cycles) cycles (\(Int(Double(cycles) / seconds))/s), \(churnFailures) failed")
-        print("window      probe arrived  max ms     p99 ms   | published   dropped by the nodes          | in flow   queued at most")
+        print("window      probe arrived  max ms     p99 ms   | node 2 alone: max ms | published   dropped by the nodes          | in flow   queued at most")
         for k in 0..<(snapshots.count - 2) {
             let delays = probe.delays(window: k, start: start, length: window)
             let from = wallStart + Int64(Double(k) * window * 1000)
@@ -167,11 +178,14 @@ struct Delay: AsyncParsableCommand {
             print(Self.pad("\(Int(Double(k) * window))-\(Int(Double(k + 1) * window)) s", 12)
                   + Self.pad("\(delays.count)/\(probe.sent(window: k, start: start, length: window))", 15)
                   + Self.pad(ms(delays.last ?? 0), 11) + Self.pad(ms(Self.quantile(delays, 0.99)), 9) + "| "
+                  + Self.pad(ms(local.delays(window: k, start: start, length: window).last ?? 0), 21) + "| "
                   + Self.pad(counts, 12) + Self.pad(dropped, 30) + "| "
                   + flow.summary(from: from, to: from + Int64(window * 1000)))
         }
         let all = probe.allDelays()
         print("probe: \(all.count) of \(probe.sentCount) arrived (\(probe.sentCount - all.count) lost); delay ms p50 \(ms(Self.quantile(all, 0.5)))  p99 \(ms(Self.quantile(all, 0.99)))  max \(ms(all.last ?? 0))")
+        let alone = local.allDelays()
+        print("on node 2 alone: \(alone.count) of \(local.sentCount) arrived; delay ms p50 \(ms(Self.quantile(alone, 0.5)))  p99 \(ms(Self.quantile(alone, 0.99)))  max \(ms(alone.last ?? 0))")
         print(light.report("light", expected: expectedLight))
         print(busy.report("busy", expected: expectedBusy))
         if !scraper.isEmpty {
