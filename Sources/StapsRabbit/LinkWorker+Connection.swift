@@ -35,6 +35,7 @@ extension LinkWorker {
         let now = NIODeadline.now()
         (self.lastHeardPublisher, self.lastHeardConsumer, self.lastHeartbeatToConsumer) = (now, now, now)
         self.confirmProgress = now
+        self.window = PublishWindow()
         self.blockedReason = nil
         self.bindings.connected(now: now)
         self.counters.rebindsLeft.store(self.bindings.rebindsLeft, ordering: .relaxed)

@@ -26,11 +26,16 @@ extension LinkWorker {
         let exchange = self.exchange.rawBytes
         let appID = self.nodeID.rawBytes
         let tls = self.broker.tls
+        let now = NIODeadline.now()
         for (g, group) in groups.enumerated() {
             let routingKey = self.key(group.channel)
             self.body.removeAll(keepingCapacity: true)
             WireFormat.beginBody(channel: group.channel, into: &self.body)
-            for i in group.indices { WireFormat.append(payload: messages[i].payload, into: &self.body) }
+            var bytes = 0
+            for i in group.indices {
+                WireFormat.append(payload: messages[i].payload, into: &self.body)
+                bytes += PendingPublishes.bytes(of: messages[i])
+            }
             let isText = group.isText
             if tls {
                 do {
@@ -49,7 +54,7 @@ extension LinkWorker {
                                       appID: appID, correlationID: group.connectionID, body: body)
                 }
             }
-            self.confirms.published(messages: group.indices.count)
+            self.confirms.published(messages: group.indices.count, bytes: bytes, at: now)
         }
         if self.confirms.outstanding == groups.count { self.confirmProgress = .now() }
         if !tls {

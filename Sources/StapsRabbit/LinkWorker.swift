@@ -39,6 +39,8 @@ final class LinkWorker: @unchecked Sendable {
     /// unbinds on the way to the broker.
     var bindings: BindingPipeline
     var confirms = Confirms()
+    /// How much may be written and not confirmed yet (see `PublishWindow`).
+    var window = PublishWindow()
 
     /// The broker URL in use (index into `config.urls`); starts at a random one.
     var brokerIndex: Int
@@ -184,6 +186,7 @@ final class LinkWorker: @unchecked Sendable {
         }
         if now >= self.nextHousekeeping {
             self.nextHousekeeping = now + .milliseconds(100)
+            self.window.update(settledBytes: self.confirms.settledBytes, fastestRoundTrip: self.confirms.fastestRoundTrip, now: now)
             self.reportDrops(now: now)
             self.reportRebind(now: now)
             // Lets rabbitmq-c send heartbeats on the quiet publish connection and notice a close.
@@ -200,8 +203,9 @@ final class LinkWorker: @unchecked Sendable {
         if !(reading && consumer.hasBufferedInput) && !publisher.hasBufferedInput {
             // The publish connection carries confirms, heartbeats and rare notices: read every
             // 100 ms (housekeeping), not woken for each ack, which measured here cost the event
-            // loops latency on two cores; woken only when many publishes await their confirms.
-            let urgentAcks = self.confirms.outstanding > self.maxUnconfirmed / 2
+            // loops latency on two cores; woken only when many publishes await their confirms
+            // (over half the window).
+            let urgentAcks = self.confirms.outstanding > self.maxUnconfirmed / 2 || self.confirms.outstandingBytes > self.window.limit / 2
             var fds = [
                 pollfd(fd: self.handoff.wakeFD, events: Int16(POLLIN), revents: 0),
                 pollfd(fd: consumer.fileDescriptor, events: reading ? Int16(POLLIN) : 0, revents: 0),
@@ -233,15 +237,19 @@ final class LinkWorker: @unchecked Sendable {
     static let wireOverhead = 512
 
     /// Payload bytes this round may publish; 0 while the broker is not taking what was written.
+    /// At most what the window leaves (`PublishWindow`: the broker confirms what was written
+    /// within about 100 ms, so that messages wait here, where `amqp_max_age` bounds them).
     /// Plain TCP: up to `maxPublishBytes` while less than `maxUnackedBytes` is unacknowledged
     /// (a raw write waits at most `answerTimeout` for the rest). TLS: half of what the fixed
     /// send buffer can still take, since rabbitmq-c would wait for the rest without a deadline.
     func publishBudget(_ publisher: AMQPConnection) -> Int {
+        let window = self.window.limit - self.confirms.outstandingBytes
+        guard window > 0 else { return 0 }
         if self.broker.tls {
             let room = publisher.sendRoom / 2
-            return room >= 16 << 10 ? min(room, self.maxPublishBytes) : 0
+            return room >= 16 << 10 ? min(room, self.maxPublishBytes, window) : 0
         }
-        return publisher.unackedBytes < self.maxUnackedBytes ? self.maxPublishBytes : 0
+        return publisher.unackedBytes < self.maxUnackedBytes ? min(self.maxPublishBytes, window) : 0
     }
 
     func readPublisher(_ publisher: AMQPConnection) throws(BrokerError) {
@@ -274,10 +282,10 @@ final class LinkWorker: @unchecked Sendable {
     private func handle(_ event: BrokerEvent) throws(BrokerError) {
         switch event {
         case .ack(let tag, let multiple):
-            self.counters.published.wrappingIncrement(by: self.confirms.settle(tag: tag, multiple: multiple), ordering: .relaxed)
+            self.counters.published.wrappingIncrement(by: self.confirms.settle(tag: tag, multiple: multiple, at: .now()), ordering: .relaxed)
             self.confirmProgress = .now()
         case .nack(let tag, let multiple):
-            self.counters.rejected.wrappingIncrement(by: self.confirms.settle(tag: tag, multiple: multiple), ordering: .relaxed)
+            self.counters.rejected.wrappingIncrement(by: self.confirms.settle(tag: tag, multiple: multiple, at: .now()), ordering: .relaxed)
             self.confirmProgress = .now()
         case .blocked(let reason):
             self.blockedReason = reason

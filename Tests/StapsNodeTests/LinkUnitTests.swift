@@ -222,27 +222,107 @@ import Testing
 }
 
 @Suite struct ConfirmsTests {
+    static let t0 = NIODeadline.uptimeNanoseconds(1_000_000_000)
+
     @Test func acksSettleInOrderAndLossCountsTheRest() {
         var c = Confirms()
-        for n in 1...5 { c.published(messages: n) }
+        for n in 1...5 { c.published(messages: n, bytes: 10 * n, at: Self.t0) }
         #expect(c.messages == 15 && c.outstanding == 5)
-        #expect(c.settle(tag: 2, multiple: true) == 3)
-        #expect(c.settle(tag: 4, multiple: false) == 4)
-        #expect(c.settle(tag: 4, multiple: false) == 0, "settled once")
+        #expect(c.settle(tag: 2, multiple: true, at: Self.t0) == 3)
+        #expect(c.settle(tag: 4, multiple: false, at: Self.t0) == 4)
+        #expect(c.settle(tag: 4, multiple: false, at: Self.t0) == 0, "settled once")
         #expect(c.outstanding == 2, "tags 3 and 5")
-        #expect(c.settle(tag: 3, multiple: false) == 3)
+        #expect(c.settle(tag: 3, multiple: false, at: Self.t0) == 3)
         #expect(c.reset() == 5, "tag 5 was written and never confirmed")
         #expect(c.nextTag == 1 && c.messages == 0)
     }
 
     @Test func aLaterTagAckedFirstLeavesNothingOutstanding() {
         var c = Confirms()
-        c.published(messages: 1)
-        c.published(messages: 2)
-        #expect(c.settle(tag: 2, multiple: false) == 2)
+        c.published(messages: 1, bytes: 10, at: Self.t0)
+        c.published(messages: 2, bytes: 20, at: Self.t0)
+        #expect(c.settle(tag: 2, multiple: false, at: Self.t0) == 2)
         #expect(c.outstanding == 1)
-        #expect(c.settle(tag: 1, multiple: true) == 1)
+        #expect(c.settle(tag: 1, multiple: true, at: Self.t0) == 1)
         #expect(c.outstanding == 0 && c.messages == 0, "the hole tag 2 left is skipped")
+        #expect(c.outstandingBytes == 0 && c.settledBytes == 30, "each byte settled once")
+    }
+
+    @Test func bytesAreOutstandingUntilSettledWhicheverWay() {
+        var c = Confirms()
+        for n in 1...4 { c.published(messages: 1, bytes: 100 * n, at: Self.t0) }
+        #expect(c.outstandingBytes == 1000 && c.settledBytes == 0)
+        #expect(c.settle(tag: 3, multiple: false, at: Self.t0) == 1)
+        #expect(c.outstandingBytes == 700 && c.settledBytes == 300)
+        #expect(c.settle(tag: 3, multiple: true, at: Self.t0) == 2, "tags 1 and 2; 3 was settled")
+        #expect(c.outstandingBytes == 400 && c.settledBytes == 600)
+        #expect(c.reset() == 1)
+        #expect(c.outstandingBytes == 0 && c.settledBytes == 0, "a new connection starts over")
+    }
+
+    /// The round trip with nothing queued: the newest write an ack settles, the fastest seen.
+    @Test func theFastestRoundTripIsKept() {
+        var c = Confirms()
+        #expect(c.fastestRoundTrip == nil)
+        c.published(messages: 1, bytes: 1, at: Self.t0)
+        c.published(messages: 1, bytes: 1, at: Self.t0 + .milliseconds(30))
+        c.published(messages: 1, bytes: 1, at: Self.t0 + .milliseconds(40))
+        #expect(c.settle(tag: 2, multiple: true, at: Self.t0 + .milliseconds(50)) == 2)
+        #expect(c.fastestRoundTrip == .milliseconds(20), "tag 2, written at 30 ms")
+        #expect(c.settle(tag: 3, multiple: false, at: Self.t0 + .milliseconds(100)) == 1)
+        #expect(c.fastestRoundTrip == .milliseconds(20), "60 ms is slower")
+        _ = c.reset()
+        #expect(c.fastestRoundTrip == nil, "a new connection, a new path")
+    }
+}
+
+/// How much the link may have written and not had confirmed: what the broker confirms in a
+/// round trip plus 100 ms, between 16 KiB and 16 MiB.
+@Suite struct PublishWindowTests {
+    let t0 = NIODeadline.uptimeNanoseconds(1_000_000_000)
+
+    @Test func theWindowIsWhatTheBrokerConfirmsInARoundTripAndATenthOfASecond() {
+        var w = PublishWindow()
+        #expect(w.limit == 16 << 10, "the floor, before anything is confirmed")
+        w.update(settledBytes: 0, fastestRoundTrip: nil, now: t0)
+        #expect(w.limit == 16 << 10)
+        // 10 MB/s confirmed, a round trip of nothing: 1 MB may be under way.
+        w.update(settledBytes: 1_000_000, fastestRoundTrip: .zero, now: t0 + .milliseconds(100))
+        #expect(w.limit == 1_000_000)
+        // A slower broker: the window halves every 100 ms down to what it confirms.
+        w.update(settledBytes: 1_050_000, fastestRoundTrip: .zero, now: t0 + .milliseconds(200))
+        #expect(w.limit == 500_000)
+        w.update(settledBytes: 1_100_000, fastestRoundTrip: .zero, now: t0 + .milliseconds(300))
+        #expect(w.limit == 250_000)
+        // A broker 100 ms away: twice as much may be under way at the same rate.
+        w.update(settledBytes: 1_150_000, fastestRoundTrip: .milliseconds(100), now: t0 + .milliseconds(400))
+        #expect(w.limit == 250_000, "rate 1.25 MB/s over 200 ms")
+        // Nothing confirmed for a second: the floor.
+        w.update(settledBytes: 1_150_000, fastestRoundTrip: .zero, now: t0 + .milliseconds(1400))
+        #expect(w.limit == 16 << 10)
+        // Far faster: capped.
+        w.update(settledBytes: 1_000_000_000, fastestRoundTrip: .zero, now: t0 + .milliseconds(1500))
+        #expect(w.limit == 16 << 20)
+        w.update(settledBytes: 1_000_000_000, fastestRoundTrip: .zero, now: t0 + .milliseconds(1500))
+        #expect(w.limit == 16 << 20, "no time passed: no sample")
+    }
+
+    /// While the window is what limits the rate, a round trip shorter than 100 ms widens it;
+    /// a broker far away does not shrink it.
+    @Test(arguments: [0, 10, 200]) func aWindowThatLimitsAFastBrokerGrows(roundTripMillis: Int) {
+        var w = PublishWindow()
+        let roundTrip = TimeAmount.milliseconds(Int64(roundTripMillis))
+        var settled = 0
+        var now = t0
+        w.update(settledBytes: settled, fastestRoundTrip: roundTrip, now: now)
+        for _ in 0..<6 {
+            // A full window confirmed every round trip (or every 10 ms), for 100 ms.
+            let before = w.limit
+            settled += before * 100 / max(10, roundTripMillis)
+            now = now + .milliseconds(100)
+            w.update(settledBytes: settled, fastestRoundTrip: roundTrip, now: now)
+            #expect(w.limit > before || w.limit == 16 << 20, "\(before) -> \(w.limit)")
+        }
     }
 }
 
