@@ -105,6 +105,8 @@ let package = Package(
             name: "StapsNodeTests",
             dependencies: [
                 "StapsNode", "StapsCluster", "StapsRabbit", "StapsHook", "WebSocketClient",
+                // The publish frames written by hand, read back with rabbitmq-c's own decoder.
+                "RabbitClient", "CRabbit",
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -35,6 +35,14 @@ struct PendingPublishes {
         var expired = 0
     }
 
+    /// What is left of `maxAge` at `now` for a message that arrived at `arrived`, in whole
+    /// milliseconds and at least 1: its AMQP `expiration` (per-message TTL), so that it does
+    /// not wait in a queue beyond the bound either (0 would drop it at once unless a consumer
+    /// were waiting).
+    static func expiration(arrived: NIODeadline, maxAge: TimeAmount, now: NIODeadline) -> Int {
+        max(1, Int((maxAge - (now - arrived)).nanoseconds / 1_000_000))
+    }
+
     init(capacity: Int, maxAge: TimeAmount) {
         self.capacity = capacity
         self.maxAge = maxAge

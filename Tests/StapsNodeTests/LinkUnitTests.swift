@@ -1,5 +1,7 @@
+import CRabbit
 import NIOCore
 import NIOEmbedded
+import RabbitClient
 import StapsCluster
 import StapsNode
 @testable import StapsRabbit
@@ -133,6 +135,71 @@ import Testing
         #expect(p.removeExpired(now: Self.t0 + .seconds(2)) == 2)
         #expect(Self.add(&p, "c", 1, after: .seconds(3)))
         #expect(Self.take(&p, after: .seconds(3)).arrivals == [.init(count: 1, arrived: Self.t0 + .seconds(3))])
+    }
+}
+
+/// The publish frames the link writes by hand, read back by rabbitmq-c.
+@Suite struct PublishBatchTests {
+    /// The content header's properties of the `n`th publish in the batch, decoded by rabbitmq-c.
+    static func properties(_ batch: PublishBatch, _ n: Int) throws -> (flags: amqp_flags_t, correlation: String, expiration: String?, type: String, appID: String) {
+        var bytes = batch.bytes[...]
+        var headers: [ArraySlice<UInt8>] = []
+        while bytes.count >= 8 {
+            let size = bytes.dropFirst(3).prefix(4).reduce(0) { $0 << 8 | Int($1) }
+            if bytes.first == 2 { headers.append(bytes.dropFirst(7).prefix(size)) }
+            #expect(bytes[bytes.startIndex + 7 + size] == 0xCE, "frame end")
+            bytes = bytes.dropFirst(8 + size)
+        }
+        guard n < headers.count else { throw TestError.unexpected("no publish #\(n)") }
+        var pool = amqp_pool_t()
+        init_amqp_pool(&pool, 4096)
+        defer { empty_amqp_pool(&pool) }
+        var encoded = Array(headers[n].dropFirst(12))  // class, weight, body size
+        var decoded: UnsafeMutableRawPointer?
+        let status = encoded.withUnsafeMutableBytes { raw in
+            amqp_decode_properties(60, &pool, amqp_bytes_t(len: raw.count, bytes: raw.baseAddress), &decoded)
+        }
+        guard status == 0, let p = decoded?.assumingMemoryBound(to: amqp_basic_properties_t.self).pointee else {
+            throw TestError.unexpected("rabbitmq-c could not decode the properties: \(status)")
+        }
+        let flags = p._flags
+        return (flags, AMQPConnection.string(p.correlation_id),
+                flags & staps_basic_expiration_flag() != 0 ? AMQPConnection.string(p.expiration) : nil,
+                AMQPConnection.string(p.type), AMQPConnection.string(p.app_id))
+    }
+
+    @Test func theExpirationTravelsAsTheBrokerReadsIt() throws {
+        var batch = PublishBatch(frameMax: 131_072)
+        let body: [UInt8] = Array("body".utf8)
+        Array("staps".utf8).withUnsafeBytes { exchange in
+            Array("c.a.b.c.room".utf8).withUnsafeBytes { key in
+                Array("node-1".utf8).withUnsafeBytes { app in
+                    body.withUnsafeBytes { body in
+                        batch.append(exchange: exchange, routingKey: key, type: UInt8(ascii: "t"), appID: app, correlationID: 42, body: body)
+                        batch.append(exchange: exchange, routingKey: key, type: UInt8(ascii: "b"), appID: app, correlationID: 0, expiration: 9_876, body: body)
+                        batch.append(exchange: exchange, routingKey: key, type: UInt8(ascii: "b"), appID: app, correlationID: 18_446_744_073_709_551_615, expiration: 1, body: body)
+                    }
+                }
+            }
+        }
+        let first = try Self.properties(batch, 0)
+        #expect(first.expiration == nil && first.flags & staps_basic_expiration_flag() == 0)
+        #expect(first.correlation == "42" && first.type == "t" && first.appID == "node-1")
+        let second = try Self.properties(batch, 1)
+        #expect(second.expiration == "9876")
+        #expect(second.correlation == "0" && second.type == "b" && second.appID == "node-1")
+        let third = try Self.properties(batch, 2)
+        #expect(third.expiration == "1" && third.correlation == "18446744073709551615")
+    }
+
+    /// What is left of the max age goes with the message: whole milliseconds, never 0 (which
+    /// the broker reads as "deliver now or drop").
+    @Test func theExpirationIsWhatIsLeftOfTheMaxAge() {
+        let t0 = NIODeadline.uptimeNanoseconds(1_000_000_000)
+        #expect(PendingPublishes.expiration(arrived: t0, maxAge: .seconds(10), now: t0) == 10_000)
+        #expect(PendingPublishes.expiration(arrived: t0, maxAge: .seconds(10), now: t0 + .milliseconds(2500) + .microseconds(700)) == 7_499)
+        #expect(PendingPublishes.expiration(arrived: t0, maxAge: .seconds(1), now: t0 + .milliseconds(999) + .microseconds(500)) == 1)
+        #expect(PendingPublishes.expiration(arrived: t0, maxAge: .seconds(1), now: t0 + .seconds(1)) == 1)
     }
 }
 
