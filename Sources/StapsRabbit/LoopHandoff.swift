@@ -39,8 +39,6 @@ final class LoopHandoff: Sendable {
     struct Taken {
         var commands: [Command] = []
         var publishes: [ClusterMessage] = []
-        /// When the publishes arrived (see `PendingPublishes.Run`).
-        var arrivals: [PendingPublishes.Run] = []
         /// Publishes dropped for their age (`amqp_max_age`) since the last take.
         var expired = 0
     }
@@ -189,7 +187,7 @@ final class LoopHandoff: Sendable {
             var out = Taken()
             swap(&out.commands, &state.commands)
             let publishes = state.publishes.take(bytes: limit, overhead: overhead, oversizeFirst: oversizeFirst, now: now)
-            (out.publishes, out.arrivals, out.expired) = (publishes.messages, publishes.arrivals, publishes.expired)
+            (out.publishes, out.expired) = (publishes.messages, publishes.expired)
             return out
         }
     }
