@@ -105,6 +105,8 @@ let package = Package(
             name: "StapsNodeTests",
             dependencies: [
                 "StapsNode", "StapsCluster", "StapsRabbit", "StapsHook", "WebSocketClient",
+                // rabbitmq-c itself, for tests of what the broker does with bindings, no link in between.
+                "RabbitClient", "CRabbit",
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
