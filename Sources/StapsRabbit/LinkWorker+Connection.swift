@@ -33,11 +33,15 @@ extension LinkWorker {
             return
         }
         let now = NIODeadline.now()
+        // From here a join waits for a bound key (under the handoff's lock: none can take the
+        // "broker down, proceed" path once the bindings count as up).
+        self.handoff.linkUp()
+        self.link.afterLinkUp?()
+        self.apply(self.bindings.connected(now: now))
         (self.lastHeardPublisher, self.lastHeardConsumer, self.lastHeartbeatToConsumer) = (now, now, now)
         self.confirmProgress = now
         self.blockedReason = nil
-        self.bindings.connected(now: now)
-        self.counters.rebindsLeft.store(self.bindings.rebindsLeft, ordering: .relaxed)
+        self.counters.update(from: self.bindings)
         self.connectedAt = now
         self.rebindReported = false
         let status = (self.broker, self.queueName)
@@ -118,9 +122,9 @@ extension LinkWorker {
         }
         self.publisher = nil
         self.consumer = nil
-        self.counters.bindingKeysBound.store(0, ordering: .relaxed)
-        self.handoff.markAllUnbound()
-        for waiter in self.bindings.disconnected() { waiter?.succeed(()) }
+        self.handoff.linkDown()
+        self.apply(self.bindings.disconnected())
+        self.counters.update(from: self.bindings)
         let lost = self.confirms.reset() + self.handoff.dropPublishes()
         self.counters.droppedWhileDown.wrappingIncrement(by: lost, ordering: .relaxed)
     }
@@ -155,7 +159,8 @@ extension LinkWorker {
         self.consumer?.close()
         self.publisher = nil
         self.consumer = nil
-        for waiter in self.bindings.disconnected() { waiter?.fail(LinkStopped()) }
+        self.handoff.linkDown()
+        for waiter in self.bindings.disconnected().ready { waiter?.fail(LinkStopped()) }
         self.counters.droppedWhileDown.wrappingIncrement(by: self.confirms.reset(), ordering: .relaxed)
         Self.failAll(self.handoff.close(), counters: self.counters)
         let c = self.counters

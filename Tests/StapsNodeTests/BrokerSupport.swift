@@ -63,12 +63,12 @@ enum Broker {
 
 /// In-process clustered nodes sharing one exchange.
 func startClusterNodes(_ count: Int, exchange: String = Broker.freshExchange(), limits: Limits = Limits(), linger: TimeAmount = .seconds(2),
-                       buckets: Int = ClusterSettings().bindingBuckets, urls: [String]? = nil) async throws -> [(TestNode, RabbitLink)] {
+                       binding: BindingMode = ClusterSettings().binding, urls: [String]? = nil) async throws -> [(TestNode, RabbitLink)] {
     let brokers: [String]
     if let urls { brokers = urls } else { brokers = [try await Broker.require()] }
     var nodes: [(TestNode, RabbitLink)] = []
     for _ in 0..<count {
-        let settings = ClusterSettings(exchange: exchange, unbindLinger: linger, bindingBuckets: buckets)
+        let settings = ClusterSettings(exchange: exchange, unbindLinger: linger, binding: binding)
         let link = RabbitLink(configuration: RabbitConfiguration(urls: try brokers.map { try AMQPURL($0) }, settings: settings), logger: testLogger("link"))
         let node = try await TestNode.start(limits: limits, link: link)
         nodes.append((node, link))

@@ -88,7 +88,7 @@ import WebSocketClient
     /// Exact bindings, and buckets that put many of these channels on one binding: either way
     /// a node delivers only to the exact channel named in the body.
     @Test(arguments: [0, 16]) func wildcardAndInjectionNamesNeverCrossChannels(buckets: Int) async throws {
-        let nodes = try await startClusterNodes(2, buckets: buckets)
+        let nodes = try await startClusterNodes(2, binding: .fixed(buckets: buckets))
         let names = RoutingKeyTests.names
         var receivers: [TestClient] = []
         var senders: [TestClient] = []
@@ -270,7 +270,7 @@ import WebSocketClient
         let exchange = Broker.freshExchange()
         // rabbitmqctl needs about 0.6 s per call, so the linger is long enough to look inside it.
         let nodes = try await startClusterNodes(1, exchange: exchange, linger: .seconds(3))
-        let key = RoutingKey.binding(forChannel: "linger.room", buckets: ClusterSettings().bindingBuckets)
+        let key = RoutingKey.forChannel("linger.room")  // adaptive, and no bind waits: its exact key
         let first = try await TestClient.connect(nodes[0].0.tcp, "/linger.room")
         let bound = try Self.bindings(of: exchange)
         #expect(bound == [key], "bound before the handshake completed: \(bound)")
