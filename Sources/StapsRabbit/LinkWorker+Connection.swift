@@ -165,7 +165,7 @@ extension LinkWorker {
         Self.failAll(self.handoff.close(), counters: self.counters)
         let c = self.counters
         self.logger.notice("broker link totals", metadata: [
-            "published": "\(c.published.load(ordering: .relaxed))", "received": "\(c.received.load(ordering: .relaxed))",
+            "published": "\(c.published.load(ordering: .relaxed))", "received": "\(c.received.load(ordering: .relaxed))", "discarded": "\(c.discarded.load(ordering: .relaxed))",
             "dropped.while_down": "\(c.droppedWhileDown.load(ordering: .relaxed))", "dropped.buffer_full": "\(c.droppedBufferFull.load(ordering: .relaxed))",
             "rejected": "\(c.rejected.load(ordering: .relaxed))", "malformed": "\(c.malformed.load(ordering: .relaxed))",
             "reconnects": "\(c.reconnects.load(ordering: .relaxed))",

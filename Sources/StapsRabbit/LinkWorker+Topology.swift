@@ -100,6 +100,7 @@ extension LinkWorker {
             throw BrokerError(operation: "bind binding keys", reason: "\(error)")
         }
         if operation == .bind { self.counters.bindLatency.record(Int(answered.answer.latency.nanoseconds / 1000)) }
+        self.counters.update(from: self.bindings)
         self.apply(answered.effects)
     }
 }

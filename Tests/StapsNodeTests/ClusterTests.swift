@@ -28,6 +28,20 @@ import WebSocketClient
         #expect(RoutingKey.forChannel(String(repeating: "#", count: 84)).split(separator: ".")[4].hasPrefix("~~"), "too long: hashed")
     }
 
+    /// The key format is version `c`: these exact keys are what every node of a cluster
+    /// publishes and binds. If this test has to change, so must the leading word (and a
+    /// rolling upgrade needs nodes that bind both formats): see `RoutingKey`.
+    @Test func theKeyFormatIsPinnedToItsVersion() {
+        #expect(RoutingKey.forChannel("room") == "c.2.7.a.room")
+        #expect(RoutingKey.forChannel("a.b") == "c.6.9.f.a~2Eb")
+        #expect(RoutingKey.forChannel("日本") == "c.4.4.d.~E6~97~A5~E6~9C~AC")
+        let keys = ChannelKeys(channel: "room")
+        #expect(keys.all == ["c.2.7.a.room", "c.2.7.a.*", "c.2.7.*.*", "c.2.*.*.*"])
+        #expect(BindingGranularity.allCases.map { BindingGranularity(ofKey: keys.key($0)) } == BindingGranularity.allCases)
+        #expect(BindingMode(configValue: "adaptive") == .adaptive && BindingMode(configValue: "256") == .fixed(buckets: 256))
+        #expect(BindingMode(configValue: "100") == nil && BindingMode(configValue: "") == nil)
+    }
+
     /// Topic matching for keys without `#`: `*` is exactly one word.
     static func matches(_ binding: String, _ key: String) -> Bool {
         let b = binding.split(separator: ".", omittingEmptySubsequences: false)
