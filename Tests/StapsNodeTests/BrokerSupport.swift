@@ -42,7 +42,8 @@ enum Broker {
 
     /// The second private broker (another RabbitMQ, as another node of a cluster would be),
     /// which `scripts/test` starts beside the first.
-    static let secondPort = 25683
+    /// `STAPS_RABBITMQ_SECOND_PORT` (as scripts/test reads it), so worktrees can test side by side.
+    static let secondPort = Int(ProcessInfo.processInfo.environment["STAPS_RABBITMQ_SECOND_PORT"] ?? "") ?? 25683
     static var secondEnvironment: [String: String] {
         ["STAPS_RABBITMQ_PORT": "\(secondPort)", "STAPS_RABBITMQ_DIR": repositoryRoot + "/.build/rabbitmq-2"]
     }
