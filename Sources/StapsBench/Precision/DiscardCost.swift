@@ -85,18 +85,8 @@ struct DiscardCost: AsyncParsableCommand {
         let con = Unchecked(consumer)
         let messages = self.messages
         let consumed = pool.runIfActive(eventLoop: group.next()) { () -> (count: Int, cpu: Double) in
-            let consumer = con.value
-            var count = 0
             let cpu0 = Self.threadCPUSeconds()
-            var timeout = timeval(tv_sec: 5, tv_usec: 0)
-            while count < messages {
-                amqp_maybe_release_buffers(consumer.state)
-                var envelope = amqp_envelope_t()
-                let reply = amqp_consume_message(consumer.state, &envelope, &timeout, 0)
-                guard reply.reply_type == AMQP_RESPONSE_NORMAL else { break }
-                amqp_destroy_envelope(&envelope)
-                count += 1
-            }
+            let count = BrokerBaseline.consume(con.value, messages: messages)
             return (count, Self.threadCPUSeconds() - cpu0)
         }
         let publisher = try AMQPConnection(url: url, heartbeatSeconds: 0, connectTimeout: 5)
@@ -193,14 +183,7 @@ func readSmallFile(_ path: String) throws -> String {
     let fd = open(path, O_RDONLY)
     guard fd >= 0 else { throw BenchError("\(path): \(String(cString: strerror(errno)))") }
     defer { close(fd) }
-    var out: [UInt8] = []
-    var buffer = [UInt8](repeating: 0, count: 4096)
-    while true {
-        let n = read(fd, &buffer, buffer.count)
-        guard n > 0 else { break }
-        out += buffer[0..<n]
-    }
-    return String(decoding: out, as: UTF8.self)
+    return String(decoding: ChurnWorker.readToEnd(fd), as: UTF8.self)
 }
 
 /// The broker counters of a node's `/metrics` (one blocking HTTP request).
@@ -214,14 +197,7 @@ struct Scrape {
         guard fd >= 0 else { throw BenchError("metrics: cannot connect: \(String(cString: strerror(errno)))") }
         defer { close(fd) }
         guard ChurnWorker.writeAll(fd, Array("GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".utf8)) else { throw BenchError("metrics: write failed") }
-        var bytes: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 16384)
-        while true {
-            let n = read(fd, &buffer, buffer.count)
-            guard n > 0 else { break }
-            bytes += buffer[0..<n]
-        }
-        for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
+        for line in String(decoding: ChurnWorker.readToEnd(fd), as: UTF8.self).split(separator: "\n") {
             let parts = line.split(separator: " ")
             guard parts.count == 2, let value = Double(parts[1]) else { continue }
             switch parts[0] {
@@ -242,19 +218,11 @@ struct WebSocketHold {
     init(_ endpoint: Endpoint, path: String) throws {
         let fd = ChurnWorker.connect(endpoint)
         guard fd >= 0 else { throw BenchError("websocket: cannot connect: \(String(cString: strerror(errno)))") }
-        let request = "GET \(path) HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        var head: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 1024)
-        if ChurnWorker.writeAll(fd, Array(request.utf8)) {
-            while !ChurnWorker.hasHeadEnd(head, from: max(0, head.count - 1024 - 3)) {
-                let n = read(fd, &buffer, buffer.count)
-                guard n > 0 else { break }
-                head += buffer[0..<n]
-            }
-        }
-        guard head.starts(with: Array("HTTP/1.1 101".utf8)) else {
+        let answer = ChurnWorker.upgrade(fd, path: path, buffer: &buffer)
+        guard let answer, answer.complete, answer.head.starts(with: Array("HTTP/1.1 101".utf8)) else {
             Glibc.close(fd)
-            throw BenchError("websocket: no 101: " + String(decoding: head.prefix(60), as: UTF8.self))
+            throw BenchError("websocket: no 101: " + String(decoding: (answer?.head ?? []).prefix(60), as: UTF8.self))
         }
         self.fd = fd
     }
