@@ -131,6 +131,9 @@ struct ClusterSnapshot {
     var deliveriesPerMessage: Double? { self.published > 0 ? Double(self.received) / Double(self.published) : nil }
     var neededPerMessage: Double? { self.published > 0 ? Double(self.received - self.unmatched) / Double(self.published) : nil }
     var unmatchedShare: Double? { self.received > 0 ? Double(self.unmatched) / Double(self.received) : nil }
+    /// Unmatched deliveries per message: of the traffic, one link (the third) wants none, so
+    /// this is the share of another node's traffic that reaches a node that does not want it.
+    var unwantedPerMessage: Double? { self.published > 0 ? Double(self.unmatched) / Double(self.published) : nil }
 
     /// `exact 10030, 4096 0, 256 12, 16 0`, leaving out the granularities with none.
     var bindingsDescription: String {

@@ -18,8 +18,10 @@ struct Precision: AsyncParsableCommand {
             steady churn again, sampled every --sample seconds (does adaptive return to exact keys?).
 
             Deliveries per message: messages the broker delivered to the links other than the
-            publisher / messages published (1.0 is what the traffic needs). Unmatched share: of those
-            deliveries, the ones to a link with no client on the channel (which it drops).
+            publisher / messages published (1.0 is what the traffic needs), of which unwanted: those
+            to a link with no client on the channel (which it drops; the third link, for traffic, so
+            at most 1.0: the share of another node's traffic that reaches a node without clients for
+            it). Unmatched share: unwanted / all deliveries (so at most 50% with this traffic).
             """
     )
 
@@ -129,15 +131,15 @@ struct Precision: AsyncParsableCommand {
     }
 
     static func describe(_ w: ClusterSnapshot, _ churn: ChurnLoad.Result) -> String {
-        "\(w.published) messages, \(fmt(w.deliveriesPerMessage, 2)) deliveries/message (\(fmt(w.neededPerMessage, 2)) wanted), unmatched \(percent(w.unmatchedShare)); churn \(Int(churn.cyclesPerSecond)) cycles/s, connect p50 \(ms(churn.histogram.quantile(0.5))) p99 \(ms(churn.histogram.quantile(0.99))) ms\(churn.failed > 0 ? ", \(churn.failed) failed" : ""); bindings \(w.bindingsDescription)"
+        "\(w.published) messages, \(fmt(w.deliveriesPerMessage, 2)) deliveries/message (\(fmt(w.neededPerMessage, 2)) wanted, \(fmt(w.unwantedPerMessage, 2)) unwanted), unmatched share \(percent(w.unmatchedShare)); churn \(Int(churn.cyclesPerSecond)) cycles/s, connect p50 \(ms(churn.histogram.quantile(0.5))) p99 \(ms(churn.histogram.quantile(0.99))) ms\(churn.failed > 0 ? ", \(churn.failed) failed" : ""); bindings \(w.bindingsDescription)"
     }
 
     static func report(_ steady: [SteadyRow], _ bursts: [BurstRow], ceiling: Double, steadyRate: Double, burstRate: Double) {
         print("\n== steady churn at \(Int(steadyRate)) cycles/s (bind ceiling \(Int(ceiling)) cycles/s)")
-        print("| setting | C per link | deliveries/message | unmatched share | churn cycles/s | connect p50 (ms) | connect p99 (ms) | bindings at the end |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+        print("| setting | C per link | deliveries/message | unwanted/message | unmatched share | churn cycles/s | connect p50 (ms) | connect p99 (ms) | bindings at the end |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
         for r in steady {
-            print("| \(r.setting) | \(r.idle) | \(fmt(r.window.deliveriesPerMessage, 2)) | \(percent(r.window.unmatchedShare)) | \(Int(r.churn.cyclesPerSecond)) | \(ms(r.churn.histogram.quantile(0.5))) | \(ms(r.churn.histogram.quantile(0.99))) | \(r.window.bindingsDescription) |")
+            print("| \(r.setting) | \(r.idle) | \(fmt(r.window.deliveriesPerMessage, 2)) | \(fmt(r.window.unwantedPerMessage, 2)) | \(percent(r.window.unmatchedShare)) | \(Int(r.churn.cyclesPerSecond)) | \(ms(r.churn.histogram.quantile(0.5))) | \(ms(r.churn.histogram.quantile(0.99))) | \(r.window.bindingsDescription) |")
         }
         print("\n== burst: \(Int(burstRate)) cycles/s offered, then the steady churn; unmatched share per sample after the burst")
         print("| setting | C per link | burst cycles/s | connect p50 (ms) | p99 (ms) | unmatched in the burst | after the burst (s: share) | bindings at the end |")
