@@ -11,12 +11,14 @@ import StapsCluster
 ///
 /// **Adaptive** (`BindingMode.adaptive`): a new channel gets its exact key while the broker keeps
 /// up with the binds. When a bind sent now would wait longer than `budget` behind those in
-/// flight, a new channel instead takes a bucket already bound or being bound (finest first), or
-/// binds a new one, coarser the longer the wait: so joins stay fast whatever the churn, and the
-/// broker binds exact keys at its own pace. Channels on buckets are *refined* in the
-/// background while there is no pressure: the exact key is bound, and once the broker confirms
-/// it, the bucket is released; a bucket no channel holds is unbound. After a reconnection every
-/// channel is covered at once with few buckets, then refined.
+/// flight (and for `calm` after that was last so), a new channel instead takes a bucket already
+/// bound (finest first; it joins at once), or one being bound, or binds a new one: 4096 buckets,
+/// then 256 and 16 once a few binds did not relieve the pressure: so joins stay fast whatever the churn,
+/// and the broker is not kept busy binding keys for channels that live a few milliseconds.
+/// Channels on buckets are *refined* in the background while there is no pressure: the exact
+/// key is bound, and once the broker confirms it, the bucket is released; a bucket no channel
+/// holds is unbound. After a reconnection every channel is covered at once with few buckets,
+/// then refined.
 ///
 /// **Fixed** (`BindingMode.fixed`): every channel holds its key at that one granularity.
 ///
@@ -32,6 +34,12 @@ struct BindingPolicy<Waiter> {
         var linger: TimeAmount
         /// A join's bind should take about this at most: past it, new channels take buckets.
         var budget: TimeAmount = .milliseconds(5)
+        /// Pressure lasts this long after the wait was last seen over the budget: exact keys
+        /// come back only once the binds have kept up for a while, not between two bursts.
+        var calm: TimeAmount = .seconds(1)
+        /// New bucket binds at one granularity, in a spell of pressure, before the next ones
+        /// go coarser (4096, 256, 16) if binds still back up.
+        var escalateAfter = 8
         /// Keys to cover every channel with after a reconnection, at most (unless even the 16
         /// buckets are more).
         var maxCoverKeys = 256
@@ -81,6 +89,12 @@ struct BindingPolicy<Waiter> {
     /// Keys no channel holds any more, to unbind (see `finishRetire`).
     private var candidates: Set<String> = []
     private var effects = Effects()
+    /// Pressure lasts until then (see `Settings.calm`).
+    private var pressureUntil = NIODeadline.uptimeNanoseconds(0)
+    /// The granularity new bucket binds take in the current spell of pressure (and the spells
+    /// just before it), and how many were made at it.
+    private var spellLevel = BindingGranularity.buckets4096
+    private var spellBinds = 0
 
     init(_ settings: Settings) {
         self.settings = settings
@@ -90,8 +104,19 @@ struct BindingPolicy<Waiter> {
     var channelCount: Int { self.channels.count }
     /// Binding keys still to bind again after a reconnection (0 once all are back).
     var rebindsLeft: Int { self.rebinding.count - self.rebindingHead + self.topology.rebindsInFlight }
-    /// True while a bind sent now would wait longer than the budget.
-    var underPressure: Bool { self.topology.expectedWait > self.settings.budget }
+    /// True while binds back up: a bind sent now would wait longer than the budget, or did
+    /// within the last `calm`. Notes the wait (so it is `mutating`).
+    mutating func underPressure(now: NIODeadline) -> Bool {
+        let wait = self.topology.expectedWait
+        if wait > self.settings.budget {
+            // A new spell, long enough after the last that its buckets have drained: it starts
+            // again from the finest buckets. A spell soon after the last (steady churn above what
+            // the broker binds) goes on at the coarseness the last one reached.
+            if now >= self.pressureUntil + self.settings.linger { (self.spellLevel, self.spellBinds) = (.buckets4096, 0) }
+            self.pressureUntil = now + self.settings.calm
+        }
+        return now < self.pressureUntil
+    }
 
     /// True when `channel` has local clients (not only lingering): its deliveries are wanted.
     func hasLocalClients(_ channel: String) -> Bool {
@@ -114,7 +139,7 @@ struct BindingPolicy<Waiter> {
     mutating func join(_ keys: ChannelKeys, _ waiter: Waiter?, now: NIODeadline) {
         let name = keys.channel
         if self.channels[name] == nil {
-            let cover = self.chooseCover(keys)
+            let cover = self.chooseCover(keys, now: now)
             self.channels[name] = Channel(keys: keys, cover: cover)
             self.hold(keys.key(cover), of: name, now: now)
             if cover != .exact, self.settings.mode == .adaptive { self.refining.append(name) }
@@ -158,16 +183,25 @@ struct BindingPolicy<Waiter> {
     }
 
     /// The granularity a new channel holds.
-    private func chooseCover(_ keys: ChannelKeys) -> BindingGranularity {
+    private mutating func chooseCover(_ keys: ChannelKeys, now: NIODeadline) -> BindingGranularity {
         if let fixed = self.settings.mode.fixedGranularity { return fixed }
-        guard self.topology.isUp, self.underPressure, !self.topology.isHeld(keys.routingKey) else { return .exact }
-        // Binds back up: a bucket already bound or being bound, finest first, costs no bind.
-        for g in BindingGranularity.allCases.dropFirst() where self.topology.isHeld(keys.key(g)) { return g }
-        let wait = self.topology.expectedWait.nanoseconds
-        let budget = self.settings.budget.nanoseconds
-        if wait <= 2 * budget { return .buckets4096 }
-        if wait <= 4 * budget { return .buckets256 }
-        return .buckets16
+        guard self.topology.isUp, self.underPressure(now: now), !self.topology.isHeld(keys.routingKey) else { return .exact }
+        // Binds back up: a bucket already bound (the join proceeds at once), else one being
+        // bound (it waits for that), finest first, costs no bind.
+        let buckets = BindingGranularity.allCases.dropFirst()
+        for g in buckets where self.topology.isSettled(keys.key(g)) { return g }
+        for g in buckets where self.topology.isHeld(keys.key(g)) { return g }
+        // A new bucket: coarser once a few at this granularity did not stop the binds backing up
+        // (a bucket of 4096 is rarely shared by throw-away channels: one per channel would keep
+        // the broker as busy as exact keys).
+        if self.spellBinds >= self.settings.escalateAfter, self.spellLevel != .buckets16,
+            self.topology.expectedWait > self.settings.budget
+        {
+            self.spellLevel = self.spellLevel == .buckets4096 ? .buckets256 : .buckets16
+            self.spellBinds = 0
+        }
+        self.spellBinds += 1
+        return self.spellLevel
     }
 
     // MARK: - Holding keys
@@ -227,7 +261,7 @@ struct BindingPolicy<Waiter> {
         }
         guard self.topology.isUp else { return }
         self.nextRebinds(now: now)
-        if self.settings.mode == .adaptive, self.rebindsLeft == 0 { self.nextRefinements(now: now) }
+        if self.settings.mode == .adaptive, self.rebindsLeft == 0, !self.underPressure(now: now) { self.nextRefinements(now: now) }
     }
 
     private mutating func remove(_ name: String) {

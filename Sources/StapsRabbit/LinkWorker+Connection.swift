@@ -169,6 +169,7 @@ extension LinkWorker {
             "dropped.while_down": "\(c.droppedWhileDown.load(ordering: .relaxed))", "dropped.buffer_full": "\(c.droppedBufferFull.load(ordering: .relaxed))",
             "rejected": "\(c.rejected.load(ordering: .relaxed))", "malformed": "\(c.malformed.load(ordering: .relaxed))",
             "reconnects": "\(c.reconnects.load(ordering: .relaxed))",
+            "binds": "\(zip(BindingGranularity.allCases, c.bindsDone).map { "\($0)=\($1.load(ordering: .relaxed))" }.joined(separator: ","))",
         ])
     }
 

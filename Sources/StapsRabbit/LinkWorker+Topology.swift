@@ -99,7 +99,11 @@ extension LinkWorker {
         } catch {
             throw BrokerError(operation: "bind binding keys", reason: "\(error)")
         }
-        if operation == .bind { self.counters.bindLatency.record(Int(answered.answer.latency.nanoseconds / 1000)) }
+        if operation == .bind {
+            self.counters.bindLatency.record(Int(answered.answer.latency.nanoseconds / 1000))
+            let level = BindingGranularity.allCases.firstIndex(of: BindingGranularity(ofKey: answered.answer.key))!
+            self.counters.bindsDone[level].wrappingIncrement(ordering: .relaxed)
+        }
         self.counters.update(from: self.bindings)
         self.apply(answered.effects)
     }

@@ -62,6 +62,8 @@ public final class RabbitCounters: Sendable {
     public let bindingKeysBound = [ManagedAtomic<Int>(0), ManagedAtomic<Int>(0), ManagedAtomic<Int>(0), ManagedAtomic<Int>(0)]
     /// Binding keys still to rebind after a reconnection (0 once all are back).
     public let rebindsLeft = ManagedAtomic<Int>(0)
+    /// Binds the broker answered, by granularity (`BindingGranularity` order; written by the link's thread only).
+    public let bindsDone = [ManagedAtomic<Int>(0), ManagedAtomic<Int>(0), ManagedAtomic<Int>(0), ManagedAtomic<Int>(0)]
     /// Binds and unbinds sent or queued and not answered yet.
     public let bindsWaiting = ManagedAtomic<Int>(0)
     /// Microseconds from a bind's request to the broker's `bind-ok` (written by the link's thread only).
