@@ -102,6 +102,8 @@ struct BindingPolicy<Waiter> {
 
     /// Channels this node holds (with local clients or lingering).
     var channelCount: Int { self.channels.count }
+    /// Channels queued for refinement (some may have left or been refined since).
+    var refinementsQueued: Int { self.refining.count - self.refiningHead }
     /// Binding keys still to bind again after a reconnection (0 once all are back).
     var rebindsLeft: Int { self.rebinding.count - self.rebindingHead + self.topology.rebindsInFlight }
     /// True while binds back up: a bind sent now would wait longer than the budget, or did
@@ -142,7 +144,7 @@ struct BindingPolicy<Waiter> {
             let cover = self.chooseCover(keys, now: now)
             self.channels[name] = Channel(keys: keys, cover: cover)
             self.hold(keys.key(cover), of: name, now: now)
-            if cover != .exact, self.settings.mode == .adaptive { self.refining.append(name) }
+            if cover != .exact, self.settings.mode == .adaptive { self.queueRefinement(name) }
         } else {
             self.channels[name]!.lingerUntil = nil
         }
@@ -286,6 +288,17 @@ struct BindingPolicy<Waiter> {
             self.rebinding = []
             self.rebindingHead = 0
         }
+    }
+
+    /// Queues a channel on a bucket for refinement. While pressure lasts nothing is refined, and
+    /// throw-away channels come and go: past twice the channels held, the queue keeps only the
+    /// channels still on a bucket, so it stays bounded by what the node holds.
+    private mutating func queueRefinement(_ name: String) {
+        self.refining.append(name)
+        let queued = self.refining.count - self.refiningHead
+        guard queued > 2 * self.channels.count + 1024 else { return }
+        self.refining = self.refining[self.refiningHead...].filter { self.channels[$0].map { $0.cover != .exact && !$0.refining } ?? false }
+        self.refiningHead = 0
     }
 
     /// Binds exact keys for channels on buckets, a few at a time and only while no join would

@@ -244,6 +244,23 @@ import Testing
         #expect(Set(p.takeEffects().requests.map(\.key)) == Set(requests.map(\.key)))
     }
 
+    @Test func underEndlessPressureTheRefinementQueueStaysBounded() {
+        var p = Self.adaptive(linger: .milliseconds(1))
+        p.connected(now: t0)
+        // Binds never answered: the pressure never ends, and 100,000 throw-away channels pass.
+        var now = t0
+        for i in 0..<100_000 {
+            let keys = ChannelKeys(channel: "t\(i)")
+            p.join(keys, nil, now: now)
+            p.leave(keys.channel, now: now)
+            now = now + .milliseconds(1)
+            if i % 100 == 0 { p.tick(now: now) }
+            _ = p.takeEffects()
+        }
+        #expect(p.channelCount < 200)
+        #expect(p.refinementsQueued <= 2 * p.channelCount + 1024)
+    }
+
     @Test func aChannelLingeringOutReleasesItsWaitingJoins() {
         var p = Self.adaptive(linger: .seconds(1))
         p.connected(now: t0)
