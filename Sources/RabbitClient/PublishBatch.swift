@@ -29,9 +29,10 @@ public struct PublishBatch {
         self.count = 0
     }
 
-    /// Appends one transient publish of `body` with `type`, `app_id` and `correlation_id` properties.
+    /// Appends one transient publish of `body` with `type`, `app_id` and `correlation_id`
+    /// properties, and `expiration` (milliseconds, the per-message TTL) when given.
     public mutating func append(exchange: UnsafeRawBufferPointer, routingKey: UnsafeRawBufferPointer, type: UInt8, appID: UnsafeRawBufferPointer,
-                         correlationID: UInt64, body: UnsafeRawBufferPointer) {
+                         correlationID: UInt64, expiration: Int? = nil, body: UnsafeRawBufferPointer) {
         // Method frame: basic.publish (60, 40).
         self.frame(type: 1) { b in
             b.u16(60); b.u16(40); b.u16(0)
@@ -41,12 +42,11 @@ public struct PublishBatch {
         // Content header: class 60, weight 0, body size, flags, then the flagged properties in order.
         self.frame(type: 2) { b in
             b.u16(60); b.u16(0); b.u64(UInt64(body.count))
-            b.u16(0x1000 | 0x0400 | 0x0020 | 0x0008)  // delivery_mode, correlation_id, type, app_id
+            // delivery_mode, correlation_id, [expiration,] type, app_id: in the order of their flags.
+            b.u16(0x1000 | 0x0400 | (expiration == nil ? 0 : 0x0100) | 0x0020 | 0x0008)
             b.bytes.append(1)  // delivery_mode: transient
-            var digits = [UInt8]()
-            var n = correlationID
-            repeat { digits.append(UInt8(ascii: "0") + UInt8(n % 10)); n /= 10 } while n > 0
-            b.bytes.append(UInt8(digits.count)); b.bytes.append(contentsOf: digits.reversed())
+            b.decimal(correlationID)
+            if let expiration { b.decimal(UInt64(max(0, expiration))) }
             b.bytes.append(1); b.bytes.append(type)
             b.shortString(appID)
         }
@@ -73,6 +73,20 @@ public struct PublishBatch {
         self.bytes[sizeAt + 2] = UInt8(size >> 8 & 0xFF)
         self.bytes[sizeAt + 3] = UInt8(size & 0xFF)
         self.bytes.append(0xCE)
+    }
+
+    /// A short string of the decimal digits of `n`, written in place.
+    private mutating func decimal(_ n: UInt64) {
+        var count = 1
+        var v = n
+        while v >= 10 { v /= 10; count += 1 }
+        self.bytes.append(UInt8(count))
+        self.bytes.append(contentsOf: repeatElement(0, count: count))
+        v = n
+        for i in (self.bytes.count - count..<self.bytes.count).reversed() {
+            self.bytes[i] = UInt8(ascii: "0") + UInt8(v % 10)
+            v /= 10
+        }
     }
 
     private mutating func u16(_ v: UInt16) { self.bytes.append(UInt8(v >> 8)); self.bytes.append(UInt8(v & 0xFF)) }

@@ -37,7 +37,7 @@ struct Histogram {
                 if i < 32 { return UInt64(i) }
                 let exponent = i / Histogram.subBuckets
                 let mantissa = UInt64(i % Histogram.subBuckets)
-                return (mantissa + 1) << UInt64(exponent - 5) | (1 << UInt64(exponent))
+                return (mantissa + 1) << UInt64(exponent - 5) + (1 << UInt64(exponent))
             }
         }
         return max

@@ -12,6 +12,11 @@ public struct ClusterSettings: Sendable, Equatable {
     public var unbindLinger: TimeAmount
     /// Bytes of outbound messages that may wait for the broker before more are dropped.
     public var publishBuffer: Int
+    /// How long a message may wait in the node for the broker before it is dropped (and
+    /// counted) instead of sent late; what is left of it when the message is written goes with
+    /// it as its AMQP `expiration`, so it does not wait longer in a queue either. Defaults to
+    /// `queueMessageTTL`.
+    public var maxAge: TimeAmount
     /// AMQP heartbeat interval.
     public var heartbeat: TimeAmount
     /// Publishes go out at most once per window, so busy channels share AMQP messages.
@@ -31,6 +36,7 @@ public struct ClusterSettings: Sendable, Equatable {
         queueMessageTTL: TimeAmount = .seconds(10),
         unbindLinger: TimeAmount = .seconds(2),
         publishBuffer: Int = 64 << 20,
+        maxAge: TimeAmount? = nil,
         heartbeat: TimeAmount = .seconds(10),
         publishWindow: TimeAmount = .milliseconds(5),
         binding: BindingMode = .adaptive,
@@ -41,6 +47,7 @@ public struct ClusterSettings: Sendable, Equatable {
         self.queueMessageTTL = queueMessageTTL
         self.unbindLinger = unbindLinger
         self.publishBuffer = publishBuffer
+        self.maxAge = maxAge ?? queueMessageTTL
         self.heartbeat = heartbeat
         self.publishWindow = publishWindow
         self.binding = binding

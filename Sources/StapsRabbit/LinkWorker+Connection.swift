@@ -40,6 +40,7 @@ extension LinkWorker {
         self.apply(self.bindings.connected(now: now))
         (self.lastHeardPublisher, self.lastHeardConsumer, self.lastHeartbeatToConsumer) = (now, now, now)
         self.confirmProgress = now
+        self.window = PublishWindow()
         self.blockedReason = nil
         self.counters.update(from: self.bindings)
         self.connectedAt = now
@@ -137,10 +138,10 @@ extension LinkWorker {
             let deadline = NIODeadline.now() + .seconds(2)
             do {
                 let tls = self.broker.tls
-                let rest = self.handoff.take(publishBytes: tls ? self.publishBudget(publisher) : .max, overhead: tls ? Self.wireOverhead : 0, oversizeFirst: !tls)
+                let rest = self.take(publishBytes: tls ? self.publishBudget(publisher) : .max, overhead: tls ? Self.wireOverhead : 0, oversizeFirst: !tls)
                 Self.failAll(LoopHandoff.Taken(commands: rest.commands), counters: self.counters)
                 if self.blockedReason == nil {
-                    try self.publish(rest.publishes, on: publisher)
+                    try self.publish(rest.publishes, arrivals: rest.arrivals, on: publisher)
                 } else {
                     self.counters.droppedWhileDown.wrappingIncrement(by: rest.publishes.count, ordering: .relaxed)
                 }
@@ -167,6 +168,7 @@ extension LinkWorker {
         self.logger.notice("broker link totals", metadata: [
             "published": "\(c.published.load(ordering: .relaxed))", "received": "\(c.received.load(ordering: .relaxed))", "discarded": "\(c.discarded.load(ordering: .relaxed))",
             "dropped.while_down": "\(c.droppedWhileDown.load(ordering: .relaxed))", "dropped.buffer_full": "\(c.droppedBufferFull.load(ordering: .relaxed))",
+            "dropped.expired": "\(c.droppedExpired.load(ordering: .relaxed))",
             "rejected": "\(c.rejected.load(ordering: .relaxed))", "malformed": "\(c.malformed.load(ordering: .relaxed))",
             "reconnects": "\(c.reconnects.load(ordering: .relaxed))",
             "binds": "\(zip(BindingGranularity.allCases, c.bindsDone).map { "\($0)=\($1.load(ordering: .relaxed))" }.joined(separator: ","))",
@@ -183,5 +185,6 @@ extension LinkWorker {
             }
         }
         counters.droppedWhileDown.wrappingIncrement(by: taken.publishes.count, ordering: .relaxed)
+        counters.droppedExpired.wrappingIncrement(by: taken.expired, ordering: .relaxed)
     }
 }

@@ -40,6 +40,8 @@ final class LinkWorker: @unchecked Sendable {
     /// `LoopHandoff.joins` as of the commands handled so far.
     var joinsSeen = 0
     var confirms = Confirms()
+    /// How much may be written and not confirmed yet (see `PublishWindow`).
+    var window = PublishWindow()
 
     /// The broker URL in use (index into `config.urls`); starts at a random one.
     var brokerIndex: Int
@@ -65,6 +67,7 @@ final class LinkWorker: @unchecked Sendable {
     var nextHousekeeping = NIODeadline.now()
     var nextDropReport = NIODeadline.now()
     var reportedBufferDrops = 0
+    var reportedExpired = 0
     var reportedMalformed = 0
     /// When the next publish may go out (see `ClusterSettings.publishWindow`).
     var nextPublish = NIODeadline.now()
@@ -122,8 +125,16 @@ final class LinkWorker: @unchecked Sendable {
     private func whileDown() {
         self.counters.droppedWhileDown.wrappingIncrement(by: self.handoff.dropPublishes(), ordering: .relaxed)
         let retiring = self.bindings.retireCandidates()
-        self.updateBindings(self.handoff.take(publishBytes: 0, unmark: retiring), unmarked: retiring, now: .now())
+        self.updateBindings(self.take(publishBytes: 0, unmark: retiring), unmarked: retiring, now: .now())
         self.sleepUntilWoken(timeoutMillis: Self.millisUntil(self.nextAttempt, cap: 100))
+    }
+
+    /// What the event loops handed over (`LoopHandoff.take`), counting the publishes it
+    /// dropped for their age.
+    func take(publishBytes: Int, overhead: Int = 0, oversizeFirst: Bool = true, unmark: Set<String> = []) -> LoopHandoff.Taken {
+        let taken = self.handoff.take(publishBytes: publishBytes, overhead: overhead, oversizeFirst: oversizeFirst, unmark: unmark)
+        self.counters.droppedExpired.wrappingIncrement(by: taken.expired, ordering: .relaxed)
+        return taken
     }
 
     static func millisUntil(_ deadline: NIODeadline, cap: Int) -> Int {
@@ -150,8 +161,8 @@ final class LinkWorker: @unchecked Sendable {
         let now = NIODeadline.now()
         let tls = self.broker.tls
         let retiring = self.bindings.retireCandidates()
-        let taken = self.handoff.take(publishBytes: publishDue ? budget : 0, overhead: tls ? Self.wireOverhead : 0,
-                                      oversizeFirst: !tls || publisher.unackedBytes == 0, unmark: retiring)
+        let taken = self.take(publishBytes: publishDue ? budget : 0, overhead: tls ? Self.wireOverhead : 0,
+                              oversizeFirst: !tls || publisher.unackedBytes == 0, unmark: retiring)
         do {
             self.updateBindings(taken, unmarked: retiring, now: now)
             try self.flushBindings(consumer)
@@ -162,7 +173,7 @@ final class LinkWorker: @unchecked Sendable {
         }
         if !taken.publishes.isEmpty {
             self.nextPublish = now + self.settings.publishWindow
-            try self.publish(taken.publishes, on: publisher)
+            try self.publish(taken.publishes, arrivals: taken.arrivals, on: publisher)
         }
         if reading {
             try self.consume(consumer)
@@ -174,6 +185,7 @@ final class LinkWorker: @unchecked Sendable {
         }
         if now >= self.nextHousekeeping {
             self.nextHousekeeping = now + .milliseconds(100)
+            self.window.update(settledBytes: self.confirms.settledBytes, fastestRoundTrip: self.confirms.fastestRoundTrip, now: now)
             self.reportDrops(now: now)
             self.reportRebind(now: now)
             self.counters.update(from: self.bindings)
@@ -191,8 +203,9 @@ final class LinkWorker: @unchecked Sendable {
         if !(reading && consumer.hasBufferedInput) && !publisher.hasBufferedInput {
             // The publish connection carries confirms, heartbeats and rare notices: read every
             // 100 ms (housekeeping), not woken for each ack, which measured here cost the event
-            // loops latency on two cores; woken only when many publishes await their confirms.
-            let urgentAcks = self.confirms.outstanding > self.maxUnconfirmed / 2
+            // loops latency on two cores; woken only when many publishes await their confirms
+            // (over half the window).
+            let urgentAcks = self.confirms.outstanding > self.maxUnconfirmed / 2 || self.confirms.outstandingBytes > self.window.limit / 2
             var fds = [
                 pollfd(fd: self.handoff.wakeFD, events: Int16(POLLIN), revents: 0),
                 pollfd(fd: consumer.fileDescriptor, events: reading ? Int16(POLLIN) : 0, revents: 0),
@@ -224,15 +237,19 @@ final class LinkWorker: @unchecked Sendable {
     static let wireOverhead = 512
 
     /// Payload bytes this round may publish; 0 while the broker is not taking what was written.
+    /// At most what the window leaves (`PublishWindow`: the broker confirms what was written
+    /// within about 100 ms, so that messages wait here, where `amqp_max_age` bounds them).
     /// Plain TCP: up to `maxPublishBytes` while less than `maxUnackedBytes` is unacknowledged
     /// (a raw write waits at most `answerTimeout` for the rest). TLS: half of what the fixed
     /// send buffer can still take, since rabbitmq-c would wait for the rest without a deadline.
     func publishBudget(_ publisher: AMQPConnection) -> Int {
+        let window = self.window.limit - self.confirms.outstandingBytes
+        guard window > 0 else { return 0 }
         if self.broker.tls {
             let room = publisher.sendRoom / 2
-            return room >= 16 << 10 ? min(room, self.maxPublishBytes) : 0
+            return room >= 16 << 10 ? min(room, self.maxPublishBytes, window) : 0
         }
-        return publisher.unackedBytes < self.maxUnackedBytes ? self.maxPublishBytes : 0
+        return publisher.unackedBytes < self.maxUnackedBytes ? min(self.maxPublishBytes, window) : 0
     }
 
     func readPublisher(_ publisher: AMQPConnection) throws(BrokerError) {
@@ -265,10 +282,10 @@ final class LinkWorker: @unchecked Sendable {
     private func handle(_ event: BrokerEvent) throws(BrokerError) {
         switch event {
         case .ack(let tag, let multiple):
-            self.counters.published.wrappingIncrement(by: self.confirms.settle(tag: tag, multiple: multiple), ordering: .relaxed)
+            self.counters.published.wrappingIncrement(by: self.confirms.settle(tag: tag, multiple: multiple, at: .now()), ordering: .relaxed)
             self.confirmProgress = .now()
         case .nack(let tag, let multiple):
-            self.counters.rejected.wrappingIncrement(by: self.confirms.settle(tag: tag, multiple: multiple), ordering: .relaxed)
+            self.counters.rejected.wrappingIncrement(by: self.confirms.settle(tag: tag, multiple: multiple, at: .now()), ordering: .relaxed)
             self.confirmProgress = .now()
         case .blocked(let reason):
             self.blockedReason = reason
@@ -291,17 +308,19 @@ final class LinkWorker: @unchecked Sendable {
         self.handoff.sleeping.store(false, ordering: .sequentiallyConsistent)
     }
 
-    /// Messages dropped because the outbound buffer was full, or malformed bodies: one warning
-    /// per 10 s at most.
+    /// Messages dropped because the outbound buffer was full or they waited too long, or
+    /// malformed bodies: one warning per 10 s at most.
     private func reportDrops(now: NIODeadline) {
         guard now >= self.nextDropReport else { return }
         let dropped = self.counters.droppedBufferFull.load(ordering: .relaxed)
+        let expired = self.counters.droppedExpired.load(ordering: .relaxed)
         let malformed = self.counters.malformed.load(ordering: .relaxed)
-        if dropped > self.reportedBufferDrops {
+        if dropped > self.reportedBufferDrops || expired > self.reportedExpired {
             self.logger.warning("broker slower than the clients: dropped messages for other nodes", metadata: [
-                "dropped": "\(dropped - self.reportedBufferDrops)", "amqp_buffer": "\(self.settings.publishBuffer)",
+                "dropped.buffer_full": "\(dropped - self.reportedBufferDrops)", "amqp_buffer": "\(self.settings.publishBuffer)",
+                "dropped.expired": "\(expired - self.reportedExpired)", "amqp_max_age": "\(Self.seconds(self.settings.maxAge))s",
             ])
-            self.reportedBufferDrops = dropped
+            (self.reportedBufferDrops, self.reportedExpired) = (dropped, expired)
             self.nextDropReport = now + .seconds(10)
         }
         if malformed > self.reportedMalformed {

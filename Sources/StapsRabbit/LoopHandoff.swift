@@ -36,12 +36,15 @@ final class LoopHandoff: Sendable {
         var publishes: [ClusterMessage] = []
         /// How many `firstChannel` commands were handed over so far, these included.
         var joins = 0
+        /// When the publishes arrived (see `PendingPublishes.Run`).
+        var arrivals: [PendingPublishes.Run] = []
+        /// Publishes dropped for their age (`amqp_max_age`) since the last take.
+        var expired = 0
     }
 
     private struct State {
         var commands: [Command] = []
-        var publishes: [ClusterMessage] = []
-        var publishBytes = 0
+        var publishes: PendingPublishes
         var closed = false
         /// Set by the link's thread while it is connected (`linkUp`, `linkDown`).
         var connected = false
@@ -54,23 +57,20 @@ final class LoopHandoff: Sendable {
     }
 
     let wakeFD: Int32
-    let capacity: Int
     /// True while the link's thread is (about to be) blocked in poll: only then is a wake-up
     /// write needed. A busy thread picks up new work on its next round without one.
     let sleeping = ManagedAtomic<Bool>(false)
     /// Counts `firstChannel` commands (written under the lock): a link that reads a message for
     /// a channel it does not know checks it to learn whether a join is still on its way.
     let joins = ManagedAtomic<Int>(0)
-    private let state = NIOLockedValueBox(State())
+    private let state: NIOLockedValueBox<State>
 
-    init(capacity: Int) {
-        self.capacity = capacity
+    init(capacity: Int, maxAge: TimeAmount) {
+        self.state = NIOLockedValueBox(State(publishes: PendingPublishes(capacity: capacity, maxAge: maxAge)))
         self.wakeFD = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
     }
 
     deinit { Glibc.close(self.wakeFD) }
-
-    static func bytes(of message: ClusterMessage) -> Int { message.payload.readableBytes + message.channel.utf8.count }
 
     /// A channel got its first local client: the promise succeeds at once when one of its keys
     /// is bound (or the link is down), later (from the link's thread) otherwise, and fails when
@@ -149,13 +149,12 @@ final class LoopHandoff: Sendable {
         }
     }
 
-    /// Queues publishes; false when they don't fit (the caller drops and counts them).
+    /// Queues publishes, stamped with the time they arrived; false when they don't fit (the
+    /// caller drops and counts them).
     func add(publishes batch: [ClusterMessage], bytes: Int) -> Bool {
+        let now = NIODeadline.now()
         let accepted = self.state.withLockedValue { state -> Bool in
-            guard !state.closed, state.publishBytes + bytes <= self.capacity else { return false }
-            state.publishes.append(contentsOf: batch)
-            state.publishBytes += bytes
-            return true
+            !state.closed && state.publishes.add(batch, bytes: bytes, now: now)
         }
         if accepted { self.wake() }
         return accepted
@@ -189,54 +188,35 @@ final class LoopHandoff: Sendable {
     /// Unmarks `unmark` (keys the link is about to unbind, see `BindingPolicy`), takes every
     /// command, and publishes up to `publishBytes` bytes (whole messages, oldest first),
     /// counting `overhead` more per message for what the wire adds. The first message is
-    /// taken even when it alone is over the limit only if `oversizeFirst`. `joins` is the
+    /// taken even when it alone is over the limit only if `oversizeFirst`. Publishes older
+    /// than `amqp_max_age` are dropped first, and counted in `expired`. `joins` is the
     /// generation of `firstChannel` commands taken so far.
     func take(publishBytes limit: Int, overhead: Int = 0, oversizeFirst: Bool = true, unmark: Set<String> = []) -> Taken {
-        self.state.withLockedValue { state in
+        let now = NIODeadline.now()
+        return self.state.withLockedValue { state in
             if !unmark.isEmpty { state.bound.subtract(unmark) }
             var out = Taken()
             swap(&out.commands, &state.commands)
             out.joins = self.joins.load(ordering: .relaxed)
-            guard limit > 0, !state.publishes.isEmpty else { return out }
-            guard limit > 0, !state.publishes.isEmpty else { return out }
-            if overhead == 0, state.publishBytes <= limit {
-                swap(&out.publishes, &state.publishes)
-                state.publishBytes = 0
-                return out
-            }
-            var bytes = 0
-            var n = 0
-            while n < state.publishes.count {
-                let size = Self.bytes(of: state.publishes[n])
-                guard bytes + size + overhead <= limit || (n == 0 && oversizeFirst) else { break }
-                bytes += size
-                n += 1
-            }
-            out.publishes = Array(state.publishes[..<n])
-            state.publishes.removeFirst(n)
-            state.publishBytes -= bytes
+            let publishes = state.publishes.take(bytes: limit, overhead: overhead, oversizeFirst: oversizeFirst, now: now)
+            (out.publishes, out.arrivals, out.expired) = (publishes.messages, publishes.arrivals, publishes.expired)
             return out
         }
     }
 
     /// Drops the publishes waiting (the broker is down); returns how many messages that was.
     func dropPublishes() -> Int {
-        self.state.withLockedValue { state in
-            let n = state.publishes.count
-            state.publishes = []
-            state.publishBytes = 0
-            return n
-        }
+        self.state.withLockedValue { $0.publishes.removeAll().count }
     }
 
     /// Closes the handoff for good; returns what was still in it.
     func close() -> Taken {
         self.state.withLockedValue { state in
             state.closed = true
-            let out = Taken(commands: state.commands, publishes: state.publishes)
+            var out = Taken(commands: state.commands)
+            out.expired = state.publishes.removeExpired(now: .now())
+            out.publishes = state.publishes.removeAll()
             state.commands = []
-            state.publishes = []
-            state.publishBytes = 0
             return out
         }
     }

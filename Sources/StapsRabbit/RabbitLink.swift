@@ -52,6 +52,9 @@ public final class RabbitCounters: Sendable {
     public let droppedWhileDown = ManagedAtomic<Int>(0)
     /// Dropped because the outbound buffer was full (broker slower than the clients, or blocked).
     public let droppedBufferFull = ManagedAtomic<Int>(0)
+    /// Dropped because they waited for the broker longer than `amqp_max_age` (broker slower
+    /// than the clients, or blocked): not sent late.
+    public let droppedExpired = ManagedAtomic<Int>(0)
     /// Refused by the broker (`basic.nack`).
     public let rejected = ManagedAtomic<Int>(0)
     /// Bodies from other nodes that were not in the wire format (nothing of them is delivered).
@@ -122,7 +125,8 @@ public final class RabbitLink: ClusterLink, Sendable {
         self.configuration = configuration
         self.logger = logger
         self.afterLinkUp = afterLinkUp
-        self.handoff = LoopHandoff(capacity: configuration.settings.publishBuffer)
+        let settings = configuration.settings
+        self.handoff = LoopHandoff(capacity: settings.publishBuffer, maxAge: settings.maxAge)
         self.finished = self.finishLoop.next().makePromise()
     }
 
@@ -159,6 +163,7 @@ public final class RabbitLink: ClusterLink, Sendable {
             dropped: [
                 ("broker_down", c.droppedWhileDown.load(ordering: .relaxed)),
                 ("buffer_full", c.droppedBufferFull.load(ordering: .relaxed)),
+                ("expired", c.droppedExpired.load(ordering: .relaxed)),
                 ("rejected", c.rejected.load(ordering: .relaxed)),
                 ("malformed", c.malformed.load(ordering: .relaxed)),
             ],
@@ -204,7 +209,7 @@ public final class RabbitLink: ClusterLink, Sendable {
             self.counters.droppedWhileDown.wrappingIncrement(by: batch.count, ordering: .relaxed)
             return
         }
-        let bytes = batch.reduce(0) { $0 + LoopHandoff.bytes(of: $1) }
+        let bytes = batch.reduce(0) { $0 + PendingPublishes.bytes(of: $1) }
         if !self.handoff.add(publishes: batch, bytes: bytes) {
             self.counters.droppedBufferFull.wrappingIncrement(by: batch.count, ordering: .relaxed)
         }

@@ -282,7 +282,7 @@ import Testing
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         defer { try? group.syncShutdownGracefully() }
         let loop = group.next()
-        let handoff = LoopHandoff(capacity: 1 << 20)
+        let handoff = LoopHandoff(capacity: 1 << 20, maxAge: .seconds(10))
         let early = loop.makePromise(of: Void.self)
         handoff.startReceiving(channel: "early", whenBound: early)
         #expect(throws: Never.self) { try early.futureResult.wait() }

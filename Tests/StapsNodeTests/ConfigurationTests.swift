@@ -22,6 +22,7 @@ import Testing
             amqp_queue_ttl = 3s
             amqp_unbind_linger = 0
             amqp_buffer = 8MiB
+            amqp_max_age = 1500ms
             amqp_publish_window = 0
             amqp_heartbeat = 30s
             max_message_size = 64KiB
@@ -57,7 +58,7 @@ import Testing
         #expect(config.limits.pongTimeout == .seconds(7))
         #expect(config.limits.shutdownTimeout == .seconds(0))
         #expect(config.cluster == ClusterSettings(exchange: "pubsub", queueMaxLength: 500, queueMessageTTL: .seconds(3), unbindLinger: .seconds(0),
-                                                  publishBuffer: 8 << 20, heartbeat: .seconds(30), publishWindow: .seconds(0),
+                                                  publishBuffer: 8 << 20, maxAge: .milliseconds(1500), heartbeat: .seconds(30), publishWindow: .seconds(0),
                                                   binding: .fixed(buckets: 16), tlsCAFile: "/etc/staps/ca.pem"))
         #expect(config.daemon == DaemonSettings(user: "staps", group: "www-data", directory: "/var/lib/staps", pidFile: "/run/staps/staps.pid", umask: 0o027))
     }
@@ -69,6 +70,17 @@ import Testing
         #expect(config.socketMode == 0o660)
         #expect(config.limits == Limits())
         #expect(config.limits.maxMessageSize == 1 << 20)
+    }
+
+    /// A message may wait for the broker as long as it may wait in a queue, unless told otherwise.
+    @Test func maxAgeIsTheQueueTTLUnlessSet() throws {
+        func maxAge(_ text: String) throws -> TimeAmount {
+            try ConfigurationOverrides.parse(text, file: "t.conf").resolved(sourceFile: "t.conf").cluster.maxAge
+        }
+        #expect(try maxAge("") == .seconds(10))
+        #expect(try maxAge("[staps]\namqp_queue_ttl = 3s\n") == .seconds(3))
+        #expect(try maxAge("[staps]\namqp_max_age = 1s\namqp_queue_ttl = 3s\n") == .seconds(1))
+        #expect(try maxAge("[staps]\namqp_max_age = 1m\n") == .seconds(60))
     }
 
     /// Found by the ini fuzz target: "\r\n" is one Swift Character, so a CRLF file read as one line.
@@ -112,6 +124,8 @@ import Testing
         ("[daemon]\nshell = /bin/sh\n", "t.conf:2: shell: unknown key in [daemon]"),
         ("[staps]\namqp_exchange = amq.topic\n", "t.conf:2: amqp_exchange: 'amq.topic' is not a usable exchange name (1-127 bytes, not starting with amq.)"),
         ("[staps]\namqp_queue_ttl = 0\n", "t.conf:2: amqp_queue_ttl: '0' is not a duration (e.g. 500ms, 10s, 2m)"),
+        ("[staps]\namqp_max_age = 0\n", "t.conf:2: amqp_max_age: '0' is not a duration (e.g. 500ms, 10s, 2m)"),
+        ("[staps]\n\namqp_max_age = ten seconds\n", "t.conf:3: amqp_max_age: 'ten seconds' is not a duration (e.g. 500ms, 10s, 2m)"),
         ("[staps]\namqp = amqp://a/ amqp://u:secret@h:0/\n", "t.conf:2: amqp: bad port in 'amqp://u:***@h:0/'"),
         ("[staps]\namqp_binding_buckets = 100\n", "t.conf:2: amqp_binding_buckets: '100' is not one of adaptive, 0 (a binding per channel), 16, 256, 4096"),
         ("[staps]\namqp_binding_buckets = Adaptive\n", "t.conf:2: amqp_binding_buckets: 'Adaptive' is not one of adaptive, 0 (a binding per channel), 16, 256, 4096"),

@@ -189,7 +189,8 @@ import Glibc
         // Every message reached the broker (confirmed) or is counted as not having reached it.
         let c = link.counters
         try await eventually("every message accounted for", within: 5) {
-            c.published.load(ordering: .relaxed) + c.droppedWhileDown.load(ordering: .relaxed) + c.droppedBufferFull.load(ordering: .relaxed) + c.rejected.load(ordering: .relaxed) == sent
+            c.published.load(ordering: .relaxed) + c.droppedWhileDown.load(ordering: .relaxed) + c.droppedBufferFull.load(ordering: .relaxed)
+                + c.droppedExpired.load(ordering: .relaxed) + c.rejected.load(ordering: .relaxed) == sent
         }
         #expect(c.droppedWhileDown.load(ordering: .relaxed) > 0)
         #expect(logged.text.contains("broker did not") || logged.text.contains("confirmed none") || logged.text.contains("no data from the broker"), "says why: \(logged.text)")

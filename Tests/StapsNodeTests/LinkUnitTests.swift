@@ -1,5 +1,7 @@
+import CRabbit
 import NIOCore
 import NIOEmbedded
+import RabbitClient
 import StapsCluster
 import StapsNode
 @testable import StapsRabbit
@@ -55,6 +57,152 @@ import Testing
     }
 }
 
+/// The publishes waiting for the link's thread: bounded in bytes and in age, one arrival
+/// stamp per batch, oldest first.
+@Suite struct PendingPublishesTests {
+    static let t0 = NIODeadline.uptimeNanoseconds(1_000_000_000)
+
+    /// Messages of 10 bytes each (9 of payload, the channel's 1): `a0`, `a1`, …
+    static func batch(_ tag: String, _ n: Int, size: Int = 9) -> [ClusterMessage] {
+        (0..<n).map { i in
+            ClusterMessage(channel: "c", payload: ByteBuffer(string: "\(tag)\(i)" + String(repeating: "x", count: size - tag.count - String(i).count)),
+                           isText: true, connectionID: 1)
+        }
+    }
+
+    static func tags(_ messages: [ClusterMessage]) -> [String] { messages.map { String(buffer: $0.payload).filter { $0 != "x" } } }
+
+    /// Adds `n` messages tagged `tag` that arrive `after` t0; whether they fit.
+    static func add(_ p: inout PendingPublishes, _ tag: String, _ n: Int, after: TimeAmount, size: Int = 9) -> Bool {
+        p.add(Self.batch(tag, n, size: size), bytes: n * (size + 1), now: Self.t0 + after)
+    }
+
+    static func take(_ p: inout PendingPublishes, _ limit: Int = 1 << 20, overhead: Int = 0, oversizeFirst: Bool = true, after: TimeAmount) -> PendingPublishes.Taken {
+        p.take(bytes: limit, overhead: overhead, oversizeFirst: oversizeFirst, now: Self.t0 + after)
+    }
+
+    @Test func whatWaitedLongerThanTheMaxAgeIsDroppedAndCountedNotSent() {
+        var p = PendingPublishes(capacity: 1 << 20, maxAge: .seconds(2))
+        #expect(Self.add(&p, "a", 3, after: .zero) && Self.add(&p, "b", 2, after: .seconds(1)) && Self.add(&p, "c", 1, after: .milliseconds(2500)))
+        // Exactly the max age is not too old; a nanosecond more is.
+        let nothing = Self.take(&p, 0, after: .seconds(2))
+        #expect(nothing.messages.isEmpty && nothing.expired == 0 && p.bytes == 60)
+        let taken = Self.take(&p, after: .seconds(2) + .nanoseconds(1))
+        #expect(taken.expired == 3, "batch a, whole")
+        #expect(Self.tags(taken.messages) == ["b0", "b1", "c0"])
+        #expect(taken.arrivals == [.init(count: 2, arrived: Self.t0 + .seconds(1)), .init(count: 1, arrived: Self.t0 + .milliseconds(2500))])
+        #expect(p.isEmpty && p.bytes == 0)
+        #expect(Self.take(&p, after: .seconds(9)).expired == 0, "counted once")
+    }
+
+    @Test func aPartialTakeSplitsABatchWhoseRestKeepsItsStamp() {
+        var p = PendingPublishes(capacity: 1 << 20, maxAge: .seconds(2))
+        #expect(Self.add(&p, "a", 4, after: .zero) && Self.add(&p, "b", 2, after: .seconds(1)))
+        // 10 bytes each and 5 of overhead for every message (on amqps a take must fit the
+        // socket's room, wire and all): 3 fit in 45, not 4.
+        let first = Self.take(&p, 45, overhead: 5, after: .milliseconds(100))
+        #expect(Self.tags(first.messages) == ["a0", "a1", "a2"])
+        #expect(first.arrivals == [.init(count: 3, arrived: Self.t0)])
+        #expect(p.bytes == 30)
+        // The rest of batch a is as old as batch a.
+        let second = Self.take(&p, after: .milliseconds(2001))
+        #expect(second.expired == 1)
+        #expect(Self.tags(second.messages) == ["b0", "b1"])
+        #expect(second.arrivals == [.init(count: 2, arrived: Self.t0 + .seconds(1))])
+        // Over the limit alone: taken only when the first may be.
+        #expect(Self.add(&p, "big", 1, after: .seconds(3), size: 100))
+        #expect(Self.take(&p, 50, oversizeFirst: false, after: .seconds(3)).messages.isEmpty)
+        #expect(Self.tags(Self.take(&p, 50, after: .seconds(3)).messages) == ["big0"])
+    }
+
+    @Test func aFullBufferMakesRoomByDroppingWhatIsTooOldBeforeRefusingFreshMessages() {
+        var p = PendingPublishes(capacity: 50, maxAge: .seconds(2))
+        #expect(Self.add(&p, "a", 3, after: .zero) && Self.add(&p, "b", 2, after: .seconds(1)))
+        #expect(!Self.add(&p, "c", 1, after: .seconds(2)), "full, and nothing is too old yet")
+        #expect(Self.add(&p, "d", 1, after: .seconds(3)), "batch a is too old: it makes room")
+        #expect(!Self.add(&p, "e", 3, after: .seconds(3)), "batch b is not too old: no room")
+        let taken = Self.take(&p, after: .seconds(3))
+        #expect(taken.expired == 3, "what add dropped is reported by the next take")
+        #expect(Self.tags(taken.messages) == ["b0", "b1", "d0"])
+    }
+
+    @Test func takingEverythingLeavesTheExpiredCountToReport() {
+        var p = PendingPublishes(capacity: 1 << 20, maxAge: .seconds(1))
+        #expect(Self.add(&p, "a", 2, after: .zero) && Self.add(&p, "b", 2, after: .seconds(2)))
+        #expect(!Self.add(&p, "huge", 1, after: .seconds(2), size: 1 << 20), "makes room: a goes")
+        #expect(Self.tags(p.removeAll()) == ["b0", "b1"])
+        #expect(p.isEmpty && p.bytes == 0)
+        #expect(p.removeExpired(now: Self.t0 + .seconds(2)) == 2)
+        #expect(Self.add(&p, "c", 1, after: .seconds(3)))
+        #expect(Self.take(&p, after: .seconds(3)).arrivals == [.init(count: 1, arrived: Self.t0 + .seconds(3))])
+    }
+}
+
+/// The publish frames the link writes by hand, read back by rabbitmq-c.
+@Suite struct PublishBatchTests {
+    /// The content header's properties of the `n`th publish in the batch, decoded by rabbitmq-c.
+    static func properties(_ batch: PublishBatch, _ n: Int) throws -> (flags: amqp_flags_t, correlation: String, expiration: String?, type: String, appID: String) {
+        var bytes = batch.bytes[...]
+        var headers: [ArraySlice<UInt8>] = []
+        while bytes.count >= 8 {
+            let size = bytes.dropFirst(3).prefix(4).reduce(0) { $0 << 8 | Int($1) }
+            if bytes.first == 2 { headers.append(bytes.dropFirst(7).prefix(size)) }
+            #expect(bytes[bytes.startIndex + 7 + size] == 0xCE, "frame end")
+            bytes = bytes.dropFirst(8 + size)
+        }
+        guard n < headers.count else { throw TestError.unexpected("no publish #\(n)") }
+        var pool = amqp_pool_t()
+        init_amqp_pool(&pool, 4096)
+        defer { empty_amqp_pool(&pool) }
+        var encoded = Array(headers[n].dropFirst(12))  // class, weight, body size
+        var decoded: UnsafeMutableRawPointer?
+        let status = encoded.withUnsafeMutableBytes { raw in
+            amqp_decode_properties(60, &pool, amqp_bytes_t(len: raw.count, bytes: raw.baseAddress), &decoded)
+        }
+        guard status == 0, let p = decoded?.assumingMemoryBound(to: amqp_basic_properties_t.self).pointee else {
+            throw TestError.unexpected("rabbitmq-c could not decode the properties: \(status)")
+        }
+        let flags = p._flags
+        return (flags, AMQPConnection.string(p.correlation_id),
+                flags & staps_basic_expiration_flag() != 0 ? AMQPConnection.string(p.expiration) : nil,
+                AMQPConnection.string(p.type), AMQPConnection.string(p.app_id))
+    }
+
+    @Test func theExpirationTravelsAsTheBrokerReadsIt() throws {
+        var batch = PublishBatch(frameMax: 131_072)
+        let body: [UInt8] = Array("body".utf8)
+        Array("staps".utf8).withUnsafeBytes { exchange in
+            Array("c.a.b.c.room".utf8).withUnsafeBytes { key in
+                Array("node-1".utf8).withUnsafeBytes { app in
+                    body.withUnsafeBytes { body in
+                        batch.append(exchange: exchange, routingKey: key, type: UInt8(ascii: "t"), appID: app, correlationID: 42, body: body)
+                        batch.append(exchange: exchange, routingKey: key, type: UInt8(ascii: "b"), appID: app, correlationID: 0, expiration: 9_876, body: body)
+                        batch.append(exchange: exchange, routingKey: key, type: UInt8(ascii: "b"), appID: app, correlationID: 18_446_744_073_709_551_615, expiration: 1, body: body)
+                    }
+                }
+            }
+        }
+        let first = try Self.properties(batch, 0)
+        #expect(first.expiration == nil && first.flags & staps_basic_expiration_flag() == 0)
+        #expect(first.correlation == "42" && first.type == "t" && first.appID == "node-1")
+        let second = try Self.properties(batch, 1)
+        #expect(second.expiration == "9876")
+        #expect(second.correlation == "0" && second.type == "b" && second.appID == "node-1")
+        let third = try Self.properties(batch, 2)
+        #expect(third.expiration == "1" && third.correlation == "18446744073709551615")
+    }
+
+    /// What is left of the max age goes with the message: whole milliseconds, never 0 (which
+    /// the broker reads as "deliver now or drop").
+    @Test func theExpirationIsWhatIsLeftOfTheMaxAge() {
+        let t0 = NIODeadline.uptimeNanoseconds(1_000_000_000)
+        #expect(PendingPublishes.expiration(arrived: t0, maxAge: .seconds(10), now: t0) == 10_000)
+        #expect(PendingPublishes.expiration(arrived: t0, maxAge: .seconds(10), now: t0 + .milliseconds(2500) + .microseconds(700)) == 7_499)
+        #expect(PendingPublishes.expiration(arrived: t0, maxAge: .seconds(1), now: t0 + .milliseconds(999) + .microseconds(500)) == 1)
+        #expect(PendingPublishes.expiration(arrived: t0, maxAge: .seconds(1), now: t0 + .seconds(1)) == 1)
+    }
+}
+
 @Suite struct TopologyTests {
     let t0 = NIODeadline.uptimeNanoseconds(1_000_000_000)
 
@@ -102,27 +250,107 @@ import Testing
 }
 
 @Suite struct ConfirmsTests {
+    static let t0 = NIODeadline.uptimeNanoseconds(1_000_000_000)
+
     @Test func acksSettleInOrderAndLossCountsTheRest() {
         var c = Confirms()
-        for n in 1...5 { c.published(messages: n) }
+        for n in 1...5 { c.published(messages: n, bytes: 10 * n, at: Self.t0) }
         #expect(c.messages == 15 && c.outstanding == 5)
-        #expect(c.settle(tag: 2, multiple: true) == 3)
-        #expect(c.settle(tag: 4, multiple: false) == 4)
-        #expect(c.settle(tag: 4, multiple: false) == 0, "settled once")
+        #expect(c.settle(tag: 2, multiple: true, at: Self.t0) == 3)
+        #expect(c.settle(tag: 4, multiple: false, at: Self.t0) == 4)
+        #expect(c.settle(tag: 4, multiple: false, at: Self.t0) == 0, "settled once")
         #expect(c.outstanding == 2, "tags 3 and 5")
-        #expect(c.settle(tag: 3, multiple: false) == 3)
+        #expect(c.settle(tag: 3, multiple: false, at: Self.t0) == 3)
         #expect(c.reset() == 5, "tag 5 was written and never confirmed")
         #expect(c.nextTag == 1 && c.messages == 0)
     }
 
     @Test func aLaterTagAckedFirstLeavesNothingOutstanding() {
         var c = Confirms()
-        c.published(messages: 1)
-        c.published(messages: 2)
-        #expect(c.settle(tag: 2, multiple: false) == 2)
+        c.published(messages: 1, bytes: 10, at: Self.t0)
+        c.published(messages: 2, bytes: 20, at: Self.t0)
+        #expect(c.settle(tag: 2, multiple: false, at: Self.t0) == 2)
         #expect(c.outstanding == 1)
-        #expect(c.settle(tag: 1, multiple: true) == 1)
+        #expect(c.settle(tag: 1, multiple: true, at: Self.t0) == 1)
         #expect(c.outstanding == 0 && c.messages == 0, "the hole tag 2 left is skipped")
+        #expect(c.outstandingBytes == 0 && c.settledBytes == 30, "each byte settled once")
+    }
+
+    @Test func bytesAreOutstandingUntilSettledWhicheverWay() {
+        var c = Confirms()
+        for n in 1...4 { c.published(messages: 1, bytes: 100 * n, at: Self.t0) }
+        #expect(c.outstandingBytes == 1000 && c.settledBytes == 0)
+        #expect(c.settle(tag: 3, multiple: false, at: Self.t0) == 1)
+        #expect(c.outstandingBytes == 700 && c.settledBytes == 300)
+        #expect(c.settle(tag: 3, multiple: true, at: Self.t0) == 2, "tags 1 and 2; 3 was settled")
+        #expect(c.outstandingBytes == 400 && c.settledBytes == 600)
+        #expect(c.reset() == 1)
+        #expect(c.outstandingBytes == 0 && c.settledBytes == 0, "a new connection starts over")
+    }
+
+    /// The round trip with nothing queued: the newest write an ack settles, the fastest seen.
+    @Test func theFastestRoundTripIsKept() {
+        var c = Confirms()
+        #expect(c.fastestRoundTrip == nil)
+        c.published(messages: 1, bytes: 1, at: Self.t0)
+        c.published(messages: 1, bytes: 1, at: Self.t0 + .milliseconds(30))
+        c.published(messages: 1, bytes: 1, at: Self.t0 + .milliseconds(40))
+        #expect(c.settle(tag: 2, multiple: true, at: Self.t0 + .milliseconds(50)) == 2)
+        #expect(c.fastestRoundTrip == .milliseconds(20), "tag 2, written at 30 ms")
+        #expect(c.settle(tag: 3, multiple: false, at: Self.t0 + .milliseconds(100)) == 1)
+        #expect(c.fastestRoundTrip == .milliseconds(20), "60 ms is slower")
+        _ = c.reset()
+        #expect(c.fastestRoundTrip == nil, "a new connection, a new path")
+    }
+}
+
+/// How much the link may have written and not had confirmed: what the broker confirms in a
+/// round trip plus 100 ms, between 16 KiB and 16 MiB.
+@Suite struct PublishWindowTests {
+    let t0 = NIODeadline.uptimeNanoseconds(1_000_000_000)
+
+    @Test func theWindowIsWhatTheBrokerConfirmsInARoundTripAndATenthOfASecond() {
+        var w = PublishWindow()
+        #expect(w.limit == 16 << 10, "the floor, before anything is confirmed")
+        w.update(settledBytes: 0, fastestRoundTrip: nil, now: t0)
+        #expect(w.limit == 16 << 10)
+        // 10 MB/s confirmed, a round trip of nothing: 1 MB may be under way.
+        w.update(settledBytes: 1_000_000, fastestRoundTrip: .zero, now: t0 + .milliseconds(100))
+        #expect(w.limit == 1_000_000)
+        // A slower broker: the window halves every 100 ms down to what it confirms.
+        w.update(settledBytes: 1_050_000, fastestRoundTrip: .zero, now: t0 + .milliseconds(200))
+        #expect(w.limit == 500_000)
+        w.update(settledBytes: 1_100_000, fastestRoundTrip: .zero, now: t0 + .milliseconds(300))
+        #expect(w.limit == 250_000)
+        // A broker 100 ms away: twice as much may be under way at the same rate.
+        w.update(settledBytes: 1_150_000, fastestRoundTrip: .milliseconds(100), now: t0 + .milliseconds(400))
+        #expect(w.limit == 250_000, "rate 1.25 MB/s over 200 ms")
+        // Nothing confirmed for a second: the floor.
+        w.update(settledBytes: 1_150_000, fastestRoundTrip: .zero, now: t0 + .milliseconds(1400))
+        #expect(w.limit == 16 << 10)
+        // Far faster: capped.
+        w.update(settledBytes: 1_000_000_000, fastestRoundTrip: .zero, now: t0 + .milliseconds(1500))
+        #expect(w.limit == 16 << 20)
+        w.update(settledBytes: 1_000_000_000, fastestRoundTrip: .zero, now: t0 + .milliseconds(1500))
+        #expect(w.limit == 16 << 20, "no time passed: no sample")
+    }
+
+    /// While the window is what limits the rate, a round trip shorter than 100 ms widens it;
+    /// a broker far away does not shrink it.
+    @Test(arguments: [0, 10, 200]) func aWindowThatLimitsAFastBrokerGrows(roundTripMillis: Int) {
+        var w = PublishWindow()
+        let roundTrip = TimeAmount.milliseconds(Int64(roundTripMillis))
+        var settled = 0
+        var now = t0
+        w.update(settledBytes: settled, fastestRoundTrip: roundTrip, now: now)
+        for _ in 0..<6 {
+            // A full window confirmed every round trip (or every 10 ms), for 100 ms.
+            let before = w.limit
+            settled += before * 100 / max(10, roundTripMillis)
+            now = now + .milliseconds(100)
+            w.update(settledBytes: settled, fastestRoundTrip: roundTrip, now: now)
+            #expect(w.limit > before || w.limit == 16 << 20, "\(before) -> \(w.limit)")
+        }
     }
 }
 

@@ -134,6 +134,7 @@ public struct ConfigurationOverrides: Sendable, Equatable {
         public var queueMessageTTL: TimeAmount?
         public var unbindLinger: TimeAmount?
         public var publishBuffer: Int?
+        public var maxAge: TimeAmount?
         public var heartbeat: TimeAmount?
         public var publishWindow: TimeAmount?
         public var tlsCAFile: String?
@@ -219,6 +220,8 @@ public struct ConfigurationOverrides: Sendable, Equatable {
             out.cluster.unbindLinger = try ValueParser.duration(v)
         case "amqp_buffer":
             out.cluster.publishBuffer = try ValueParser.size(v, min: 1024, max: 1 << 34)
+        case "amqp_max_age":
+            out.cluster.maxAge = try ValueParser.duration(v, positive: true)
         case "amqp_publish_window":
             out.cluster.publishWindow = try ValueParser.duration(v)
         case "amqp_heartbeat":
@@ -316,6 +319,7 @@ public struct ConfigurationOverrides: Sendable, Equatable {
         if let v = c.exchange { config.cluster.exchange = v }
         if let v = c.queueMaxLength { config.cluster.queueMaxLength = v }
         if let v = c.queueMessageTTL { config.cluster.queueMessageTTL = v }
+        config.cluster.maxAge = c.maxAge ?? config.cluster.queueMessageTTL
         if let v = c.unbindLinger { config.cluster.unbindLinger = v }
         if let v = c.publishBuffer { config.cluster.publishBuffer = v }
         if let v = c.heartbeat { config.cluster.heartbeat = v }

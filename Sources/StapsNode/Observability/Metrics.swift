@@ -84,7 +84,7 @@ enum MetricCatalog {
         "staps_broker_reconnects_total": "Times the broker link connected again after losing its broker.",
         "staps_broker_published_total": "Messages the broker confirmed.",
         "staps_broker_consumed_total": "Messages consumed from the broker (published by other nodes).",
-        "staps_broker_dropped_total": "Messages that did not get through the broker, by reason (broker_down, buffer_full, rejected, malformed).",
+        "staps_broker_dropped_total": "Messages that did not get through the broker, by reason (broker_down, buffer_full, expired: waited longer than amqp_max_age, rejected, malformed).",
         "staps_broker_bindings": "Binding keys bound for this node's queue on the current broker connection, by granularity (exact: one channel; 4096, 256, 16: a bucket of channels).",
         "staps_broker_rebinds_pending": "Binding keys still to bind again after a reconnection.",
         "staps_broker_binds_waiting": "Binds and unbinds sent to the broker and not answered yet (past a few, new channels are covered by buckets).",
