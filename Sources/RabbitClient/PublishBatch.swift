@@ -29,10 +29,9 @@ public struct PublishBatch {
         self.count = 0
     }
 
-    /// Appends one transient publish of `body` with `type`, `app_id` and `correlation_id`
-    /// properties, and `expiration` (milliseconds, the per-message TTL) when given.
+    /// Appends one transient publish of `body` with `type`, `app_id` and `correlation_id` properties.
     public mutating func append(exchange: UnsafeRawBufferPointer, routingKey: UnsafeRawBufferPointer, type: UInt8, appID: UnsafeRawBufferPointer,
-                         correlationID: UInt64, expiration: Int? = nil, body: UnsafeRawBufferPointer) {
+                         correlationID: UInt64, body: UnsafeRawBufferPointer) {
         // Method frame: basic.publish (60, 40).
         self.frame(type: 1) { b in
             b.u16(60); b.u16(40); b.u16(0)
@@ -42,11 +41,9 @@ public struct PublishBatch {
         // Content header: class 60, weight 0, body size, flags, then the flagged properties in order.
         self.frame(type: 2) { b in
             b.u16(60); b.u16(0); b.u64(UInt64(body.count))
-            // delivery_mode, correlation_id, [expiration,] type, app_id: in the order of their flags.
-            b.u16(0x1000 | 0x0400 | (expiration == nil ? 0 : 0x0100) | 0x0020 | 0x0008)
+            b.u16(0x1000 | 0x0400 | 0x0020 | 0x0008)  // delivery_mode, correlation_id, type, app_id
             b.bytes.append(1)  // delivery_mode: transient
             b.decimal(correlationID)
-            if let expiration { b.decimal(UInt64(max(0, expiration))) }
             b.bytes.append(1); b.bytes.append(type)
             b.shortString(appID)
         }

@@ -13,9 +13,7 @@ public struct ClusterSettings: Sendable, Equatable {
     /// Bytes of outbound messages that may wait for the broker before more are dropped.
     public var publishBuffer: Int
     /// How long a message may wait in the node for the broker before it is dropped (and
-    /// counted) instead of sent late; what is left of it when the message is written goes with
-    /// it as its AMQP `expiration`, so it does not wait longer in a queue either. Defaults to
-    /// `queueMessageTTL`.
+    /// counted) instead of sent late. Defaults to `queueMessageTTL`.
     public var maxAge: TimeAmount
     /// AMQP heartbeat interval.
     public var heartbeat: TimeAmount

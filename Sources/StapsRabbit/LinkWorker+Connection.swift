@@ -141,7 +141,7 @@ extension LinkWorker {
                 let rest = self.take(publishBytes: tls ? self.publishBudget(publisher) : .max, overhead: tls ? Self.wireOverhead : 0, oversizeFirst: !tls)
                 Self.failAll(LoopHandoff.Taken(commands: rest.commands), counters: self.counters)
                 if self.blockedReason == nil {
-                    try self.publish(rest.publishes, arrivals: rest.arrivals, on: publisher)
+                    try self.publish(rest.publishes, on: publisher)
                 } else {
                     self.counters.droppedWhileDown.wrappingIncrement(by: rest.publishes.count, ordering: .relaxed)
                 }

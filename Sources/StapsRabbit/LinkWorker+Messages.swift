@@ -17,10 +17,8 @@ extension LinkWorker {
     /// busy channel go faster than the broker's message rate. Each AMQP message still carries
     /// its node id, sender connection id and type in its properties, and per-sender order is
     /// kept (a change of type starts a new group after the previous one). Each is tracked
-    /// until the broker confirms it, and expires (per-message TTL) when what is left of
-    /// `amqp_max_age` since its oldest message arrived (`arrivals`, as the handoff gave them) has
-    /// passed in a queue.
-    func publish(_ messages: [ClusterMessage], arrivals: [PendingPublishes.Run], on publisher: AMQPConnection) throws(BrokerError) {
+    /// until the broker confirms it.
+    func publish(_ messages: [ClusterMessage], on publisher: AMQPConnection) throws(BrokerError) {
         guard !messages.isEmpty else { return }
         self.counters.publishBatch.record(messages.count)
         let groups = PublishGroups.make(messages)
@@ -29,15 +27,7 @@ extension LinkWorker {
         let appID = self.nodeID.rawBytes
         let tls = self.broker.tls
         let now = NIODeadline.now()
-        // Groups start at increasing indices: one pass over the runs finds each one's arrival.
-        var run = 0
-        var runEnd = arrivals.first?.count ?? 0
         for (g, group) in groups.enumerated() {
-            while group.indices[0] >= runEnd, run + 1 < arrivals.count {
-                run += 1
-                runEnd += arrivals[run].count
-            }
-            let expiration = arrivals.isEmpty ? nil : PendingPublishes.expiration(arrived: arrivals[run].arrived, maxAge: self.settings.maxAge, now: now)
             var routingKey = self.routingKey(group.channel)
             self.body.removeAll(keepingCapacity: true)
             WireFormat.beginBody(channel: group.channel, into: &self.body)
@@ -49,7 +39,7 @@ extension LinkWorker {
             let isText = group.isText
             if tls {
                 do {
-                    try self.publishThroughLibrary(publisher, routingKey: CString(routingKey), isText: isText, correlationID: group.connectionID, expiration: expiration)
+                    try self.publishThroughLibrary(publisher, routingKey: CString(routingKey), isText: isText, correlationID: group.connectionID)
                 } catch {
                     // This group and the ones after it were never written: count them here
                     // (the ones before are in `confirms`, counted when the connection goes).
@@ -62,7 +52,7 @@ extension LinkWorker {
                 routingKey.withUTF8 { key in
                     self.body.withUnsafeBytes { body in
                         self.batch.append(exchange: exchange, routingKey: UnsafeRawBufferPointer(key), type: isText ? UInt8(ascii: "t") : UInt8(ascii: "b"),
-                                          appID: appID, correlationID: group.connectionID, expiration: expiration, body: body)
+                                          appID: appID, correlationID: group.connectionID, body: body)
                     }
                 }
             }
@@ -80,22 +70,17 @@ extension LinkWorker {
     }
 
     /// One `basic.publish` through rabbitmq-c (TLS): the same frames `PublishBatch` writes.
-    private func publishThroughLibrary(_ publisher: AMQPConnection, routingKey: CString, isText: Bool, correlationID: UInt64, expiration: Int?) throws(BrokerError) {
+    private func publishThroughLibrary(_ publisher: AMQPConnection, routingKey: CString, isText: Bool, correlationID: UInt64) throws(BrokerError) {
         var properties = amqp_basic_properties_t()
         properties._flags = staps_basic_delivery_mode_flag() | staps_basic_correlation_id_flag() | staps_basic_type_flag() | staps_basic_app_id_flag()
         properties.delivery_mode = 1
         let correlation = CString(String(correlationID))
         let type = CString(isText ? "t" : "b")
-        let ttl = expiration.map { CString(String($0)) }
         properties.correlation_id = correlation.bytes
         properties.type = type.bytes
         properties.app_id = self.nodeID.bytes
-        if let ttl {
-            properties._flags |= staps_basic_expiration_flag()
-            properties.expiration = ttl.bytes
-        }
         let status = self.body.withUnsafeMutableBytes { body in
-            withExtendedLifetime((correlation, type, ttl)) {
+            withExtendedLifetime((correlation, type)) {
                 amqp_basic_publish(publisher.state, 1, self.exchange.bytes, routingKey.bytes, 0, 0, &properties,
                                    amqp_bytes_t(len: body.count, bytes: body.baseAddress))
             }

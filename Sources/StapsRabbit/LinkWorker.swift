@@ -173,7 +173,7 @@ final class LinkWorker: @unchecked Sendable {
         }
         if !taken.publishes.isEmpty {
             self.nextPublish = now + self.settings.publishWindow
-            try self.publish(taken.publishes, arrivals: taken.arrivals, on: publisher)
+            try self.publish(taken.publishes, on: publisher)
         }
         if reading {
             try self.consume(consumer)

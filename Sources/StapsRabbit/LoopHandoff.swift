@@ -36,8 +36,6 @@ final class LoopHandoff: Sendable {
         var publishes: [ClusterMessage] = []
         /// How many `firstChannel` commands were handed over so far, these included.
         var joins = 0
-        /// When the publishes arrived (see `PendingPublishes.Run`).
-        var arrivals: [PendingPublishes.Run] = []
         /// Publishes dropped for their age (`amqp_max_age`) since the last take.
         var expired = 0
     }
@@ -199,7 +197,7 @@ final class LoopHandoff: Sendable {
             swap(&out.commands, &state.commands)
             out.joins = self.joins.load(ordering: .relaxed)
             let publishes = state.publishes.take(bytes: limit, overhead: overhead, oversizeFirst: oversizeFirst, now: now)
-            (out.publishes, out.arrivals, out.expired) = (publishes.messages, publishes.arrivals, publishes.expired)
+            (out.publishes, out.expired) = (publishes.messages, publishes.expired)
             return out
         }
     }

@@ -13,7 +13,7 @@ struct PendingPublishes {
     private var messages = CircularBuffer<ClusterMessage>()
     /// The batches in `messages`, oldest first: how many of their messages are left, and when
     /// they arrived.
-    private var batches = CircularBuffer<Run>()
+    private var batches = CircularBuffer<Batch>()
     /// What the messages held count against the capacity (see `bytes(of:)`).
     private(set) var bytes = 0
     /// Messages dropped for their age and not yet reported by `take`.
@@ -22,25 +22,16 @@ struct PendingPublishes {
     let maxAge: TimeAmount
 
     /// Consecutive messages that arrived together.
-    struct Run: Equatable {
+    private struct Batch {
         var count: Int
         var arrived: NIODeadline
     }
 
-    /// What `take` returns: messages, oldest first, their arrivals as runs (their counts add up
-    /// to the messages'), and how many messages were dropped for their age since the last take.
+    /// What `take` returns: messages, oldest first, and how many messages were dropped for
+    /// their age since the last take.
     struct Taken {
         var messages: [ClusterMessage] = []
-        var arrivals: [Run] = []
         var expired = 0
-    }
-
-    /// What is left of `maxAge` at `now` for a message that arrived at `arrived`, in whole
-    /// milliseconds and at least 1: its AMQP `expiration` (per-message TTL), so that it does
-    /// not wait in a queue beyond the bound either (0 would drop it at once unless a consumer
-    /// were waiting).
-    static func expiration(arrived: NIODeadline, maxAge: TimeAmount, now: NIODeadline) -> Int {
-        max(1, Int((maxAge - (now - arrived)).nanoseconds / 1_000_000))
     }
 
     init(capacity: Int, maxAge: TimeAmount) {
@@ -60,7 +51,7 @@ struct PendingPublishes {
         if self.bytes + bytes > self.capacity { self.dropExpired(now: now) }
         guard self.bytes + bytes <= self.capacity else { return false }
         self.messages.append(contentsOf: batch)
-        self.batches.append(Run(count: batch.count, arrived: now))
+        self.batches.append(Batch(count: batch.count, arrived: now))
         self.bytes += bytes
         return true
     }
@@ -87,7 +78,7 @@ struct PendingPublishes {
             }
         }
         out.messages = Array(self.messages.prefix(n))
-        self.removeFirst(n, into: &out.arrivals)
+        self.removeFirst(n)
         self.bytes -= bytes
         return out
     }
@@ -120,12 +111,12 @@ struct PendingPublishes {
         }
     }
 
-    /// Removes the first `n` messages' runs, appending them to `runs`.
-    private mutating func removeFirst(_ n: Int, into runs: inout [Run]) {
+    /// Removes the first `n` messages, and their batches' stamps (the rest of a batch taken in
+    /// part keeps its stamp).
+    private mutating func removeFirst(_ n: Int) {
         var left = n
         while left > 0, var first = self.batches.first {
             let k = min(left, first.count)
-            runs.append(Run(count: k, arrived: first.arrived))
             left -= k
             if k == first.count {
                 self.batches.removeFirst()
