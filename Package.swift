@@ -105,7 +105,8 @@ let package = Package(
             name: "StapsNodeTests",
             dependencies: [
                 "StapsNode", "StapsCluster", "StapsRabbit", "StapsHook", "WebSocketClient",
-                // The publish frames written by hand, read back with rabbitmq-c's own decoder.
+                // rabbitmq-c itself: tests of what the broker does with bindings (no link in
+                // between), and the publish frames written by hand read back with its own decoder.
                 "RabbitClient", "CRabbit",
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "Prometheus", package: "swift-prometheus"),

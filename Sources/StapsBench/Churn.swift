@@ -83,17 +83,7 @@ struct ChurnWorker: Sendable {
             let fd = Self.connect(endpoint)
             guard fd >= 0 else { result.failures.append("connect: \(String(cString: strerror(errno)))"); continue }
             defer { close(fd) }
-            let request = "GET /\(UUID4.make()) HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            guard Self.writeAll(fd, Array(request.utf8)) else { result.failures.append("write request"); continue }
-            // Read the response head.
-            var head: [UInt8] = []
-            var complete = false
-            while !complete {
-                let n = read(fd, &buffer, buffer.count)
-                guard n > 0 else { break }
-                head += buffer[0..<n]
-                complete = Self.hasHeadEnd(head, from: max(0, head.count - n - 3))
-            }
+            guard let (head, complete) = Self.upgrade(fd, path: "/\(UUID4.make())", buffer: &buffer) else { result.failures.append("write request"); continue }
             guard complete, head.starts(with: Array("HTTP/1.1 101".utf8)) else {
                 result.failures.append("handshake: " + String(decoding: head.prefix(40), as: UTF8.self))
                 continue
@@ -105,6 +95,33 @@ struct ChurnWorker: Sendable {
             result.cycles += 1
         }
         return result
+    }
+
+    /// Sends a websocket upgrade request for `path` and reads the response head: the bytes read
+    /// and whether the head ended (false: the server closed first); nil when the write failed.
+    static func upgrade(_ fd: Int32, path: String, buffer: inout [UInt8]) -> (head: [UInt8], complete: Bool)? {
+        let request = "GET \(path) HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        guard Self.writeAll(fd, Array(request.utf8)) else { return nil }
+        var head: [UInt8] = []
+        var complete = false
+        while !complete {
+            let n = read(fd, &buffer, buffer.count)
+            guard n > 0 else { break }
+            head += buffer[0..<n]
+            complete = Self.hasHeadEnd(head, from: max(0, head.count - n - 3))
+        }
+        return (head, complete)
+    }
+
+    /// Reads until the peer closes (or an error): everything it sent.
+    static func readToEnd(_ fd: Int32) -> [UInt8] {
+        var bytes: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 16384)
+        while true {
+            let n = read(fd, &buffer, buffer.count)
+            guard n > 0 else { return bytes }
+            bytes += buffer[0..<n]
+        }
     }
 
     static func hasHeadEnd(_ bytes: [UInt8], from start: Int) -> Bool {

@@ -29,7 +29,7 @@ struct Rebind: AsyncParsableCommand {
     @Option(name: .long, help: "RabbitMQ URL.") var amqp: String
     @Option(name: .long, help: "Cluster links (nodes).") var nodes = 3
     @Option(name: [.customShort("n"), .long], help: "Channels to hold, spread over the links.") var channels = 100_000
-    @Option(name: .long, help: "amqp_binding_buckets of the links (0: a binding per channel).") var buckets = ClusterSettings().bindingBuckets
+    @Option(name: .long, help: "amqp_binding_buckets of the links: adaptive, or 0 (a binding per channel), 16, 256, 4096.") var buckets = ClusterSettings().binding.configValue
     @Option(name: .long, help: "Probe channels.") var probes = 30
     @Option(name: .long, help: "Shell command that restarts the broker and returns once it accepts connections again.") var restart: String
     @Option(name: .long, help: "Give up after this many seconds.") var timeout = 60.0
@@ -37,7 +37,8 @@ struct Rebind: AsyncParsableCommand {
     func run() async throws {
         guard nodes >= 2 else { throw ValidationError("probes need at least two links") }
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let settings = ClusterSettings(exchange: "staps-rebind-" + String(UUID4.make().prefix(8)), bindingBuckets: buckets)
+        guard let mode = BindingMode(configValue: buckets) else { throw ValidationError("--buckets: '\(buckets)' is not one of adaptive, 0, 16, 256, 4096") }
+        let settings = ClusterSettings(exchange: "staps-rebind-" + String(UUID4.make().prefix(8)), binding: mode)
         var logger = Logger(label: "rebind")
         logger.logLevel = .critical
         let links = try (0..<nodes).map { _ in RabbitLink(configuration: RabbitConfiguration(url: try AMQPURL(amqp), settings: settings), logger: logger) }
@@ -62,7 +63,7 @@ struct Rebind: AsyncParsableCommand {
             futures.append(promise.futureResult)
         }
         for f in futures { try await f.get() }
-        let bindings = links.map { $0.counters.bindingKeysBound.load(ordering: .relaxed) }
+        let bindings = links.map(\.counters.bindingKeysBoundTotal)
         print("rebind: \(channels) channels held on \(nodes) links (bound in \(String(format2: Double(now() - t0) / 1e9, 2)) s: \(bindings.map(String.init).joined(separator: "/")) bindings, amqp_binding_buckets \(buckets)), \(probes) probe channels")
         // Probes: probe-j is published by link j+1 and consumed by link j, every 20 ms.
         let stop = ManagedAtomic<Bool>(false)
@@ -102,7 +103,7 @@ struct Rebind: AsyncParsableCommand {
         for i in 0..<nodes {
             let up = upAt[i].map { String(format2: Double($0 - back) / 1e9, 3) + " s" } ?? "-"
             let done = reboundAt[i].map { String(format2: Double($0 - back) / 1e9, 3) + " s" } ?? "not within \(timeout) s"
-            print("link \(i + 1): publishing again \(up), every binding back \(done) after the broker was back (\(links[i].counters.bindingKeysBound.load(ordering: .relaxed)) bindings)")
+            print("link \(i + 1): publishing again \(up), every binding back \(done) after the broker was back (\(links[i].counters.bindingKeysBoundTotal) bindings)")
         }
         let sent = sendTimes.withLockedValue { $0 }
         var flowAgain: [Double] = []

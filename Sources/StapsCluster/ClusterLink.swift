@@ -81,14 +81,22 @@ public struct ClusterLinkReport: Sendable {
     public var consumed: Int
     /// Messages that never reached the broker or were not delivered, by reason (a fixed set).
     public var dropped: [(reason: String, count: Int)]
-    /// Binding keys (channels, or buckets of them) bound on the current connection, and those
-    /// still to bind again.
-    public var bindings: Int
+    /// Binding keys bound on the current connection by granularity (`exact`, `4096`, `256`,
+    /// `16`: `BindingGranularity.description`), and those still to bind again.
+    public var bindings: [(granularity: String, count: Int)]
     public var rebindsPending: Int
+    /// Binds and unbinds sent and not answered yet: the pressure on the broker's bind rate.
+    public var bindsWaiting: Int
+    /// Of `consumed`, messages for channels without local clients, dropped on arrival.
+    public var discarded: Int
     /// Messages per publish to the broker: the link's live histogram, not a copy.
     public var publishBatch: CountHistogram
+    /// Microseconds from a bind's request to its answer: the link's live histogram.
+    public var bindLatency: CountHistogram
 
-    public init(up: Bool, notReady: String?, reconnects: Int, published: Int, consumed: Int, dropped: [(reason: String, count: Int)], bindings: Int, rebindsPending: Int, publishBatch: CountHistogram) {
+    public init(up: Bool, notReady: String?, reconnects: Int, published: Int, consumed: Int, dropped: [(reason: String, count: Int)],
+                bindings: [(granularity: String, count: Int)], rebindsPending: Int, bindsWaiting: Int, discarded: Int,
+                publishBatch: CountHistogram, bindLatency: CountHistogram) {
         self.up = up
         self.notReady = notReady
         self.reconnects = reconnects
@@ -97,8 +105,14 @@ public struct ClusterLinkReport: Sendable {
         self.dropped = dropped
         self.bindings = bindings
         self.rebindsPending = rebindsPending
+        self.bindsWaiting = bindsWaiting
+        self.discarded = discarded
         self.publishBatch = publishBatch
+        self.bindLatency = bindLatency
     }
+
+    /// Binding keys bound on the current connection, every granularity.
+    public var bindingsTotal: Int { self.bindings.reduce(0) { $0 + $1.count } }
 }
 
 /// The link of a node without a broker: nothing leaves the node.

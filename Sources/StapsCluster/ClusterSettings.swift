@@ -19,9 +19,11 @@ public struct ClusterSettings: Sendable, Equatable {
     public var heartbeat: TimeAmount
     /// Publishes go out at most once per window, so busy channels share AMQP messages.
     public var publishWindow: TimeAmount
-    /// Bind one key per channel (0) or per bucket of channels (16, 256, 4096): see `RoutingKey`.
-    /// Buckets trade a few messages a node receives and ignores for far fewer binds.
-    public var bindingBuckets: Int
+    /// How the node binds its channels (`amqp_binding_buckets`): adaptive (exact keys while the
+    /// broker keeps up with the binds, buckets while binds back up), or always one key per
+    /// channel (0) or per bucket of channels (16, 256, 4096): see `RoutingKey`. Buckets trade
+    /// messages a node receives and ignores for far fewer binds.
+    public var binding: BindingMode
     /// CA certificates (PEM) that an `amqps://` broker's certificate must be signed by;
     /// nil: the system bundle.
     public var tlsCAFile: String?
@@ -35,7 +37,7 @@ public struct ClusterSettings: Sendable, Equatable {
         maxAge: TimeAmount? = nil,
         heartbeat: TimeAmount = .seconds(10),
         publishWindow: TimeAmount = .milliseconds(5),
-        bindingBuckets: Int = 256,
+        binding: BindingMode = .adaptive,
         tlsCAFile: String? = nil
     ) {
         self.exchange = exchange
@@ -46,7 +48,7 @@ public struct ClusterSettings: Sendable, Equatable {
         self.maxAge = maxAge ?? queueMessageTTL
         self.heartbeat = heartbeat
         self.publishWindow = publishWindow
-        self.bindingBuckets = bindingBuckets
+        self.binding = binding
         self.tlsCAFile = tlsCAFile
     }
 }

@@ -9,15 +9,20 @@
 /// A name whose escaped form would make the key longer than 255 bytes is `~~` + SHA-1 hex of
 /// the name instead (`~~` never occurs in an escaped name).
 ///
-/// A node binds either the exact key (`buckets` 0: one binding per channel) or its bucket:
-/// `c.H.*.*.*` (16 buckets), `c.H.H.*.*` (256) or `c.H.H.H.*` (4096), one binding shared by
-/// every channel of the bucket. Every key has the same shape whatever a node binds, so nodes
-/// with different settings still reach each other. The exact name also travels in the message
+/// A node binds the exact key (one binding per channel) or a bucket of it: `c.H.*.*.*` (16
+/// buckets), `c.H.H.*.*` (256) or `c.H.H.H.*` (4096), one binding shared by every channel of
+/// the bucket; its bindings may mix all four (`BindingGranularity`). Every key has the same
+/// shape whatever a node binds, so nodes with different settings still reach each other. The exact name also travels in the message
 /// body and a node delivers only to that exact name, so a bucket (or a hash collision) can
 /// bring a node a message it then ignores, never a message for the wrong channel.
+///
+/// **Version.** The leading word `c` is the format's version: every node of a cluster must
+/// publish and bind keys of one format. A change to the words, the hash, the escaping or the
+/// bucket prefixes must take a new leading word (and nodes that bind both for a rolling
+/// upgrade); `RoutingKeyTests` pins today's keys so such a change cannot go unnoticed.
 public enum RoutingKey {
     /// Bucket counts a node may bind at: 0 (exact), 16, 256, 4096.
-    public static let bucketChoices = [0, 16, 256, 4096]
+    public static let bucketChoices = BindingGranularity.allCases.map(\.rawValue)
 
     public static func forChannel(_ name: String) -> String {
         let digest = SHA1.hex(name).utf8
@@ -48,15 +53,43 @@ public enum RoutingKey {
 
     /// What a node binds for `name`: the exact key (`buckets` 0) or the key of its bucket.
     public static func binding(forChannel name: String, buckets: Int) -> String {
-        let key = Self.forChannel(name)
-        let digits: Int
-        switch buckets {
-        case 16: digits = 1
-        case 256: digits = 2
-        case 4096: digits = 3
-        default: return key
+        ChannelKeys(channel: name).key(BindingGranularity(rawValue: buckets) ?? .exact)
+    }
+
+    /// The bucket key of `granularity` for a routing key made by `forChannel` (its prefix).
+    static func bucket(of key: String, _ granularity: BindingGranularity) -> String {
+        let digits = granularity.digits
+        guard digits > 0 else { return key }
+        // "c." then `digits` words of one hex digit, then a `*` for each word left.
+        var out = Array(key.utf8.prefix(2 + 2 * digits))
+        for _ in digits..<3 { out.append(contentsOf: "*.".utf8) }
+        out.append(UInt8(ascii: "*"))
+        return String(decoding: out, as: UTF8.self)
+    }
+}
+
+/// A channel's routing key and the four binding keys that cover it, computed once (SHA-1 and
+/// escaping) when the channel gets its first local client.
+public struct ChannelKeys: Sendable, Hashable {
+    public let channel: String
+    /// Exact, 4096, 256, 16 (`BindingGranularity` order, finest first).
+    public let all: [String]
+
+    public init(channel: String) {
+        self.channel = channel
+        let exact = RoutingKey.forChannel(channel)
+        self.all = [exact, RoutingKey.bucket(of: exact, .buckets4096), RoutingKey.bucket(of: exact, .buckets256), RoutingKey.bucket(of: exact, .buckets16)]
+    }
+
+    /// The routing key messages on the channel are published with (its exact binding key).
+    public var routingKey: String { self.all[0] }
+
+    public func key(_ granularity: BindingGranularity) -> String {
+        switch granularity {
+        case .exact: return self.all[0]
+        case .buckets4096: return self.all[1]
+        case .buckets256: return self.all[2]
+        case .buckets16: return self.all[3]
         }
-        let words = key.split(separator: ".", maxSplits: 1 + digits, omittingEmptySubsequences: false)
-        return (words.prefix(1 + digits) + Array(repeating: "*", count: 4 - digits)).joined(separator: ".")
     }
 }

@@ -1,77 +1,82 @@
 import NIOCore
 import RabbitClient
+import StapsCluster
 
-/// The binds and unbinds of this node's queue on their way to the broker: the `Topology` state
-/// machine (which binding keys are wanted, bound, in flight), the requests it counts as in
-/// flight that the socket has not taken yet, and when the broker last answered one. No I/O: the
-/// link's thread writes what `nextUnsent()` gives and reports each answer with `answered(_:)`.
+/// The binds and unbinds of this node's queue on their way to the broker: the `BindingPolicy`
+/// (which key covers each channel; `Topology` inside it: what is bound and in flight), the
+/// requests it counts as in flight that the socket has not taken yet, and when the broker last
+/// answered one. No I/O: the link's thread writes what `nextUnsent()` gives, reports each answer
+/// with `answered(_:now:)`, and carries out each returned `Effects` (joins to let proceed, keys
+/// to mark bound in the handoff).
 ///
 /// Confined to the link's thread, like the `LinkWorker` that holds it.
 struct BindingPipeline {
-    /// A join waiting for its key's `bind-ok` (nil when it proceeded already).
+    /// A join waiting for its channel's binding (nil when it proceeded already).
     typealias Waiter = EventLoopPromise<Void>?
-    typealias Request = Topology<Waiter>.Request
+    typealias Request = Topology.Request
+    typealias Effects = BindingPolicy<Waiter>.Effects
 
-    private var topology: Topology<Waiter>
+    private(set) var policy: BindingPolicy<Waiter>
     private var unsent: [Request] = []
     private var unsentHead = 0
     /// When the broker last answered a bind or unbind, or one was sent with none in flight:
     /// what the link's answer timeout is measured from.
     private(set) var lastProgress = NIODeadline.now()
 
-    init(linger: TimeAmount) {
-        self.topology = Topology(linger: linger)
+    init(_ settings: BindingPolicy<Waiter>.Settings) {
+        self.policy = BindingPolicy(settings)
     }
 
+    var topology: Topology { self.policy.topology }
     /// Binds and unbinds sent (or queued) and not answered yet.
-    var inFlight: Int { self.topology.requestsInFlight }
-    /// Binding keys wanted and not bound again yet after a reconnection.
-    var rebindsLeft: Int { self.topology.rebindsLeft }
+    var inFlight: Int { self.policy.topology.requestsInFlight }
+    /// Binding keys not bound again yet after a reconnection.
+    var rebindsLeft: Int { self.policy.rebindsLeft }
     /// Binding keys the broker confirmed on the current connection.
-    var boundCount: Int { self.topology.bound.count }
+    var boundCount: Int { self.policy.topology.bound.count }
 
-    /// A new connection is up: every wanted key is to be bound again.
-    mutating func connected(now: NIODeadline) {
-        self.topology.connected()
+    /// A new connection is up: every channel is to be covered again.
+    mutating func connected(now: NIODeadline) -> Effects {
         self.lastProgress = now
+        self.policy.connected(now: now)
+        return self.settle(now: now)
     }
 
     /// The connection is gone: nothing is bound, in flight or unsent. Returns every join that
     /// was waiting (the link lets them proceed, or fails them when it stops).
-    mutating func disconnected() -> [Waiter] {
+    mutating func disconnected() -> Effects {
         self.unsent = []
         self.unsentHead = 0
-        return self.topology.disconnected()
+        self.policy.disconnected()
+        return self.policy.takeEffects()
     }
 
-    /// What the event loops asked for (see `LoopHandoff`). Returns the joins that may proceed
-    /// now (bound already, or the broker is down: local service); the binds still needed are
-    /// queued.
-    mutating func handle(_ commands: [LoopHandoff.Command], now: NIODeadline) -> [Waiter] {
-        var ready: [Waiter] = []
-        var requests: [Request] = []
+    /// What the event loops asked for (see `LoopHandoff`).
+    mutating func handle(_ commands: [LoopHandoff.Command], now: NIODeadline) -> Effects {
         for command in commands {
-            let wanted: (key: String, waiter: Waiter)
             switch command {
-            case .firstChannel(let key, let promise): wanted = (key, promise)
-            case .awaitBinding(let key, let promise): wanted = (key, promise)
-            case .lastChannelGone(let key):
-                self.topology.linger(key, now: now)
-                continue
+            case .firstChannel(let keys, let promise): self.policy.join(keys, promise, now: now)
+            case .awaitBinding(let channel, let promise): self.policy.awaitBinding(channel, promise)
+            case .lastChannelGone(let channel): self.policy.leave(channel, now: now)
             }
-            let (proceed, send) = self.topology.want(wanted.key, wanted.waiter)
-            if let proceed { ready.append(proceed) }
-            if let send { requests.append(send) }
         }
-        self.queue(requests, now: now)
-        return ready
+        return self.settle(now: now)
     }
 
-    /// Queues the unbinds of keys whose linger ended (`keep` may claim one back: see
-    /// `Topology.expire`), then the next rebinds after a reconnection.
-    mutating func expireAndRebind(now: NIODeadline, keep: (String) -> Bool) {
-        self.queue(self.topology.expire(now: now, keep: keep), now: now)
-        self.queue(self.topology.nextRebinds(), now: now)
+    /// Keys to unmark in the handoff as it hands over its commands (see `BindingPolicy`).
+    mutating func retireCandidates() -> Set<String> { self.policy.retireCandidates() }
+
+    /// After the commands taken with the unmarking were handled: unbinds what is still unheld.
+    mutating func finishRetire(_ keys: Set<String>, now: NIODeadline) -> Effects {
+        guard !keys.isEmpty else { return Effects() }
+        self.policy.finishRetire(keys, now: now)
+        return self.settle(now: now)
+    }
+
+    /// Lingers that ended, then the next rebinds or refinements.
+    mutating func tick(now: NIODeadline) -> Effects {
+        self.policy.tick(now: now)
+        return self.settle(now: now)
     }
 
     /// The next request to write, if any waits.
@@ -87,19 +92,22 @@ struct BindingPipeline {
         return self.unsent[self.unsentHead]
     }
 
-    /// The broker answered the oldest bind or unbind: its key, whether that key is now bound
-    /// with nothing in flight to change it, and the joins it lets proceed.
-    mutating func answered(_ operation: TopologyMethod, now: NIODeadline) throws(Topology<Waiter>.OutOfOrder) -> (key: String, settled: Bool, waiters: [Waiter]) {
-        let (key, waiters) = try self.topology.answered(operation)
+    /// The broker answered the oldest bind or unbind.
+    mutating func answered(_ operation: TopologyMethod, now: NIODeadline) throws(Topology.OutOfOrder) -> (answer: Topology.Answer, effects: Effects) {
+        let answer = try self.policy.answered(operation, now: now)
         self.lastProgress = now
-        return (key, self.topology.isSettled(key), waiters)
+        return (answer, self.settle(now: now))
     }
 
-    /// Requests the topology now counts as in flight, to write; the answer timeout starts
-    /// with the first of them when nothing was in flight before.
-    private mutating func queue(_ requests: [Request], now: NIODeadline) {
-        guard !requests.isEmpty else { return }
-        if self.topology.requestsInFlight == requests.count { self.lastProgress = now }
-        self.unsent.append(contentsOf: requests)
+    /// Queues the requests the policy made; the answer timeout starts with the first of them
+    /// when nothing was in flight before.
+    private mutating func settle(now: NIODeadline) -> Effects {
+        var effects = self.policy.takeEffects()
+        if !effects.requests.isEmpty {
+            if self.inFlight == effects.requests.count { self.lastProgress = now }
+            self.unsent.append(contentsOf: effects.requests)
+            effects.requests = []
+        }
+        return effects
     }
 }

@@ -33,12 +33,16 @@ extension LinkWorker {
             return
         }
         let now = NIODeadline.now()
+        // From here a join waits for a bound key (under the handoff's lock: none can take the
+        // "broker down, proceed" path once the bindings count as up).
+        self.handoff.linkUp()
+        self.link.afterLinkUp?()
+        self.apply(self.bindings.connected(now: now))
         (self.lastHeardPublisher, self.lastHeardConsumer, self.lastHeartbeatToConsumer) = (now, now, now)
         self.confirmProgress = now
         self.window = PublishWindow()
         self.blockedReason = nil
-        self.bindings.connected(now: now)
-        self.counters.rebindsLeft.store(self.bindings.rebindsLeft, ordering: .relaxed)
+        self.counters.update(from: self.bindings)
         self.connectedAt = now
         self.rebindReported = false
         let status = (self.broker, self.queueName)
@@ -119,9 +123,9 @@ extension LinkWorker {
         }
         self.publisher = nil
         self.consumer = nil
-        self.counters.bindingKeysBound.store(0, ordering: .relaxed)
-        self.handoff.markAllUnbound()
-        for waiter in self.bindings.disconnected() { waiter?.succeed(()) }
+        self.handoff.linkDown()
+        self.apply(self.bindings.disconnected())
+        self.counters.update(from: self.bindings)
         let lost = self.confirms.reset() + self.handoff.dropPublishes()
         self.counters.droppedWhileDown.wrappingIncrement(by: lost, ordering: .relaxed)
     }
@@ -156,16 +160,18 @@ extension LinkWorker {
         self.consumer?.close()
         self.publisher = nil
         self.consumer = nil
-        for waiter in self.bindings.disconnected() { waiter?.fail(LinkStopped()) }
+        self.handoff.linkDown()
+        for waiter in self.bindings.disconnected().ready { waiter?.fail(LinkStopped()) }
         self.counters.droppedWhileDown.wrappingIncrement(by: self.confirms.reset(), ordering: .relaxed)
         Self.failAll(self.handoff.close(), counters: self.counters)
         let c = self.counters
         self.logger.notice("broker link totals", metadata: [
-            "published": "\(c.published.load(ordering: .relaxed))", "received": "\(c.received.load(ordering: .relaxed))",
+            "published": "\(c.published.load(ordering: .relaxed))", "received": "\(c.received.load(ordering: .relaxed))", "discarded": "\(c.discarded.load(ordering: .relaxed))",
             "dropped.while_down": "\(c.droppedWhileDown.load(ordering: .relaxed))", "dropped.buffer_full": "\(c.droppedBufferFull.load(ordering: .relaxed))",
             "dropped.expired": "\(c.droppedExpired.load(ordering: .relaxed))",
             "rejected": "\(c.rejected.load(ordering: .relaxed))", "malformed": "\(c.malformed.load(ordering: .relaxed))",
             "reconnects": "\(c.reconnects.load(ordering: .relaxed))",
+            "binds": "\(zip(BindingGranularity.allCases, c.bindsDone).map { "\($0)=\($1.load(ordering: .relaxed))" }.joined(separator: ","))",
         ])
     }
 

@@ -28,7 +28,7 @@ extension LinkWorker {
         let tls = self.broker.tls
         let now = NIODeadline.now()
         for (g, group) in groups.enumerated() {
-            let routingKey = self.key(group.channel)
+            var routingKey = self.routingKey(group.channel)
             self.body.removeAll(keepingCapacity: true)
             WireFormat.beginBody(channel: group.channel, into: &self.body)
             var bytes = 0
@@ -39,7 +39,7 @@ extension LinkWorker {
             let isText = group.isText
             if tls {
                 do {
-                    try self.publishThroughLibrary(publisher, routingKey: routingKey, isText: isText, correlationID: group.connectionID)
+                    try self.publishThroughLibrary(publisher, routingKey: CString(routingKey), isText: isText, correlationID: group.connectionID)
                 } catch {
                     // This group and the ones after it were never written: count them here
                     // (the ones before are in `confirms`, counted when the connection goes).
@@ -49,9 +49,11 @@ extension LinkWorker {
                     throw error
                 }
             } else {
-                self.body.withUnsafeBytes { body in
-                    self.batch.append(exchange: exchange, routingKey: routingKey.rawBytes, type: isText ? UInt8(ascii: "t") : UInt8(ascii: "b"),
-                                      appID: appID, correlationID: group.connectionID, body: body)
+                routingKey.withUTF8 { key in
+                    self.body.withUnsafeBytes { body in
+                        self.batch.append(exchange: exchange, routingKey: UnsafeRawBufferPointer(key), type: isText ? UInt8(ascii: "t") : UInt8(ascii: "b"),
+                                          appID: appID, correlationID: group.connectionID, body: body)
+                    }
                 }
             }
             self.confirms.published(messages: group.indices.count, bytes: bytes, at: now)
@@ -94,8 +96,13 @@ extension LinkWorker {
         var batch: [ClusterMessage] = []
         var zero = timeval(tv_sec: 0, tv_usec: 0)
         var heard = false
+        var discarded = 0
         defer {
             if heard { self.lastHeardConsumer = .now() }
+            if discarded > 0 {
+                self.counters.received.wrappingIncrement(by: discarded, ordering: .relaxed)
+                self.counters.discarded.wrappingIncrement(by: discarded, ordering: .relaxed)
+            }
             if !batch.isEmpty {
                 self.counters.received.wrappingIncrement(by: batch.count, ordering: .relaxed)
                 self.receiver.deliverFromCluster(batch)
@@ -109,7 +116,7 @@ extension LinkWorker {
             let reply = amqp_consume_message(consumer.state, &envelope, &zero, 0)
             if reply.reply_type == AMQP_RESPONSE_NORMAL {
                 heard = true
-                self.decode(envelope, into: &batch)
+                discarded += self.decode(envelope, into: &batch)
                 amqp_destroy_envelope(&envelope)
                 continue
             }
@@ -147,13 +154,15 @@ extension LinkWorker {
     }
 
     /// Copies the messages out of a delivery (before its envelope is destroyed); nothing for this
-    /// node's own messages, and nothing of a malformed body (counted).
-    private func decode(_ envelope: amqp_envelope_t, into batch: inout [ClusterMessage]) {
+    /// node's own messages, nothing of a malformed body (counted), and nothing for a channel
+    /// without local clients (checked before a payload is copied): returns how many of those
+    /// were discarded.
+    private func decode(_ envelope: amqp_envelope_t, into batch: inout [ClusterMessage]) -> Int {
         let props = envelope.message.properties
         if props._flags & staps_basic_app_id_flag() != 0, props.app_id.len == self.nodeID.count,
             memcmp(props.app_id.bytes, self.nodeID.pointer, self.nodeID.count) == 0
         {
-            return
+            return 0
         }
         var isText = false
         if props._flags & staps_basic_type_flag() != 0, props.type.len == 1, let t = props.type.bytes {
@@ -163,6 +172,7 @@ extension LinkWorker {
         let raw = UnsafeRawBufferPointer(start: body.bytes, count: body.bytes == nil ? 0 : body.len)
         do {
             let (channel, payloads) = try WireFormat.decode(raw)
+            guard self.hasLocalClients(channel) else { return payloads.count }
             for range in payloads {
                 var payload = self.allocator.buffer(capacity: range.count)
                 payload.writeBytes(UnsafeRawBufferPointer(rebasing: raw[range]))
@@ -171,6 +181,7 @@ extension LinkWorker {
         } catch {
             self.counters.malformed.wrappingIncrement(ordering: .relaxed)
         }
+        return 0
     }
 }
 

@@ -48,20 +48,37 @@ extension LinkWorker {
         try consumer.check(amqp_get_rpc_reply(consumer.state), "consume queue")
     }
 
-    func key(_ name: String) -> CString {
-        if let k = self.keys[name] { return k }
-        if self.keys.count > 10_000 { self.keys.removeAll() }
-        let k = CString(RoutingKey.forChannel(name))
-        self.keys[name] = k
-        return k
+    /// The routing key of a channel's messages: computed once while the channel is held here
+    /// (a POST to a channel without local clients hashes its name each time).
+    func routingKey(_ channel: String) -> String {
+        self.bindings.policy.routingKey(channel) ?? RoutingKey.forChannel(channel)
     }
 
-    /// A binding key's first channel came, or its last one went (see `LoopHandoff`). Connected:
-    /// a waiting join proceeds on the key's `bind-ok`. Down (`consumer` nil): at once (local
-    /// service); bound on reconnection.
-    func handle(_ commands: [LoopHandoff.Command], on consumer: AMQPConnection?) throws(BrokerError) {
-        for waiter in self.bindings.handle(commands, now: .now()) { waiter?.succeed(()) }
-        if let consumer { try self.flushBindings(consumer) }
+    /// One round's binding work, with what `take` handed over (the retire candidates were
+    /// unmarked in the same lock): the commands, then the unbinds of what is still unheld, then
+    /// lingers and rebinds or refinements. Down, nothing is sent and joins proceed at once.
+    func updateBindings(_ taken: LoopHandoff.Taken, unmarked: Set<String>, now: NIODeadline) {
+        self.joinsSeen = taken.joins
+        self.apply(self.bindings.handle(taken.commands, now: now))
+        self.apply(self.bindings.finishRetire(unmarked, now: now))
+        self.apply(self.bindings.tick(now: now))
+    }
+
+    /// Lets joins proceed and marks keys bound in the handoff.
+    func apply(_ effects: BindingPipeline.Effects) {
+        self.handoff.markBound(effects.markBound)
+        for waiter in effects.ready { waiter?.succeed(()) }
+    }
+
+    /// True when `channel` has local clients. A channel not known here may have a join on its
+    /// way in the handoff: only then (its join counter moved) are its commands taken early.
+    func hasLocalClients(_ channel: String) -> Bool {
+        if self.bindings.policy.hasLocalClients(channel) { return true }
+        guard self.handoff.joins.load(ordering: .acquiring) != self.joinsSeen else { return false }
+        let taken = self.handoff.takeCommands()
+        self.joinsSeen = taken.joins
+        self.apply(self.bindings.handle(taken.commands, now: .now()))
+        return self.bindings.policy.hasLocalClients(channel)
     }
 
     /// Sends queued binds and unbinds while the socket takes them without waiting (rabbitmq-c
@@ -76,14 +93,18 @@ extension LinkWorker {
 
     /// The broker answered the oldest bind or unbind.
     func answered(_ operation: TopologyMethod) throws(BrokerError) {
-        let answer: (key: String, settled: Bool, waiters: [BindingPipeline.Waiter])
+        let answered: (answer: Topology.Answer, effects: BindingPipeline.Effects)
         do {
-            answer = try self.bindings.answered(operation, now: .now())
+            answered = try self.bindings.answered(operation, now: .now())
         } catch {
             throw BrokerError(operation: "bind binding keys", reason: "\(error)")
         }
-        if answer.settled { self.handoff.markBound(answer.key) }
-        self.counters.bindingKeysBound.store(self.bindings.boundCount, ordering: .relaxed)
-        for waiter in answer.waiters { waiter?.succeed(()) }
+        if operation == .bind {
+            self.counters.bindLatency.record(Int(answered.answer.latency.nanoseconds / 1000))
+            let level = BindingGranularity.allCases.firstIndex(of: BindingGranularity(ofKey: answered.answer.key))!
+            self.counters.bindsDone[level].wrappingIncrement(ordering: .relaxed)
+        }
+        self.counters.update(from: self.bindings)
+        self.apply(answered.effects)
     }
 }

@@ -34,10 +34,11 @@ final class LinkWorker: @unchecked Sendable {
     var queue: CString?
     let exchange: CString
     let nodeID: CString
-    var keys: [String: CString] = [:]
-    /// Binding keys (see `RoutingKey.binding`) this node wants bound, and their binds and
-    /// unbinds on the way to the broker.
+    /// Which binding key covers each channel this node holds, and their binds and unbinds on
+    /// the way to the broker.
     var bindings: BindingPipeline
+    /// `LoopHandoff.joins` as of the commands handled so far.
+    var joinsSeen = 0
     var confirms = Confirms()
     /// How much may be written and not confirmed yet (see `PublishWindow`).
     var window = PublishWindow()
@@ -96,7 +97,7 @@ final class LinkWorker: @unchecked Sendable {
         self.counters = link.counters
         self.exchange = CString(link.configuration.settings.exchange)
         self.nodeID = CString(link.configuration.nodeID)
-        self.bindings = BindingPipeline(linger: link.configuration.settings.unbindLinger)
+        self.bindings = BindingPipeline(.init(mode: link.configuration.settings.binding, linger: link.configuration.settings.unbindLinger))
         self.brokerIndex = Int.random(in: 0..<link.configuration.urls.count)
         self.logger[metadataKey: "broker"] = "\(self.broker)"
     }
@@ -123,16 +124,15 @@ final class LinkWorker: @unchecked Sendable {
     /// dropped and counted.
     private func whileDown() {
         self.counters.droppedWhileDown.wrappingIncrement(by: self.handoff.dropPublishes(), ordering: .relaxed)
-        let taken = self.take(publishBytes: 0)
-        try? self.handle(taken.commands, on: nil)
-        self.bindings.expireAndRebind(now: .now()) { !self.handoff.release($0) }
+        let retiring = self.bindings.retireCandidates()
+        self.updateBindings(self.take(publishBytes: 0, unmark: retiring), unmarked: retiring, now: .now())
         self.sleepUntilWoken(timeoutMillis: Self.millisUntil(self.nextAttempt, cap: 100))
     }
 
     /// What the event loops handed over (`LoopHandoff.take`), counting the publishes it
     /// dropped for their age.
-    func take(publishBytes: Int, overhead: Int = 0, oversizeFirst: Bool = true) -> LoopHandoff.Taken {
-        let taken = self.handoff.take(publishBytes: publishBytes, overhead: overhead, oversizeFirst: oversizeFirst)
+    func take(publishBytes: Int, overhead: Int = 0, oversizeFirst: Bool = true, unmark: Set<String> = []) -> LoopHandoff.Taken {
+        let taken = self.handoff.take(publishBytes: publishBytes, overhead: overhead, oversizeFirst: oversizeFirst, unmark: unmark)
         self.counters.droppedExpired.wrappingIncrement(by: taken.expired, ordering: .relaxed)
         return taken
     }
@@ -160,18 +160,17 @@ final class LinkWorker: @unchecked Sendable {
         try self.waitForWork(consumer, publisher, reading: reading, mayPublish: mayPublish, publishDue: publishDue, waitForRoom: waitForRoom)
         let now = NIODeadline.now()
         let tls = self.broker.tls
+        let retiring = self.bindings.retireCandidates()
         let taken = self.take(publishBytes: publishDue ? budget : 0, overhead: tls ? Self.wireOverhead : 0,
-                              oversizeFirst: !tls || publisher.unackedBytes == 0)
+                              oversizeFirst: !tls || publisher.unackedBytes == 0, unmark: retiring)
         do {
-            try self.handle(taken.commands, on: consumer)
-            self.bindings.expireAndRebind(now: now) { !self.handoff.release($0) }
+            self.updateBindings(taken, unmarked: retiring, now: now)
             try self.flushBindings(consumer)
         } catch {
             // Taken, never published: not lost without a count.
             self.counters.droppedWhileDown.wrappingIncrement(by: taken.publishes.count, ordering: .relaxed)
             throw error
         }
-        self.counters.rebindsLeft.store(self.bindings.rebindsLeft, ordering: .relaxed)
         if !taken.publishes.isEmpty {
             self.nextPublish = now + self.settings.publishWindow
             try self.publish(taken.publishes, on: publisher)
@@ -189,6 +188,7 @@ final class LinkWorker: @unchecked Sendable {
             self.window.update(settledBytes: self.confirms.settledBytes, fastestRoundTrip: self.confirms.fastestRoundTrip, now: now)
             self.reportDrops(now: now)
             self.reportRebind(now: now)
+            self.counters.update(from: self.bindings)
             // Lets rabbitmq-c send heartbeats on the quiet publish connection and notice a close.
             // Bytes waiting count as heard: rabbitmq-c swallows the broker's heartbeats.
             if publisher.hasInput { self.lastHeardPublisher = now }

@@ -16,29 +16,26 @@ import Glibc
 /// are bounded in bytes (`amqp_buffer`); beyond it they are dropped and counted. Once closed
 /// (the link stopped), a join fails at once instead of waiting for a thread that is gone.
 ///
-/// Channels map to binding keys (`RoutingKey.binding`: one per channel, or one per bucket).
-/// The handoff counts the channels with local clients per key, and knows which keys the broker
-/// has confirmed bound: a join on a bound key proceeds at once, without a round trip to the
-/// link's thread. The thread hears of a key only when its first channel comes or its last one
-/// goes, and releases a key (to unbind it) only under the same lock, only when no channel
-/// wants it: so no join can proceed on a binding an unbind in flight is about to remove.
+/// The handoff knows which binding keys the link marked bound (settled on the broker and held
+/// by a channel), and whether the link is up, both under its lock: a join whose channel one of
+/// its keys covers (`ChannelKeys`) proceeds at once, without a round trip to the link's thread;
+/// so does a join while the link is down (local service; bound on reconnection). The link
+/// unmarks a key under the same lock as it takes the commands queued so far, before it unbinds
+/// the key (see `BindingPolicy`), so no join proceeds on a binding about to go.
 final class LoopHandoff: Sendable {
-    /// About binding keys. A `firstChannel`'s promise is nil when its join already proceeded.
+    /// About channels. A `firstChannel`'s promise is nil when its join already proceeded.
     enum Command {
-        case firstChannel(String, EventLoopPromise<Void>?)
-        /// A later client on a key with channels already: wait for the key's binding, count nothing.
+        case firstChannel(ChannelKeys, EventLoopPromise<Void>?)
+        /// A later client on a channel with local clients already: wait for its binding.
         case awaitBinding(String, EventLoopPromise<Void>)
         case lastChannelGone(String)
-    }
-
-    private struct Binding {
-        var channels = 0
-        var bound = false
     }
 
     struct Taken {
         var commands: [Command] = []
         var publishes: [ClusterMessage] = []
+        /// How many `firstChannel` commands were handed over so far, these included.
+        var joins = 0
         /// Publishes dropped for their age (`amqp_max_age`) since the last take.
         var expired = 0
     }
@@ -47,43 +44,46 @@ final class LoopHandoff: Sendable {
         var commands: [Command] = []
         var publishes: PendingPublishes
         var closed = false
-        var bindings: [String: Binding] = [:]
+        /// Set by the link's thread while it is connected (`linkUp`, `linkDown`).
+        var connected = false
+        /// Binding keys the link marked bound on the current connection.
+        var bound: Set<String> = []
+
+        func covers(_ keys: ChannelKeys) -> Bool {
+            !self.connected || keys.all.contains { self.bound.contains($0) }
+        }
     }
 
     let wakeFD: Int32
-    let buckets: Int
     /// True while the link's thread is (about to be) blocked in poll: only then is a wake-up
     /// write needed. A busy thread picks up new work on its next round without one.
     let sleeping = ManagedAtomic<Bool>(false)
-    /// True while the link is connected (set by its thread). While it is not, joins proceed at
-    /// once (local service; bound on reconnection) without waiting for a connect attempt.
-    let connected = ManagedAtomic<Bool>(false)
+    /// Counts `firstChannel` commands (written under the lock): a link that reads a message for
+    /// a channel it does not know checks it to learn whether a join is still on its way.
+    let joins = ManagedAtomic<Int>(0)
     private let state: NIOLockedValueBox<State>
 
-    init(capacity: Int, maxAge: TimeAmount, buckets: Int) {
+    init(capacity: Int, maxAge: TimeAmount) {
         self.state = NIOLockedValueBox(State(publishes: PendingPublishes(capacity: capacity, maxAge: maxAge)))
-        self.buckets = buckets
         self.wakeFD = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
     }
 
     deinit { Glibc.close(self.wakeFD) }
 
-    /// A channel got its first local client: the promise succeeds at once when its binding key
-    /// is bound, later (from the link's thread) otherwise, and fails when the link stopped.
+    /// A channel got its first local client: the promise succeeds at once when one of its keys
+    /// is bound (or the link is down), later (from the link's thread) otherwise, and fails when
+    /// the link stopped.
     func startReceiving(channel: String, whenBound promise: EventLoopPromise<Void>) {
-        let key = RoutingKey.binding(forChannel: channel, buckets: self.buckets)
-        let down = !self.connected.load(ordering: .relaxed)
+        let keys = ChannelKeys(channel: channel)
         let outcome = self.state.withLockedValue { state -> JoinOutcome in
             guard !state.closed else { return .stopped }
-            var binding = state.bindings[key] ?? Binding()
-            binding.channels += 1
-            state.bindings[key] = binding
-            if binding.bound || down {
-                // The thread still learns that the key is wanted again; no hurry.
-                if binding.channels == 1 { state.commands.append(.firstChannel(key, nil)) }
+            self.joins.wrappingIncrement(ordering: .releasing)
+            if state.covers(keys) {
+                // The thread still learns of the channel; no hurry.
+                state.commands.append(.firstChannel(keys, nil))
                 return .ready
             }
-            state.commands.append(.firstChannel(key, promise))
+            state.commands.append(.firstChannel(keys, promise))
             return .waiting
         }
         self.complete(outcome, promise)
@@ -101,53 +101,49 @@ final class LoopHandoff: Sendable {
     }
 
     /// Another client joined a channel with local clients: the promise succeeds once the
-    /// channel's binding key is bound (at once when it is, or while the link is down).
+    /// channel is covered by a bound key (at once when it is, or while the link is down).
     func awaitBinding(channel: String, promise: EventLoopPromise<Void>) {
-        let key = RoutingKey.binding(forChannel: channel, buckets: self.buckets)
-        let down = !self.connected.load(ordering: .relaxed)
+        let keys = ChannelKeys(channel: channel)
         let outcome = self.state.withLockedValue { state -> JoinOutcome in
             guard !state.closed else { return .stopped }
-            if down || state.bindings[key]?.bound == true { return .ready }
-            state.commands.append(.awaitBinding(key, promise))
+            if state.covers(keys) { return .ready }
+            state.commands.append(.awaitBinding(channel, promise))
             return .waiting
         }
         self.complete(outcome, promise)
     }
 
-    /// A channel's last local client left. The thread hears of it (no hurry: the binding
-    /// lingers) when it was the key's last channel.
+    /// A channel's last local client left. The thread hears of it (no hurry: the binding lingers).
     func stopReceiving(channel: String) {
-        let key = RoutingKey.binding(forChannel: channel, buckets: self.buckets)
         self.state.withLockedValue { state in
-            guard !state.closed, var binding = state.bindings[key] else { return }
-            binding.channels -= 1
-            state.bindings[key] = binding
-            if binding.channels == 0 { state.commands.append(.lastChannelGone(key)) }
+            guard !state.closed else { return }
+            state.commands.append(.lastChannelGone(channel))
         }
     }
 
-    /// The broker confirmed `key` bound (and nothing in flight undoes it): joins on it may
+    /// The broker confirmed these keys bound (and a channel holds each): joins they cover may
     /// proceed at once from now on.
-    func markBound(_ key: String) {
+    func markBound(_ keys: [String]) {
+        guard !keys.isEmpty else { return }
         self.state.withLockedValue { state in
-            if state.bindings[key] != nil { state.bindings[key]!.bound = true }
+            guard state.connected else { return }
+            state.bound.formUnion(keys)
         }
     }
 
-    /// The link's thread is about to unbind `key`: true (and joins on it wait again) when no
-    /// channel wants it; false when one came back meanwhile (keep the binding).
-    func release(_ key: String) -> Bool {
+    /// The link is connected: from now on a join waits until a bound key covers its channel.
+    func linkUp() {
         self.state.withLockedValue { state in
-            guard (state.bindings[key]?.channels ?? 0) == 0 else { return false }
-            state.bindings[key] = nil
-            return true
+            state.connected = true
+            state.bound = []
         }
     }
 
-    /// The connection is gone: nothing is bound any more.
-    func markAllUnbound() {
+    /// The connection is gone: nothing is bound, and joins proceed at once (local service).
+    func linkDown() {
         self.state.withLockedValue { state in
-            for key in state.bindings.keys { state.bindings[key]!.bound = false }
+            state.connected = false
+            state.bound = []
         }
     }
 
@@ -173,19 +169,33 @@ final class LoopHandoff: Sendable {
         _ = read(self.wakeFD, &value, 8)
     }
 
+    /// Takes the commands only (see `joins`).
+    func takeCommands() -> Taken {
+        self.state.withLockedValue { state in
+            var out = Taken()
+            swap(&out.commands, &state.commands)
+            out.joins = self.joins.load(ordering: .relaxed)
+            return out
+        }
+    }
+
     func hasWork(publishes: Bool) -> Bool {
         self.state.withLockedValue { !$0.commands.isEmpty || (publishes && !$0.publishes.isEmpty) }
     }
 
-    /// Takes every command, and publishes up to `publishBytes` bytes (whole messages, oldest
-    /// first), counting `overhead` more per message for what the wire adds. The first message
-    /// is taken even when it alone is over the limit only if `oversizeFirst`. Publishes older
-    /// than `amqp_max_age` are dropped first, and counted in `expired`.
-    func take(publishBytes limit: Int, overhead: Int = 0, oversizeFirst: Bool = true) -> Taken {
+    /// Unmarks `unmark` (keys the link is about to unbind, see `BindingPolicy`), takes every
+    /// command, and publishes up to `publishBytes` bytes (whole messages, oldest first),
+    /// counting `overhead` more per message for what the wire adds. The first message is
+    /// taken even when it alone is over the limit only if `oversizeFirst`. Publishes older
+    /// than `amqp_max_age` are dropped first, and counted in `expired`. `joins` is the
+    /// generation of `firstChannel` commands taken so far.
+    func take(publishBytes limit: Int, overhead: Int = 0, oversizeFirst: Bool = true, unmark: Set<String> = []) -> Taken {
         let now = NIODeadline.now()
         return self.state.withLockedValue { state in
+            if !unmark.isEmpty { state.bound.subtract(unmark) }
             var out = Taken()
             swap(&out.commands, &state.commands)
+            out.joins = self.joins.load(ordering: .relaxed)
             let publishes = state.publishes.take(bytes: limit, overhead: overhead, oversizeFirst: oversizeFirst, now: now)
             (out.publishes, out.expired) = (publishes.messages, publishes.expired)
             return out

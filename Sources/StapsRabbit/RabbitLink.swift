@@ -41,7 +41,11 @@ public struct RabbitConfiguration: Sendable {
 public final class RabbitCounters: Sendable {
     /// Messages the broker confirmed (publisher confirms).
     public let published = ManagedAtomic<Int>(0)
+    /// Messages from other nodes the broker delivered here (`discarded` included).
     public let received = ManagedAtomic<Int>(0)
+    /// Of `received`, those for a channel without local clients (a bucket binding, or a
+    /// binding lingering after the last client left), dropped before their payload was copied.
+    public let discarded = ManagedAtomic<Int>(0)
     /// Messages that did not reach the broker because it was unreachable: handed in while down,
     /// waiting when the link was lost, or written to a connection that died before the broker
     /// confirmed them.
@@ -56,13 +60,32 @@ public final class RabbitCounters: Sendable {
     /// Bodies from other nodes that were not in the wire format (nothing of them is delivered).
     public let malformed = ManagedAtomic<Int>(0)
     public let reconnects = ManagedAtomic<Int>(0)
-    /// Binding keys bound for this node's queue on the current connection (`bind-ok` received).
-    public let bindingKeysBound = ManagedAtomic<Int>(0)
+    /// Binding keys bound for this node's queue on the current connection (`bind-ok`
+    /// received), by granularity: exact, 4096, 256 and 16 buckets (`BindingGranularity` order).
+    public let bindingKeysBound = [ManagedAtomic<Int>(0), ManagedAtomic<Int>(0), ManagedAtomic<Int>(0), ManagedAtomic<Int>(0)]
     /// Binding keys still to rebind after a reconnection (0 once all are back).
     public let rebindsLeft = ManagedAtomic<Int>(0)
+    /// Binds the broker answered, by granularity (`BindingGranularity` order; written by the link's thread only).
+    public let bindsDone = [ManagedAtomic<Int>(0), ManagedAtomic<Int>(0), ManagedAtomic<Int>(0), ManagedAtomic<Int>(0)]
+    /// Binds and unbinds sent or queued and not answered yet.
+    public let bindsWaiting = ManagedAtomic<Int>(0)
+    /// Microseconds from a bind's request to the broker's `bind-ok` (written by the link's thread only).
+    public let bindLatency = CountHistogram(bounds: RabbitCounters.latencyBounds)
+    /// Histogram bounds in microseconds: 100 µs to 10 s.
+    public static let latencyBounds = [100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100_000, 250_000, 1_000_000, 10_000_000]
     /// Messages per publish (written by the link's thread only).
     public let publishBatch = CountHistogram(bounds: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000])
     public init() {}
+
+    /// Binding keys bound on the current connection, every granularity.
+    public var bindingKeysBoundTotal: Int { self.bindingKeysBound.reduce(0) { $0 + $1.load(ordering: .relaxed) } }
+
+    /// The gauges the link's thread keeps from its bindings.
+    func update(from bindings: BindingPipeline) {
+        for (gauge, n) in zip(self.bindingKeysBound, bindings.topology.boundByGranularity) { gauge.store(n, ordering: .relaxed) }
+        self.rebindsLeft.store(bindings.rebindsLeft, ordering: .relaxed)
+        self.bindsWaiting.store(bindings.inFlight, ordering: .relaxed)
+    }
 }
 
 /// Why a join could not wait for its binding: the link stopped.
@@ -82,7 +105,11 @@ public final class RabbitLink: ClusterLink, Sendable {
     let logger: Logger
     let handoff: LoopHandoff
     private let thread = NIOThreadPool(numberOfThreads: 1)
-    var connectedFlag: ManagedAtomic<Bool> { self.handoff.connected }
+    /// True while connected (set by the link's thread): publishes are dropped at once while not.
+    /// Joins do not read it: the handoff keeps its own, under its lock.
+    let connectedFlag = ManagedAtomic<Bool>(false)
+    /// Called on the link's thread just after a connection counts as up in the handoff (tests).
+    let afterLinkUp: (@Sendable () -> Void)?
     /// The broker and queue of the current connection (nil while down), set by the worker.
     let status = NIOLockedValueBox<(broker: AMQPURL, queue: String)?>(nil)
     let stopped = ManagedAtomic<Bool>(false)
@@ -90,11 +117,16 @@ public final class RabbitLink: ClusterLink, Sendable {
     private let finished: EventLoopPromise<Void>
     private let finishLoop = MultiThreadedEventLoopGroup(numberOfThreads: 1)
 
-    public init(configuration: RabbitConfiguration, logger: Logger) {
+    public convenience init(configuration: RabbitConfiguration, logger: Logger) {
+        self.init(configuration: configuration, logger: logger, afterLinkUp: nil)
+    }
+
+    init(configuration: RabbitConfiguration, logger: Logger, afterLinkUp: (@Sendable () -> Void)?) {
         self.configuration = configuration
         self.logger = logger
+        self.afterLinkUp = afterLinkUp
         let settings = configuration.settings
-        self.handoff = LoopHandoff(capacity: settings.publishBuffer, maxAge: settings.maxAge, buckets: settings.bindingBuckets)
+        self.handoff = LoopHandoff(capacity: settings.publishBuffer, maxAge: settings.maxAge)
         self.finished = self.finishLoop.next().makePromise()
     }
 
@@ -135,9 +167,12 @@ public final class RabbitLink: ClusterLink, Sendable {
                 ("rejected", c.rejected.load(ordering: .relaxed)),
                 ("malformed", c.malformed.load(ordering: .relaxed)),
             ],
-            bindings: c.bindingKeysBound.load(ordering: .relaxed),
+            bindings: zip(BindingGranularity.allCases, c.bindingKeysBound).map { ($0.description, $1.load(ordering: .relaxed)) },
             rebindsPending: rebinds,
-            publishBatch: c.publishBatch
+            bindsWaiting: c.bindsWaiting.load(ordering: .relaxed),
+            discarded: c.discarded.load(ordering: .relaxed),
+            publishBatch: c.publishBatch,
+            bindLatency: c.bindLatency
         )
     }
 

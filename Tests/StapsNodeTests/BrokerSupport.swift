@@ -42,7 +42,8 @@ enum Broker {
 
     /// The second private broker (another RabbitMQ, as another node of a cluster would be),
     /// which `scripts/test` starts beside the first.
-    static let secondPort = 25683
+    /// `STAPS_RABBITMQ_SECOND_PORT` (as scripts/test reads it), so worktrees can test side by side.
+    static let secondPort = Int(ProcessInfo.processInfo.environment["STAPS_RABBITMQ_SECOND_PORT"] ?? "") ?? 25683
     static var secondEnvironment: [String: String] {
         ["STAPS_RABBITMQ_PORT": "\(secondPort)", "STAPS_RABBITMQ_DIR": repositoryRoot + "/.build/rabbitmq-2"]
     }
@@ -63,12 +64,12 @@ enum Broker {
 
 /// In-process clustered nodes sharing one exchange.
 func startClusterNodes(_ count: Int, exchange: String = Broker.freshExchange(), limits: Limits = Limits(), linger: TimeAmount = .seconds(2),
-                       buckets: Int = ClusterSettings().bindingBuckets, urls: [String]? = nil) async throws -> [(TestNode, RabbitLink)] {
+                       binding: BindingMode = ClusterSettings().binding, urls: [String]? = nil) async throws -> [(TestNode, RabbitLink)] {
     let brokers: [String]
     if let urls { brokers = urls } else { brokers = [try await Broker.require()] }
     var nodes: [(TestNode, RabbitLink)] = []
     for _ in 0..<count {
-        let settings = ClusterSettings(exchange: exchange, unbindLinger: linger, bindingBuckets: buckets)
+        let settings = ClusterSettings(exchange: exchange, unbindLinger: linger, binding: binding)
         let link = RabbitLink(configuration: RabbitConfiguration(urls: try brokers.map { try AMQPURL($0) }, settings: settings), logger: testLogger("link"))
         let node = try await TestNode.start(limits: limits, link: link)
         nodes.append((node, link))

@@ -28,6 +28,20 @@ import WebSocketClient
         #expect(RoutingKey.forChannel(String(repeating: "#", count: 84)).split(separator: ".")[4].hasPrefix("~~"), "too long: hashed")
     }
 
+    /// The key format is version `c`: these exact keys are what every node of a cluster
+    /// publishes and binds. If this test has to change, so must the leading word (and a
+    /// rolling upgrade needs nodes that bind both formats): see `RoutingKey`.
+    @Test func theKeyFormatIsPinnedToItsVersion() {
+        #expect(RoutingKey.forChannel("room") == "c.2.7.a.room")
+        #expect(RoutingKey.forChannel("a.b") == "c.6.9.f.a~2Eb")
+        #expect(RoutingKey.forChannel("日本") == "c.4.4.d.~E6~97~A5~E6~9C~AC")
+        let keys = ChannelKeys(channel: "room")
+        #expect(keys.all == ["c.2.7.a.room", "c.2.7.a.*", "c.2.7.*.*", "c.2.*.*.*"])
+        #expect(BindingGranularity.allCases.map { BindingGranularity(ofKey: keys.key($0)) } == BindingGranularity.allCases)
+        #expect(BindingMode(configValue: "adaptive") == .adaptive && BindingMode(configValue: "256") == .fixed(buckets: 256))
+        #expect(BindingMode(configValue: "100") == nil && BindingMode(configValue: "") == nil)
+    }
+
     /// Topic matching for keys without `#`: `*` is exactly one word.
     static func matches(_ binding: String, _ key: String) -> Bool {
         let b = binding.split(separator: ".", omittingEmptySubsequences: false)
@@ -88,7 +102,7 @@ import WebSocketClient
     /// Exact bindings, and buckets that put many of these channels on one binding: either way
     /// a node delivers only to the exact channel named in the body.
     @Test(arguments: [0, 16]) func wildcardAndInjectionNamesNeverCrossChannels(buckets: Int) async throws {
-        let nodes = try await startClusterNodes(2, buckets: buckets)
+        let nodes = try await startClusterNodes(2, binding: .fixed(buckets: buckets))
         let names = RoutingKeyTests.names
         var receivers: [TestClient] = []
         var senders: [TestClient] = []
@@ -270,7 +284,7 @@ import WebSocketClient
         let exchange = Broker.freshExchange()
         // rabbitmqctl needs about 0.6 s per call, so the linger is long enough to look inside it.
         let nodes = try await startClusterNodes(1, exchange: exchange, linger: .seconds(3))
-        let key = RoutingKey.binding(forChannel: "linger.room", buckets: ClusterSettings().bindingBuckets)
+        let key = RoutingKey.forChannel("linger.room")  // adaptive, and no bind waits: its exact key
         let first = try await TestClient.connect(nodes[0].0.tcp, "/linger.room")
         let bound = try Self.bindings(of: exchange)
         #expect(bound == [key], "bound before the handshake completed: \(bound)")

@@ -59,7 +59,7 @@ import Testing
         #expect(config.limits.shutdownTimeout == .seconds(0))
         #expect(config.cluster == ClusterSettings(exchange: "pubsub", queueMaxLength: 500, queueMessageTTL: .seconds(3), unbindLinger: .seconds(0),
                                                   publishBuffer: 8 << 20, maxAge: .milliseconds(1500), heartbeat: .seconds(30), publishWindow: .seconds(0),
-                                                  bindingBuckets: 16, tlsCAFile: "/etc/staps/ca.pem"))
+                                                  binding: .fixed(buckets: 16), tlsCAFile: "/etc/staps/ca.pem"))
         #expect(config.daemon == DaemonSettings(user: "staps", group: "www-data", directory: "/var/lib/staps", pidFile: "/run/staps/staps.pid", umask: 0o027))
     }
 
@@ -127,7 +127,8 @@ import Testing
         ("[staps]\namqp_max_age = 0\n", "t.conf:2: amqp_max_age: '0' is not a duration (e.g. 500ms, 10s, 2m)"),
         ("[staps]\n\namqp_max_age = ten seconds\n", "t.conf:3: amqp_max_age: 'ten seconds' is not a duration (e.g. 500ms, 10s, 2m)"),
         ("[staps]\namqp = amqp://a/ amqp://u:secret@h:0/\n", "t.conf:2: amqp: bad port in 'amqp://u:***@h:0/'"),
-        ("[staps]\namqp_binding_buckets = 100\n", "t.conf:2: amqp_binding_buckets: '100' is not one of 0 (a binding per channel), 16, 256, 4096"),
+        ("[staps]\namqp_binding_buckets = 100\n", "t.conf:2: amqp_binding_buckets: '100' is not one of adaptive, 0 (a binding per channel), 16, 256, 4096"),
+        ("[staps]\namqp_binding_buckets = Adaptive\n", "t.conf:2: amqp_binding_buckets: 'Adaptive' is not one of adaptive, 0 (a binding per channel), 16, 256, 4096"),
         ("[staps]\namqp_tls_ca = ca.pem\n", "t.conf:2: amqp_tls_ca: 'ca.pem' is not an absolute path"),
         ("[staps]\nlog_file = staps.log\n", "t.conf:2: log_file: 'staps.log' is not an absolute path"),
         ("[staps]\norigin = https://a.example ftp://b.example\n", "t.conf:2: origin: 'ftp://b.example' is not an origin: scheme://host[:port], or scheme://*.domain for its subdomains (http or https)"),

@@ -73,7 +73,7 @@ import Glibc
         let second = try await Broker.requireSecond()
         let exchange = Broker.freshExchange()
         let logged = LogCapture()
-        let link = try Self.link([first, second], ClusterSettings(exchange: exchange, bindingBuckets: 0), logged)
+        let link = try Self.link([first, second], ClusterSettings(exchange: exchange, binding: .fixed(buckets: 0)), logged)
         let node = try await TestNode.start(link: link)
         try await eventually("link up", within: 10) { link.isConnected }
         let client = try await TestClient.connect(node.tcp, "/failover")
@@ -85,9 +85,9 @@ import Glibc
         try await eventually("moved to the other broker", within: 10) { link.isConnected && link.currentBroker != startedOn }
         #expect(link.currentBroker?.port == (try AMQPURL(other)).port)
         // Redeclared and rebound there: a node that only knows that broker reaches the client.
-        let peers = try await startClusterNodes(1, exchange: exchange, buckets: 0, urls: [other])
+        let peers = try await startClusterNodes(1, exchange: exchange, binding: .fixed(buckets: 0), urls: [other])
         let peer = try await TestClient.connect(peers[0].0.tcp, "/failover")
-        try await eventually("the channel is bound on the new broker", within: 5) { link.counters.bindingKeysBound.load(ordering: .relaxed) == 1 }
+        try await eventually("the channel is bound on the new broker", within: 5) { link.counters.bindingKeysBoundTotal == 1 }
         peer.send("via the second broker")
         #expect(try await client.nextText() == "via the second broker")
         client.send("back")
@@ -107,7 +107,7 @@ import Glibc
         let queue = try #require(a.1.queueName)
         try Broker.control("delete-queue", queue)
         try await eventually("the link noticed and reconnected with a new queue", within: 5) {
-            a.1.counters.reconnects.load(ordering: .relaxed) == 1 && a.1.isConnected && a.1.queueName != queue && a.1.counters.bindingKeysBound.load(ordering: .relaxed) == 1
+            a.1.counters.reconnects.load(ordering: .relaxed) == 1 && a.1.isConnected && a.1.queueName != queue && a.1.counters.bindingKeysBoundTotal == 1
         }
         y.send("after delete_queue")
         #expect(try await x.nextText() == "after delete_queue")
@@ -243,8 +243,8 @@ import Glibc
 
     /// Every client that got its 101 receives what is sent after it, whichever node it is on,
     /// while channels come and go as fast as the test can make them.
-    @Test(arguments: [0, 256]) func joinGuaranteeUnderChurnAcrossThreeNodes(buckets: Int) async throws {
-        let nodes = try await startClusterNodes(3, linger: .milliseconds(200), buckets: buckets)
+    @Test(arguments: [BindingMode.fixed(buckets: 0), .fixed(buckets: 256), .adaptive]) func joinGuaranteeUnderChurnAcrossThreeNodes(binding: BindingMode) async throws {
+        let nodes = try await startClusterNodes(3, linger: .milliseconds(200), binding: binding)
         try await withThrowingTaskGroup(of: Void.self) { group in
             for worker in 0..<4 {
                 group.addTask {
@@ -272,16 +272,16 @@ import Glibc
     /// After a broker restart every channel is rebound in the background (exact bindings: one
     /// bind each) while publishing resumes at once.
     @Test func everyChannelIsReboundAfterARestart() async throws {
-        let nodes = try await startClusterNodes(2, buckets: 0)
+        let nodes = try await startClusterNodes(2, binding: .fixed(buckets: 0))
         let (a, b) = (nodes[0], nodes[1])
         var pairs: [(TestClient, TestClient)] = []
         for i in 0..<300 {
             pairs.append((try await TestClient.connect(a.0.unix, "/rebind-\(i)"), try await TestClient.connect(b.0.unix, "/rebind-\(i)")))
         }
-        #expect(a.1.counters.bindingKeysBound.load(ordering: .relaxed) == 300)
+        #expect(a.1.counters.bindingKeysBoundTotal == 300)
         try Broker.control("restart-app")
         try await eventually("both nodes rebound every channel", within: 15) {
-            nodes.allSatisfy { $0.1.isConnected && $0.1.counters.bindingKeysBound.load(ordering: .relaxed) == 300 }
+            nodes.allSatisfy { $0.1.isConnected && $0.1.counters.bindingKeysBoundTotal == 300 }
         }
         for (i, (x, _)) in pairs.enumerated() { x.send("after restart \(i)") }
         for (i, (_, y)) in pairs.enumerated() { #expect(try await y.nextText(timeout: 10) == "after restart \(i)") }

@@ -187,87 +187,48 @@ import Testing
 }
 
 @Suite struct TopologyTests {
-    typealias T = Topology<Int>
     let t0 = NIODeadline.uptimeNanoseconds(1_000_000_000)
 
-    @Test func joinsWaitForTheirOwnBindOKAndArePipelined() throws {
-        var t = T(linger: .seconds(2))
+    @Test func bindsArePipelinedAndSettleInOrder() throws {
+        var t = Topology()
+        #expect(t.bind("x", now: t0) == nil, "down: nothing is sent")
         t.connected()
-        var sends: [T.Request] = []
+        for i in 0..<100 { #expect(t.bind("c\(i)", now: t0) == Topology.Request(operation: .bind, key: "c\(i)")) }
+        #expect(t.bind("c5", now: t0) == nil, "being bound already")
+        #expect(t.requestsInFlight == 100 && t.isHeld("c5") && !t.isSettled("c5"))
         for i in 0..<100 {
-            let (ready, send) = t.want("c\(i)", i)
-            #expect(ready == nil)
-            sends.append(send!)
+            let answer = try t.answered(.bind, now: t0 + .milliseconds(Int64(i + 1)))
+            #expect(answer.key == "c\(i)" && answer.settled && !answer.wasRebind)
         }
-        // A second join of a channel being bound waits for the same bind-ok.
-        let again = t.want("c5", 1005)
-        #expect(again.ready == nil && again.send == nil)
-        #expect(t.requestsInFlight == 100)
-        #expect(sends.allSatisfy { $0.operation == .bind })
-        for i in 0..<100 {
-            let (channel, ready) = try t.answered(.bind)
-            #expect(channel == "c\(i)" && ready == (i == 5 ? [5, 1005] : [i]))
-        }
-        #expect(t.bound.count == 100)
-        // Bound: a join proceeds at once.
-        #expect(t.want("c1", 7).ready == 7)
+        #expect(t.bound.count == 100 && t.boundByGranularity == [100, 0, 0, 0])
+        #expect(t.bind("c1", now: t0) == nil, "bound already")
+        // The broker took 1 ms per bind while busy: that is the estimate a new request waits by.
+        #expect(abs(t.serviceTime.nanoseconds - 1_000_000) < 100_000)
     }
 
-    @Test func downMeansJoinsProceedAndRebindAfterwards() throws {
-        var t = T(linger: .seconds(2), rebindWindow: 3)
-        #expect(t.want("early", 1).ready == 1)
+    @Test func anUnbindInFlightIsUndoneByALaterBind() throws {
+        var t = Topology()
         t.connected()
-        _ = t.want("a", 2)
-        _ = t.want("b", 3)
-        // Lost with binds in flight: their joins proceed (local service).
-        #expect(Set(t.disconnected()) == [2, 3])
-        #expect(t.bound.isEmpty && t.requestsInFlight == 0)
-        t.connected()
-        var rebinds = t.nextRebinds()
-        #expect(rebinds.count == 3 && Set(rebinds.map(\.key)) == ["early", "a", "b"])
-        #expect(t.nextRebinds().isEmpty, "window of 3 is full")
-        // A join during the rebind is sent at once, not behind the window.
-        let join = t.want("new", 4)
-        #expect(join.send == T.Request(operation: .bind, key: "new"))
-        for _ in 0..<3 { #expect(try t.answered(.bind).waiters.isEmpty) }
-        #expect(try t.answered(.bind).waiters == [4])
-        rebinds = t.nextRebinds()
-        #expect(rebinds.isEmpty && t.rebindsLeft == 0 && t.bound.count == 4)
+        _ = t.bind("c.a.*.*.*", now: t0)
+        _ = try t.answered(.bind, now: t0)
+        #expect(t.boundByGranularity == [0, 0, 0, 1])
+        #expect(t.unbind("c.a.*.*.*", now: t0) == Topology.Request(operation: .unbind, key: "c.a.*.*.*"))
+        #expect(!t.isHeld("c.a.*.*.*"))
+        #expect(t.bind("c.a.*.*.*", now: t0) == Topology.Request(operation: .bind, key: "c.a.*.*.*"), "bound again after the unbind")
+        #expect(try !t.answered(.unbind, now: t0).settled)
+        #expect(try t.answered(.bind, now: t0).settled)
+        #expect(t.unbind("nothing", now: t0) == nil)
     }
 
-    @Test func lingerUnbindsOnlyWhatIsStillUnwanted() throws {
-        var t = T(linger: .seconds(2))
+    @Test func answersOutOfOrderAreAnErrorAndALossForgetsEverything() throws {
+        var t = Topology()
         t.connected()
-        _ = t.want("x", 1)
-        _ = try t.answered(.bind)
-        #expect(t.isSettled("x"))
-        t.linger("x", now: t0)
-        #expect(t.expire(now: t0 + .seconds(1)).isEmpty)
-        // Rejoined within the linger: never unbound.
-        #expect(t.want("x", 2).ready == 2)
-        #expect(t.expire(now: t0 + .seconds(3)).isEmpty)
-        t.linger("x", now: t0 + .seconds(3))
-        #expect(t.expire(now: t0 + .seconds(5)) == [T.Request(operation: .unbind, key: "x")])
-        #expect(t.wanted["x"] == nil)
-        // A join while the unbind is in flight binds again after it, and waits for that bind.
-        let join = t.want("x", 3)
-        #expect(join.ready == nil && join.send == T.Request(operation: .bind, key: "x"))
-        #expect(try t.answered(.unbind).waiters.isEmpty)
-        #expect(!t.bound.contains("x"))
-        #expect(try t.answered(.bind).waiters == [3])
-        #expect(t.bound.contains("x"))
-        // Asked to keep it at the deadline (a channel came back meanwhile): active, not unbound.
-        t.linger("x", now: t0 + .seconds(10))
-        #expect(t.expire(now: t0 + .seconds(13)) { $0 == "x" }.isEmpty)
-        #expect(t.wanted["x"] == .active)
-    }
-
-    @Test func answersOutOfOrderAreAnError() {
-        var t = T(linger: .seconds(2))
-        t.connected()
-        #expect(throws: T.OutOfOrder.self) { try t.answered(.bind) }
-        _ = t.want("x", 1)
-        #expect(throws: T.OutOfOrder.self) { try t.answered(.unbind) }
+        #expect(throws: Topology.OutOfOrder.self) { try t.answered(.bind, now: t0) }
+        _ = t.bind("x", now: t0, rebind: true)
+        #expect(throws: Topology.OutOfOrder.self) { try t.answered(.unbind, now: t0) }
+        #expect(t.rebindsInFlight == 1)
+        t.disconnected()
+        #expect(t.requestsInFlight == 0 && t.rebindsInFlight == 0 && t.bound.isEmpty && !t.isUp)
     }
 }
 
@@ -379,45 +340,51 @@ import Testing
 /// The binds on their way to the broker: what proceeds at once, what is queued, in what order,
 /// when the answer timeout starts, and what a lost connection leaves.
 @Suite struct BindingPipelineTests {
+    static func pipeline() -> BindingPipeline { BindingPipeline(.init(mode: .fixed(buckets: 16), linger: .seconds(2))) }
+
     @Test func joinsWaitForTheirBindWhileUpAndProceedWhileDown() throws {
         let loop = EmbeddedEventLoop()
-        var pipeline = BindingPipeline(linger: .seconds(2))
+        var pipeline = Self.pipeline()
         let t0 = NIODeadline.uptimeNanoseconds(1_000_000_000)
+        let a = ChannelKeys(channel: "a")
+        let b = (0...).lazy.map { ChannelKeys(channel: "b\($0)") }.first { $0.key(.buckets16) != a.key(.buckets16) }!
         // Down: a join proceeds at once, nothing is queued.
         let early = loop.makePromise(of: Void.self)
-        #expect(pipeline.handle([.firstChannel("c.a.*.*.*", early)], now: t0).count == 1)
+        #expect(pipeline.handle([.firstChannel(a, early)], now: t0).ready.count == 1)
         #expect(pipeline.nextUnsent() == nil)
-        // Up: the wanted key is rebound, and a new key's join waits for its bind.
-        pipeline.connected(now: t0)
-        pipeline.expireAndRebind(now: t0) { _ in false }
+        // Up: the held key is rebound, and a new key's join waits for its bind.
+        #expect(pipeline.connected(now: t0).ready.isEmpty)
         let join = loop.makePromise(of: Void.self)
-        #expect(pipeline.handle([.firstChannel("c.b.*.*.*", join), .lastChannelGone("c.a.*.*.*")], now: t0 + .seconds(1)).isEmpty)
-        #expect(pipeline.nextUnsent()?.key == "c.a.*.*.*")
-        #expect(pipeline.nextUnsent()?.key == "c.b.*.*.*")
+        #expect(pipeline.handle([.firstChannel(b, join), .lastChannelGone("a")], now: t0 + .seconds(1)).ready.isEmpty)
+        #expect(pipeline.nextUnsent()?.key == a.key(.buckets16))
+        #expect(pipeline.nextUnsent()?.key == b.key(.buckets16))
         #expect(pipeline.nextUnsent() == nil)
         #expect(pipeline.inFlight == 2)
         // The answer timeout started with the first request; a later one does not restart it.
         #expect(pipeline.lastProgress == t0)
         let first = try pipeline.answered(.bind, now: t0 + .seconds(3))
-        #expect(first.key == "c.a.*.*.*" && first.settled && first.waiters.isEmpty)  // a rebind: no join waits on it
+        #expect(first.answer.key == a.key(.buckets16) && first.answer.wasRebind && first.effects.ready.isEmpty)
         let second = try pipeline.answered(.bind, now: t0 + .seconds(4))
-        #expect(second.key == "c.b.*.*.*" && second.settled && second.waiters.count == 1 && pipeline.lastProgress == t0 + .seconds(4))
+        #expect(second.effects.ready.count == 1 && second.effects.markBound == [b.key(.buckets16)] && pipeline.lastProgress == t0 + .seconds(4))
         #expect(pipeline.boundCount == 2 && pipeline.inFlight == 0)
-        // The linger of the key that lost its last channel ends: its unbind is queued.
-        pipeline.expireAndRebind(now: t0 + .seconds(4)) { _ in false }
-        #expect(pipeline.nextUnsent() == BindingPipeline.Request(operation: .unbind, key: "c.a.*.*.*"))
-        #expect(throws: Topology<BindingPipeline.Waiter>.OutOfOrder.self) { try pipeline.answered(.bind, now: t0 + .seconds(5)) }
+        // The linger of the channel that left ends: its key is retired, then unbound.
+        _ = pipeline.tick(now: t0 + .seconds(4))
+        let retiring = pipeline.retireCandidates()
+        #expect(retiring == [a.key(.buckets16)])
+        _ = pipeline.finishRetire(retiring, now: t0 + .seconds(4))
+        #expect(pipeline.nextUnsent() == BindingPipeline.Request(operation: .unbind, key: a.key(.buckets16)))
+        #expect(throws: Topology.OutOfOrder.self) { try pipeline.answered(.bind, now: t0 + .seconds(5)) }
         early.succeed(())
         join.succeed(())
     }
 
     @Test func aLostConnectionReturnsTheWaitingJoinsAndForgetsWhatWasNotSent() {
         let loop = EmbeddedEventLoop()
-        var pipeline = BindingPipeline(linger: .seconds(2))
-        pipeline.connected(now: .now())
+        var pipeline = Self.pipeline()
+        _ = pipeline.connected(now: .now())
         let join = loop.makePromise(of: Void.self)
-        #expect(pipeline.handle([.firstChannel("c.c.*.*.*", join)], now: .now()).isEmpty)
-        let waiting = pipeline.disconnected()
+        #expect(pipeline.handle([.firstChannel(ChannelKeys(channel: "c"), join)], now: .now()).ready.isEmpty)
+        let waiting = pipeline.disconnected().ready
         #expect(waiting.count == 1 && pipeline.nextUnsent() == nil && pipeline.inFlight == 0 && pipeline.boundCount == 0)
         join.succeed(())
     }

@@ -1,4 +1,5 @@
 import NIOCore
+import StapsCluster
 
 #if canImport(Glibc)
 import Glibc
@@ -137,7 +138,7 @@ public struct ConfigurationOverrides: Sendable, Equatable {
         public var heartbeat: TimeAmount?
         public var publishWindow: TimeAmount?
         public var tlsCAFile: String?
-        public var bindingBuckets: Int?
+        public var binding: BindingMode?
     }
 
     /// Reads the settings of an INI text; every unknown section or key and every bad value is an error.
@@ -230,8 +231,10 @@ public struct ConfigurationOverrides: Sendable, Equatable {
         case "log_file":
             out.logFile = try ValueParser.absolutePath(v)
         case "amqp_binding_buckets":
-            guard let n = Int(v), [0, 16, 256, 4096].contains(n) else { throw fail("'\(v)' is not one of 0 (a binding per channel), 16, 256, 4096") }
-            out.cluster.bindingBuckets = n
+            guard let mode = BindingMode(configValue: v) else {
+                throw fail("'\(v)' is not one of adaptive, 0 (a binding per channel), 16, 256, 4096")
+            }
+            out.cluster.binding = mode
         case "amqp_tls_ca":
             out.cluster.tlsCAFile = try ValueParser.absolutePath(v)
         case "origin":
@@ -322,7 +325,7 @@ public struct ConfigurationOverrides: Sendable, Equatable {
         if let v = c.heartbeat { config.cluster.heartbeat = v }
         if let v = c.publishWindow { config.cluster.publishWindow = v }
         if let v = c.tlsCAFile { config.cluster.tlsCAFile = v }
-        if let v = c.bindingBuckets { config.cluster.bindingBuckets = v }
+        if let v = c.binding { config.cluster.binding = v }
         if let v = self.logFile { config.logFile = v }
         if let v = self.metrics { config.metricsAddress = v }
         if let v = self.origins { config.access.origins = v }

@@ -8,8 +8,9 @@ import StapsCluster
 /// without labels: `# HELP`, `# TYPE … histogram`, a cumulative `_bucket{le="…"}` per bound
 /// (bounds printed as `Double`s), `+Inf`, `_sum` (a `Double`) and `_count`.
 enum HistogramExposition {
-    /// Appends `name`'s lines to `buffer`; `snapshots` (one per writer) are added up.
-    static func append(_ name: String, help: String, bounds: [Int], snapshots: [CountHistogram.Snapshot], to buffer: inout [UInt8]) {
+    /// Appends `name`'s lines to `buffer`; `snapshots` (one per writer) are added up. Bounds
+    /// and the sum are printed times `unit` (1e-6 for microseconds counted, seconds printed).
+    static func append(_ name: String, help: String, bounds: [Int], snapshots: [CountHistogram.Snapshot], unit: Double = 1, to buffer: inout [UInt8]) {
         var counts = [Int](repeating: 0, count: bounds.count + 1)
         var sum = 0
         for snapshot in snapshots {
@@ -24,10 +25,10 @@ enum HistogramExposition {
         var cumulative = 0
         for (bound, count) in zip(bounds, counts) {
             cumulative &+= count
-            buffer += Array("\(name)_bucket{le=\"\(Double(bound).description)\"} \(cumulative)\n".utf8)
+            buffer += Array("\(name)_bucket{le=\"\((Double(bound) * unit).description)\"} \(cumulative)\n".utf8)
         }
         let total = counts.reduce(0, &+)
-        buffer += Array("\(name)_bucket{le=\"+Inf\"} \(total)\n\(name)_sum \(Double(sum).description)\n\(name)_count \(total)\n".utf8)
+        buffer += Array("\(name)_bucket{le=\"+Inf\"} \(total)\n\(name)_sum \((Double(sum) * unit).description)\n\(name)_count \(total)\n".utf8)
     }
 }
 

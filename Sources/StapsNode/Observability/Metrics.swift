@@ -85,8 +85,12 @@ enum MetricCatalog {
         "staps_broker_published_total": "Messages the broker confirmed.",
         "staps_broker_consumed_total": "Messages consumed from the broker (published by other nodes).",
         "staps_broker_dropped_total": "Messages that did not get through the broker, by reason (broker_down, buffer_full, expired: waited longer than amqp_max_age, rejected, malformed).",
-        "staps_broker_bindings": "Binding keys bound for this node's queue on the current broker connection.",
+        "staps_broker_bindings": "Binding keys bound for this node's queue on the current broker connection, by granularity (exact: one channel; 4096, 256, 16: a bucket of channels).",
         "staps_broker_rebinds_pending": "Binding keys still to bind again after a reconnection.",
+        "staps_broker_binds_waiting": "Binds and unbinds sent to the broker and not answered yet (past a few, new channels are covered by buckets).",
+        "staps_broker_bind_latency_seconds": "Time from a bind's request to the broker's answer.",
+        "staps_broker_discarded_total": "Messages consumed from the broker for channels without a client here, dropped on arrival (bucket bindings, lingering bindings).",
+        "staps_broker_matched_total": "Messages consumed from the broker for channels with a client here.",
         "staps_broker_publish_batch_messages": "Messages per publish to the broker.",
     ]
 }
@@ -118,19 +122,20 @@ public final class NodeMetrics: Sendable {
     public func render() -> [UInt8] {
         self.feeds.withLockedValue { $0.update(from: self.sources) }
         var text = self.registry.emitToBuffer()
-        for (name, bounds, snapshots) in self.histograms() {
-            HistogramExposition.append(name, help: MetricCatalog.help[name] ?? "", bounds: bounds, snapshots: snapshots, to: &text)
+        for (name, bounds, snapshots, unit) in self.histograms() {
+            HistogramExposition.append(name, help: MetricCatalog.help[name] ?? "", bounds: bounds, snapshots: snapshots, unit: unit, to: &text)
         }
         return text
     }
 
     /// Each histogram's name, bounds and bucket counts (one snapshot per writer). A sum read
     /// just after its counts may already hold an observation they do not show yet.
-    private func histograms() -> [(String, [Int], [CountHistogram.Snapshot])] {
+    private func histograms() -> [(String, [Int], [CountHistogram.Snapshot], Double)] {
         let fanout = self.sources.hub.loops.map(\.counters.fanout.snapshot) + [self.sources.counters.clusterFanout.snapshot]
-        var all = [("staps_fanout_receivers", CountHistogram.fanoutBounds, fanout)]
+        var all = [("staps_fanout_receivers", CountHistogram.fanoutBounds, fanout, 1.0)]
         if self.sources.link.isClustered, let link = self.sources.link.report {
-            all.append(("staps_broker_publish_batch_messages", link.publishBatch.bounds, [link.publishBatch.snapshot]))
+            all.append(("staps_broker_publish_batch_messages", link.publishBatch.bounds, [link.publishBatch.snapshot], 1))
+            all.append(("staps_broker_bind_latency_seconds", link.bindLatency.bounds, [link.bindLatency.snapshot], 1e-6))
         }
         return all
     }
@@ -220,10 +225,15 @@ private struct Feeds {
         self.count("staps_broker_reconnects_total", link.reconnects)
         self.count("staps_broker_published_total", link.published)
         self.count("staps_broker_consumed_total", link.consumed)
+        self.count("staps_broker_discarded_total", link.discarded)
+        self.count("staps_broker_matched_total", link.consumed - link.discarded - c.clusterUnmatched.load(ordering: .relaxed))
         for (reason, n) in link.dropped {
             self.count("staps_broker_dropped_total", [("reason", reason)], n)
         }
-        self.gauge("staps_broker_bindings", link.bindings)
+        for (granularity, n) in link.bindings {
+            self.gauge("staps_broker_bindings", [("granularity", granularity)], n)
+        }
         self.gauge("staps_broker_rebinds_pending", link.rebindsPending)
+        self.gauge("staps_broker_binds_waiting", link.bindsWaiting)
     }
 }
