@@ -20,15 +20,17 @@ public enum BindingGranularity: Int, Sendable, CaseIterable, Comparable, CustomS
     public static func < (a: Self, b: Self) -> Bool { a.coarseness < b.coarseness }
     private var coarseness: Int { self == .exact ? 0 : 4 - self.digits }
 
-    /// The granularity of a binding key made by `RoutingKey` (its `*` words say it).
+    /// The granularity of a binding key made by `RoutingKey`: its trailing `*` words say it
+    /// (an exact key's last word is never `*`).
     public init(ofKey key: String) {
-        switch key.utf8.reversed().prefix(6).filter({ $0 == UInt8(ascii: "*") }).count {
-        case 3: self = .buckets16
-        case 2: self = .buckets256
-        case 1: self = .buckets4096
-        default: self = .exact
-        }
+        var stars = 0
+        var word = key.utf8.reversed().makeIterator()
+        while stars < 3, word.next() == UInt8(ascii: "*"), word.next() == UInt8(ascii: ".") { stars += 1 }
+        self = [.exact, .buckets4096, .buckets256, .buckets16][stars]
     }
+
+    /// Its position in `allCases` (exact, 4096, 256, 16): the index of per-granularity counters.
+    public var index: Int { self == .exact ? 0 : 4 - self.digits }
 
     /// Metric labels and config values: `exact`, `4096`, `256`, `16`.
     public var description: String { self == .exact ? "exact" : String(self.rawValue) }

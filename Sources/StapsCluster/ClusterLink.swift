@@ -110,9 +110,6 @@ public struct ClusterLinkReport: Sendable {
         self.publishBatch = publishBatch
         self.bindLatency = bindLatency
     }
-
-    /// Binding keys bound on the current connection, every granularity.
-    public var bindingsTotal: Int { self.bindings.reduce(0) { $0 + $1.count } }
 }
 
 /// The link of a node without a broker: nothing leaves the node.

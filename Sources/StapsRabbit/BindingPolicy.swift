@@ -339,7 +339,7 @@ struct BindingPolicy<Waiter> {
         if let channel = self.holdings[key]?.channel {
             self.refined(channel)
             self.release(waitersOf: channel)
-        } else if BindingGranularity(ofKey: key) != .exact, !self.waiting.isEmpty {
+        } else if answer.granularity != .exact, !self.waiting.isEmpty {
             for channel in self.waiting where self.channels[channel]?.keys.all.contains(key) == true {
                 self.release(waitersOf: channel)
             }

@@ -101,8 +101,7 @@ extension LinkWorker {
         }
         if operation == .bind {
             self.counters.bindLatency.record(Int(answered.answer.latency.nanoseconds / 1000))
-            let level = BindingGranularity.allCases.firstIndex(of: BindingGranularity(ofKey: answered.answer.key))!
-            self.counters.bindsDone[level].wrappingIncrement(ordering: .relaxed)
+            self.counters.bindsDone[answered.answer.granularity.index].wrappingIncrement(ordering: .relaxed)
         }
         self.counters.update(from: self.bindings)
         self.apply(answered.effects)

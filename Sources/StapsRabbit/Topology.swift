@@ -33,8 +33,8 @@ struct Topology {
         var settled: Bool
         /// From sending the request to its answer.
         var latency: TimeAmount
-        /// The request was a rebind after a reconnection.
-        var wasRebind: Bool
+        /// The key's granularity.
+        var granularity: BindingGranularity
     }
 
     private struct InFlight {
@@ -103,10 +103,10 @@ struct Topology {
         self.head += 1
         let key = entry.request.key
         if self.newest[key] == seq { self.newest[key] = nil }
-        let level = BindingGranularity.allCases.firstIndex(of: BindingGranularity(ofKey: key))!
+        let granularity = BindingGranularity(ofKey: key)
         switch operation {
-        case .bind: if self.bound.insert(key).inserted { self.boundByGranularity[level] += 1 }
-        case .unbind: if self.bound.remove(key) != nil { self.boundByGranularity[level] -= 1 }
+        case .bind: if self.bound.insert(key).inserted { self.boundByGranularity[granularity.index] += 1 }
+        case .unbind: if self.bound.remove(key) != nil { self.boundByGranularity[granularity.index] -= 1 }
         }
         if entry.isRebind { self.rebindsInFlight -= 1 }
         let latency = now - entry.sentAt
@@ -123,7 +123,7 @@ struct Topology {
             self.inFlight.removeFirst(self.head)
             self.head = 0
         }
-        return Answer(key: key, operation: operation, settled: self.isSettled(key), latency: latency, wasRebind: entry.isRebind)
+        return Answer(key: key, operation: operation, settled: self.isSettled(key), latency: latency, granularity: granularity)
     }
 
     /// A new connection is up (queue declared and consumed); nothing is bound on it yet.

@@ -38,6 +38,8 @@ import WebSocketClient
         let keys = ChannelKeys(channel: "room")
         #expect(keys.all == ["c.2.7.a.room", "c.2.7.a.*", "c.2.7.*.*", "c.2.*.*.*"])
         #expect(BindingGranularity.allCases.map { BindingGranularity(ofKey: keys.key($0)) } == BindingGranularity.allCases)
+        #expect(BindingGranularity.allCases.map(\.index) == [0, 1, 2, 3])
+        #expect(BindingGranularity(ofKey: "c.2.7.a.x*") == .exact, "a star inside a name word is not a bucket")
         #expect(BindingMode(configValue: "adaptive") == .adaptive && BindingMode(configValue: "256") == .fixed(buckets: 256))
         #expect(BindingMode(configValue: "100") == nil && BindingMode(configValue: "") == nil)
     }

@@ -198,7 +198,7 @@ import Testing
         #expect(t.requestsInFlight == 100 && t.isHeld("c5") && !t.isSettled("c5"))
         for i in 0..<100 {
             let answer = try t.answered(.bind, now: t0 + .milliseconds(Int64(i + 1)))
-            #expect(answer.key == "c\(i)" && answer.settled && !answer.wasRebind)
+            #expect(answer.key == "c\(i)" && answer.settled && answer.granularity == .exact)
         }
         #expect(t.bound.count == 100 && t.boundByGranularity == [100, 0, 0, 0])
         #expect(t.bind("c1", now: t0) == nil, "bound already")
@@ -363,7 +363,8 @@ import Testing
         // The answer timeout started with the first request; a later one does not restart it.
         #expect(pipeline.lastProgress == t0)
         let first = try pipeline.answered(.bind, now: t0 + .seconds(3))
-        #expect(first.answer.key == a.key(.buckets16) && first.answer.wasRebind && first.effects.ready.isEmpty)
+        #expect(first.answer.key == a.key(.buckets16) && first.answer.granularity == .buckets16 && first.effects.ready.isEmpty)
+        #expect(pipeline.rebindsLeft == 0, "that was the rebind")
         let second = try pipeline.answered(.bind, now: t0 + .seconds(4))
         #expect(second.effects.ready.count == 1 && second.effects.markBound == [b.key(.buckets16)] && pipeline.lastProgress == t0 + .seconds(4))
         #expect(pipeline.boundCount == 2 && pipeline.inFlight == 0)

@@ -78,7 +78,7 @@ enum MetricCatalog {
         "staps_connections_refused_total": "Connections refused with 503 for being over max_connections.",
         "staps_slow_consumer_closes_total": "Receivers closed with 1008 for staying over their send buffer.",
         "staps_slow_consumer_dropped_bytes_total": "Bytes queued for slow consumers and dropped when they were closed.",
-        "staps_cluster_unmatched_total": "Messages from other nodes for channels with no client here (brought by shared bucket bindings).",
+        "staps_cluster_unmatched_total": "Messages from other nodes the link handed over for a channel whose last client here left meanwhile (those for channels without a client are dropped on arrival: staps_broker_discarded_total).",
         "staps_memory_trims_total": "Times freed heap memory was returned to the system after a busy spell.",
         "staps_broker_up": "1 while the broker link is connected (publishing and consuming), else 0.",
         "staps_broker_reconnects_total": "Times the broker link connected again after losing its broker.",
