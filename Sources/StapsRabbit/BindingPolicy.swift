@@ -263,7 +263,9 @@ struct BindingPolicy<Waiter> {
         }
         guard self.topology.isUp else { return }
         self.nextRebinds(now: now)
-        if self.settings.mode == .adaptive, self.rebindsLeft == 0, !self.underPressure(now: now) { self.nextRefinements(now: now) }
+        // Only joins note pressure: refinement's own binds are bounded by its window, and a
+        // broker slower than the budget per bind must not keep the node on buckets for good.
+        if self.settings.mode == .adaptive, self.rebindsLeft == 0, now >= self.pressureUntil { self.nextRefinements(now: now) }
     }
 
     private mutating func remove(_ name: String) {

@@ -66,8 +66,9 @@ struct Topology {
 
     var requestsInFlight: Int { self.inFlight.count - self.head }
 
-    /// How long a request sent now would wait for its answer, by the current estimate.
-    var expectedWait: TimeAmount { .nanoseconds(self.serviceTime.nanoseconds * Int64(self.requestsInFlight + 1)) }
+    /// How long a request sent now would wait behind those in flight, by the current estimate:
+    /// the queueing, not its own time (a slow broker with nothing queued is not backed up).
+    var expectedWait: TimeAmount { .nanoseconds(self.serviceTime.nanoseconds * Int64(self.requestsInFlight)) }
 
     /// True when `key` is bound and nothing in flight may change that.
     func isSettled(_ key: String) -> Bool {
