@@ -17,7 +17,7 @@ struct StapsBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "staps-bench",
         abstract: "Load generator for staps: fan-out throughput and latency, and memory per idle connection.",
-        subcommands: [FanOut.self, Idle.self, Broker.self, Binds.self, Churn.self, Rebind.self, Precision.self, DiscardCost.self, Delay.self]
+        subcommands: [FanOut.self, Idle.self, Broker.self, Binds.self, Churn.self, Rebind.self, Precision.self, DiscardCost.self, Delay.self, Chaos.self]
     )
 }
 
