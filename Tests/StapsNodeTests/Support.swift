@@ -252,13 +252,18 @@ func releaseStapsBinary() throws -> String {
 /// The `staps` executable built beside this test bundle.
 func stapsBinary() throws -> String {
     if let path = ProcessInfo.processInfo.environment["STAPS_BIN"] { return path }
+    return try builtProduct("staps")
+}
+
+/// An executable of this package from the build the tests run from (debug or release).
+func builtProduct(_ name: String) throws -> String {
     var dir = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? ""
     while let slash = dir.lastIndex(of: "/"), !dir.hasSuffix("/debug") && !dir.hasSuffix("/release") && dir.count > 1 {
         dir = String(dir[..<slash])
     }
-    let path = dir + "/staps"
+    let path = dir + "/" + name
     guard access(path, X_OK) == 0 else {
-        throw TestError.unexpected("no staps executable at \(path): run `swift build` before `swift test` (scripts/test does)")
+        throw TestError.unexpected("no \(name) executable at \(path): run `swift build` before `swift test` (scripts/test does)")
     }
     return path
 }

@@ -28,6 +28,12 @@ struct ChaosLedger: Sendable {
         var owedApart = 0
         var lostApart = 0
         var lateApart = 0
+        /// Clients that got their 101 after the fault (before the next), by node.
+        var joined: [String: Int] = [:]
+        /// Cross-host deliveries made within a second of messages sent after the last disturbed
+        /// one: proof that delivery did resume (a run that ends during a fault has none).
+        var healthyAfter = 0
+        fileprivate var outcomes: [(sentAt: UInt64, healthy: Bool)] = []
     }
 
     var seconds = 0.0
@@ -67,6 +73,7 @@ struct ChaosLedger: Sendable {
         var members: [Int: [Int]] = [:]
         for (id, c) in log.clients.enumerated() where c.connectedAt != nil { members[c.channel, default: []].append(id) }
         for c in log.clients {
+            if let at = c.connectedAt, let w = faults.lastIndex(where: { $0.at <= at }) { self.faults[w].joined[c.node ?? "?", default: 0] += 1 }
             self.echoes += c.echoes
             self.unreadable += c.unreadable
             if let cut = c.cut {
@@ -114,6 +121,7 @@ struct ChaosLedger: Sendable {
                             self.made += 1
                             let latency = at >= sentAt ? at - sentAt : 0
                             if crossHost { self.crossHostLatency.record(latency) } else { self.sameHostLatency.record(latency) }
+                            if crossHost, let w = window { self.faults[w].outcomes.append((sentAt, latency <= 1_000_000_000)) }
                             if crossHost, latency > 1_000_000_000, let w = window {
                                 self.faults[w].late += 1
                                 if !involvesApart { self.faults[w].lateApart += 1 }
@@ -123,6 +131,7 @@ struct ChaosLedger: Sendable {
                             self.missing += 1
                             if crossHost { self.missingCrossHost += 1 } else { self.missingSameHost += 1 }
                             if crossHost, let w = window {
+                                self.faults[w].outcomes.append((sentAt, false))
                                 self.faults[w].lost += 1
                                 if !involvesApart { self.faults[w].lostApart += 1 }
                                 self.faults[w].disturbedFor = max(self.faults[w].disturbedFor, Double(sentAt - faults[w].at) / 1e9)
@@ -138,6 +147,11 @@ struct ChaosLedger: Sendable {
                 }
             }
         }
+        for (w, fault) in faults.enumerated() {
+            let lastBad = fault.at + UInt64(self.faults[w].disturbedFor * 1e9)
+            self.faults[w].healthyAfter = self.faults[w].outcomes.filter { $0.healthy && $0.sentAt > lastBad }.count
+            self.faults[w].outcomes = []
+        }
     }
 
     /// The index of the last fault at or before `time`.
@@ -151,7 +165,7 @@ struct ChaosLedger: Sendable {
         lines.append("ledger: sent \(sent) (and \(excludedSent) by cut clients, not counted); deliveries owed \(owed), made \(made), missing \(missing) (cross-host \(missingCrossHost), same host \(missingSameHost)) = \(missingPairs) (message, node) pairs by node \(missingPairsByNode.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }), \(detectablePairs) of them followed by a later message; duplicates \(duplicates), echoes \(echoes), unreadable \(unreadable)")
         lines.append("latency ms: cross-host p50 \(ms(crossHostLatency.quantile(0.5))) p99 \(ms(crossHostLatency.quantile(0.99))) max \(ms(crossHostLatency.max)); same host p50 \(ms(sameHostLatency.quantile(0.5))) p99 \(ms(sameHostLatency.quantile(0.99))) max \(ms(sameHostLatency.max))")
         for f in faults {
-            lines.append("fault \"\(f.label)\" at +\(String(format2: f.offset, 1)) s: cross-host deliveries owed \(f.owed), lost \(f.lost), late (>1 s) \(f.late); disturbed for \(String(format2: f.disturbedFor, 2)) s; not involving the node set apart: owed \(f.owedApart), lost \(f.lostApart), late \(f.lateApart)")
+            lines.append("fault \"\(f.label)\" at +\(String(format2: f.offset, 1)) s: cross-host deliveries owed \(f.owed), lost \(f.lost), late (>1 s) \(f.late); disturbed for \(String(format2: f.disturbedFor, 2)) s, then \(f.healthyAfter) on time; not involving the node set apart: owed \(f.owedApart), lost \(f.lostApart), late \(f.lateApart); clients joined after it by node \(f.joined.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" })")
         }
         return lines.joined(separator: "\n")
     }
@@ -168,7 +182,8 @@ struct ChaosLedger: Sendable {
         ]
         for (node, n) in missingPairsByNode.sorted(by: { $0.key < $1.key }) { out.append("missing_pairs_node.\(node) \(n)") }
         for (i, f) in faults.enumerated() {
-            out += ["fault.\(i).owed_apart \(f.owedApart)", "fault.\(i).lost_apart \(f.lostApart)", "fault.\(i).late_apart \(f.lateApart)", "fault.\(i).owed \(f.owed)", "fault.\(i).lost \(f.lost)", "fault.\(i).late \(f.late)", "fault.\(i).disturbed_seconds \(String(format2: f.disturbedFor, 2))"]
+            for (node, n) in f.joined.sorted(by: { $0.key < $1.key }) { out.append("fault.\(i).joined.\(node) \(n)") }
+            out += ["fault.\(i).healthy_after \(f.healthyAfter)", "fault.\(i).owed_apart \(f.owedApart)", "fault.\(i).lost_apart \(f.lostApart)", "fault.\(i).late_apart \(f.lateApart)", "fault.\(i).owed \(f.owed)", "fault.\(i).lost \(f.lost)", "fault.\(i).late \(f.late)", "fault.\(i).disturbed_seconds \(String(format2: f.disturbedFor, 2))"]
         }
         return out.joined(separator: "\n") + "\n"
     }
