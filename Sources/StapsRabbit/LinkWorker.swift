@@ -150,7 +150,7 @@ final class LinkWorker: @unchecked Sendable {
     /// One round while connected: wait for work or input, then do all of it.
     private func step() throws(BrokerError) {
         guard let consumer = self.consumer, let publisher = self.publisher else { return }
-        let reading = self.receiver.clusterBacklogBytes < self.receiverBacklogLimit
+        let reading = self.receiver.clusterBacklogBytes < self.receiverBacklogLimit && !self.link.holdingConsumer.load(ordering: .relaxed)
         let mayPublish = self.blockedReason == nil && self.confirms.outstanding < self.maxUnconfirmed
         var publishDue = mayPublish && NIODeadline.now() >= self.nextPublish
         var waitForRoom = false

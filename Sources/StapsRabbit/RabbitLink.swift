@@ -117,6 +117,10 @@ public final class RabbitLink: ClusterLink, Sendable {
     let connectedFlag = ManagedAtomic<Bool>(false)
     /// Called on the link's thread just after a connection counts as up in the handoff (tests).
     let afterLinkUp: (@Sendable () -> Void)?
+    /// Tests: while true the link reads nothing from its consume connection (as while the event
+    /// loops are behind), so the broker holds this node's messages in its queue and its bounds
+    /// drop them.
+    let holdingConsumer = ManagedAtomic<Bool>(false)
     /// The broker and queue of the current connection (nil while down), set by the worker.
     let status = NIOLockedValueBox<(broker: AMQPURL, queue: String)?>(nil)
     let stopped = ManagedAtomic<Bool>(false)
