@@ -69,5 +69,6 @@ static inline amqp_flags_t staps_basic_correlation_id_flag(void) { return AMQP_B
 static inline amqp_flags_t staps_basic_delivery_mode_flag(void) { return AMQP_BASIC_DELIVERY_MODE_FLAG; }
 static inline amqp_flags_t staps_basic_type_flag(void) { return AMQP_BASIC_TYPE_FLAG; }
 static inline amqp_flags_t staps_basic_app_id_flag(void) { return AMQP_BASIC_APP_ID_FLAG; }
+static inline amqp_flags_t staps_basic_message_id_flag(void) { return AMQP_BASIC_MESSAGE_ID_FLAG; }
 
 #endif

@@ -29,9 +29,10 @@ public struct PublishBatch {
         self.count = 0
     }
 
-    /// Appends one transient publish of `body` with `type`, `app_id` and `correlation_id` properties.
+    /// Appends one transient publish of `body` with `type`, `app_id` and `correlation_id`
+    /// properties, and `message_id` when given.
     public mutating func append(exchange: UnsafeRawBufferPointer, routingKey: UnsafeRawBufferPointer, type: UInt8, appID: UnsafeRawBufferPointer,
-                         correlationID: UInt64, body: UnsafeRawBufferPointer) {
+                         correlationID: UInt64, messageID: UnsafeRawBufferPointer? = nil, body: UnsafeRawBufferPointer) {
         // Method frame: basic.publish (60, 40).
         self.frame(type: 1) { b in
             b.u16(60); b.u16(40); b.u16(0)
@@ -41,9 +42,11 @@ public struct PublishBatch {
         // Content header: class 60, weight 0, body size, flags, then the flagged properties in order.
         self.frame(type: 2) { b in
             b.u16(60); b.u16(0); b.u64(UInt64(body.count))
-            b.u16(0x1000 | 0x0400 | 0x0020 | 0x0008)  // delivery_mode, correlation_id, type, app_id
+            // delivery_mode, correlation_id, message_id (0x0080, when given), type, app_id
+            b.u16(0x1000 | 0x0400 | (messageID == nil ? 0 : 0x0080) | 0x0020 | 0x0008)
             b.bytes.append(1)  // delivery_mode: transient
             b.decimal(correlationID)
+            if let messageID { b.shortString(messageID) }
             b.bytes.append(1); b.bytes.append(type)
             b.shortString(appID)
         }

@@ -10,12 +10,16 @@ public struct ClusterMessage: Sendable {
     public var isText: Bool
     /// The sending connection's id on its node (0 for an HTTP POST).
     public var connectionID: UInt64
+    /// Its place in the sending node's stream on the channel, given by the link when the node
+    /// hands it over (nil: unnumbered, for a channel the node does not hold); see `StreamPosition`.
+    public var position: StreamPosition?
 
-    public init(channel: String, payload: ByteBuffer, isText: Bool, connectionID: UInt64) {
+    public init(channel: String, payload: ByteBuffer, isText: Bool, connectionID: UInt64, position: StreamPosition? = nil) {
         self.channel = channel
         self.payload = payload
         self.isText = isText
         self.connectionID = connectionID
+        self.position = position
     }
 }
 
@@ -89,6 +93,12 @@ public struct ClusterLinkReport: Sendable {
     public var bindsWaiting: Int
     /// Of `consumed`, messages for channels without local clients, dropped on arrival.
     public var discarded: Int
+    /// Messages of other nodes' streams on channels with local clients that never arrived:
+    /// the numbers a later message of the same stream skipped (`StreamGaps`).
+    public var missed: Int
+    /// Messages that arrived numbered at or before one already received on their stream
+    /// (reordered or duplicated); delivered all the same.
+    public var outOfOrder: Int
     /// Messages per publish to the broker: the link's live histogram, not a copy.
     public var publishBatch: CountHistogram
     /// Microseconds from a bind's request to its answer: the link's live histogram.
@@ -96,7 +106,7 @@ public struct ClusterLinkReport: Sendable {
 
     public init(up: Bool, notReady: String?, reconnects: Int, published: Int, consumed: Int, dropped: [(reason: String, count: Int)],
                 bindings: [(granularity: String, count: Int)], rebindsPending: Int, bindsWaiting: Int, discarded: Int,
-                publishBatch: CountHistogram, bindLatency: CountHistogram) {
+                missed: Int, outOfOrder: Int, publishBatch: CountHistogram, bindLatency: CountHistogram) {
         self.up = up
         self.notReady = notReady
         self.reconnects = reconnects
@@ -107,6 +117,8 @@ public struct ClusterLinkReport: Sendable {
         self.rebindsPending = rebindsPending
         self.bindsWaiting = bindsWaiting
         self.discarded = discarded
+        self.missed = missed
+        self.outOfOrder = outOfOrder
         self.publishBatch = publishBatch
         self.bindLatency = bindLatency
     }

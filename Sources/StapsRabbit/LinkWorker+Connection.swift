@@ -167,6 +167,7 @@ extension LinkWorker {
         let c = self.counters
         self.logger.notice("broker link totals", metadata: [
             "published": "\(c.published.load(ordering: .relaxed))", "received": "\(c.received.load(ordering: .relaxed))", "discarded": "\(c.discarded.load(ordering: .relaxed))",
+            "missed": "\(c.missed.load(ordering: .relaxed))", "out_of_order": "\(c.outOfOrder.load(ordering: .relaxed))",
             "dropped.while_down": "\(c.droppedWhileDown.load(ordering: .relaxed))", "dropped.buffer_full": "\(c.droppedBufferFull.load(ordering: .relaxed))",
             "dropped.expired": "\(c.droppedExpired.load(ordering: .relaxed))",
             "rejected": "\(c.rejected.load(ordering: .relaxed))", "malformed": "\(c.malformed.load(ordering: .relaxed))",

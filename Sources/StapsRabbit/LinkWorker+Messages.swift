@@ -12,12 +12,12 @@ extension LinkWorker {
     /// Packs the batch into AMQP messages and writes them: with one `send` on a plain TCP
     /// connection, through rabbitmq-c (so through TLS) on an `amqps` one.
     ///
-    /// Consecutive messages from one sender on one channel with the same type share one AMQP
-    /// message (up to 256 KiB): the broker's cost is per AMQP message, so this is what lets a
-    /// busy channel go faster than the broker's message rate. Each AMQP message still carries
-    /// its node id, sender connection id and type in its properties, and per-sender order is
-    /// kept (a change of type starts a new group after the previous one). Each is tracked
-    /// until the broker confirms it.
+    /// Messages of one channel with the same type and consecutive numbers on the channel's
+    /// stream share one AMQP message (up to 256 KiB, `PublishGroups`): the broker's cost is per
+    /// AMQP message, so this is what lets a busy channel go faster than the broker's message
+    /// rate. Each AMQP message carries its node id, sender connection id, type and the stream
+    /// position of its first message in its properties, and order is kept (a change of type
+    /// starts a new group after the previous one). Each is tracked until the broker confirms it.
     func publish(_ messages: [ClusterMessage], on publisher: AMQPConnection) throws(BrokerError) {
         guard !messages.isEmpty else { return }
         self.counters.publishBatch.record(messages.count)
@@ -37,6 +37,11 @@ extension LinkWorker {
                 bytes += PendingPublishes.bytes(of: messages[i])
             }
             let isText = group.isText
+            if let first = group.first {
+                first.writeMessageID(into: &self.messageID)
+            } else {
+                self.messageID.removeAll(keepingCapacity: true)
+            }
             if tls {
                 do {
                     try self.publishThroughLibrary(publisher, routingKey: CString(routingKey), isText: isText, correlationID: group.connectionID)
@@ -51,8 +56,10 @@ extension LinkWorker {
             } else {
                 routingKey.withUTF8 { key in
                     self.body.withUnsafeBytes { body in
-                        self.batch.append(exchange: exchange, routingKey: UnsafeRawBufferPointer(key), type: isText ? UInt8(ascii: "t") : UInt8(ascii: "b"),
-                                          appID: appID, correlationID: group.connectionID, body: body)
+                        self.messageID.withUnsafeBytes { id in
+                            self.batch.append(exchange: exchange, routingKey: UnsafeRawBufferPointer(key), type: isText ? UInt8(ascii: "t") : UInt8(ascii: "b"),
+                                              appID: appID, correlationID: group.connectionID, messageID: id.isEmpty ? nil : id, body: body)
+                        }
                     }
                 }
             }
@@ -79,10 +86,16 @@ extension LinkWorker {
         properties.correlation_id = correlation.bytes
         properties.type = type.bytes
         properties.app_id = self.nodeID.bytes
-        let status = self.body.withUnsafeMutableBytes { body in
-            withExtendedLifetime((correlation, type)) {
-                amqp_basic_publish(publisher.state, 1, self.exchange.bytes, routingKey.bytes, 0, 0, &properties,
-                                   amqp_bytes_t(len: body.count, bytes: body.baseAddress))
+        let status = self.messageID.withUnsafeMutableBytes { id in
+            if !id.isEmpty {
+                properties._flags |= staps_basic_message_id_flag()
+                properties.message_id = amqp_bytes_t(len: id.count, bytes: id.baseAddress)
+            }
+            return self.body.withUnsafeMutableBytes { body in
+                withExtendedLifetime((correlation, type)) {
+                    amqp_basic_publish(publisher.state, 1, self.exchange.bytes, routingKey.bytes, 0, 0, &properties,
+                                       amqp_bytes_t(len: body.count, bytes: body.baseAddress))
+                }
             }
         }
         guard status == AMQP_STATUS_OK.rawValue else {
@@ -156,7 +169,8 @@ extension LinkWorker {
     /// Copies the messages out of a delivery (before its envelope is destroyed); nothing for this
     /// node's own messages, nothing of a malformed body (counted), and nothing for a channel
     /// without local clients (checked before a payload is copied): returns how many of those
-    /// were discarded.
+    /// were discarded. For a channel with local clients, a numbered body's place in its
+    /// stream counts what was missed before it (`StreamGaps`).
     private func decode(_ envelope: amqp_envelope_t, into batch: inout [ClusterMessage]) -> Int {
         let props = envelope.message.properties
         if props._flags & staps_basic_app_id_flag() != 0, props.app_id.len == self.nodeID.count,
@@ -173,6 +187,13 @@ extension LinkWorker {
         do {
             let (channel, payloads) = try WireFormat.decode(raw)
             guard self.hasLocalClients(channel) else { return payloads.count }
+            if props._flags & staps_basic_message_id_flag() != 0,
+                let position = StreamPosition(messageID: UnsafeRawBufferPointer(start: props.message_id.bytes, count: props.message_id.len))
+            {
+                let seen = self.gaps.receive(channel: channel, at: position, count: payloads.count)
+                if seen.missed > 0 { self.counters.missed.wrappingIncrement(by: seen.missed, ordering: .relaxed) }
+                if seen.outOfOrder > 0 { self.counters.outOfOrder.wrappingIncrement(by: seen.outOfOrder, ordering: .relaxed) }
+            }
             for range in payloads {
                 var payload = self.allocator.buffer(capacity: range.count)
                 payload.writeBytes(UnsafeRawBufferPointer(rebasing: raw[range]))
@@ -185,8 +206,11 @@ extension LinkWorker {
     }
 }
 
-/// Consecutive messages from one sender on one channel with the same type, grouped into one
-/// AMQP message each (up to 256 KiB of payload), keeping per-sender order.
+/// Messages of one channel with the same type and consecutive numbers on the channel's stream
+/// (or all unnumbered), grouped into one AMQP message each (up to 256 KiB of payload), in
+/// order: a body carries only its first message's number, so a number skipped (a message
+/// dropped before it was taken) starts a new group. Messages of several senders on the channel
+/// share a group; its `connectionID` is then 0, as for a POST.
 enum PublishGroups {
     struct Group: Equatable {
         var channel: String
@@ -194,23 +218,36 @@ enum PublishGroups {
         var isText: Bool
         var indices: [Int]
         var bytes: Int
+        /// The stream position of the first message, and of the last (nil: unnumbered).
+        var first: StreamPosition?
+        var last: StreamPosition?
+
+        func takes(_ message: ClusterMessage, size: Int) -> Bool {
+            guard self.isText == message.isText, self.bytes + size <= PublishGroups.maxBytes else { return false }
+            switch (self.last, message.position) {
+            case (nil, nil): return true
+            case (let last?, let next?): return next.stream == last.stream && next.sequence == last.sequence &+ 1
+            default: return false
+            }
+        }
     }
 
     static let maxBytes = 256 << 10
 
     static func make(_ messages: [ClusterMessage]) -> [Group] {
-        struct Key: Hashable { let channel: String; let connection: UInt64 }
-        var open: [Key: Int] = [:]
+        var open: [String: Int] = [:]
         var groups: [Group] = []
         for (i, message) in messages.enumerated() {
-            let key = Key(channel: message.channel, connection: message.connectionID)
             let size = message.payload.readableBytes + 4
-            if let g = open[key], groups[g].isText == message.isText, groups[g].bytes + size <= Self.maxBytes {
+            if let g = open[message.channel], groups[g].takes(message, size: size) {
                 groups[g].indices.append(i)
                 groups[g].bytes += size
+                groups[g].last = message.position
+                if groups[g].connectionID != message.connectionID { groups[g].connectionID = 0 }
             } else {
-                open[key] = groups.count
-                groups.append(Group(channel: message.channel, connectionID: message.connectionID, isText: message.isText, indices: [i], bytes: size))
+                open[message.channel] = groups.count
+                groups.append(Group(channel: message.channel, connectionID: message.connectionID, isText: message.isText, indices: [i], bytes: size,
+                                    first: message.position, last: message.position))
             }
         }
         return groups

@@ -58,8 +58,7 @@ extension LinkWorker {
     /// unmarked in the same lock): the commands, then the unbinds of what is still unheld, then
     /// lingers and rebinds or refinements. Down, nothing is sent and joins proceed at once.
     func updateBindings(_ taken: LoopHandoff.Taken, unmarked: Set<String>, now: NIODeadline) {
-        self.joinsSeen = taken.joins
-        self.apply(self.bindings.handle(taken.commands, now: now))
+        self.handle(taken, now: now)
         self.apply(self.bindings.finishRetire(unmarked, now: now))
         self.apply(self.bindings.tick(now: now))
     }
@@ -75,10 +74,16 @@ extension LinkWorker {
     func hasLocalClients(_ channel: String) -> Bool {
         if self.bindings.policy.hasLocalClients(channel) { return true }
         guard self.handoff.joins.load(ordering: .acquiring) != self.joinsSeen else { return false }
-        let taken = self.handoff.takeCommands()
-        self.joinsSeen = taken.joins
-        self.apply(self.bindings.handle(taken.commands, now: .now()))
+        self.handle(self.handoff.takeCommands(), now: .now())
         return self.bindings.policy.hasLocalClients(channel)
+    }
+
+    /// The joins and leaves the event loops handed over: to the bindings; a channel's last
+    /// client gone also forgets where its senders' streams stood.
+    private func handle(_ taken: LoopHandoff.Taken, now: NIODeadline) {
+        self.joinsSeen = taken.joins
+        for case .lastChannelGone(let channel) in taken.commands { self.gaps.forget(channel) }
+        self.apply(self.bindings.handle(taken.commands, now: now))
     }
 
     /// Sends queued binds and unbinds while the socket takes them without waiting (rabbitmq-c

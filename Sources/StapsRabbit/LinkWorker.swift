@@ -40,6 +40,9 @@ final class LinkWorker: @unchecked Sendable {
     /// `LoopHandoff.joins` as of the commands handled so far.
     var joinsSeen = 0
     var confirms = Confirms()
+    /// Where each other node's stream stands, per channel with local clients: kept across
+    /// reconnections, so what was lost meanwhile is counted at the stream's next message.
+    var gaps = StreamGaps()
     /// How much may be written and not confirmed yet (see `PublishWindow`).
     var window = PublishWindow()
 
@@ -72,6 +75,8 @@ final class LinkWorker: @unchecked Sendable {
     /// When the next publish may go out (see `ClusterSettings.publishWindow`).
     var nextPublish = NIODeadline.now()
     var body: [UInt8] = []
+    /// The `message_id` of the AMQP message being written (empty: unnumbered).
+    var messageID: [UInt8] = []
     var batch = PublishBatch(frameMax: 131_072)
     let allocator = ByteBufferAllocator()
 
@@ -145,7 +150,7 @@ final class LinkWorker: @unchecked Sendable {
     /// One round while connected: wait for work or input, then do all of it.
     private func step() throws(BrokerError) {
         guard let consumer = self.consumer, let publisher = self.publisher else { return }
-        let reading = self.receiver.clusterBacklogBytes < self.receiverBacklogLimit
+        let reading = self.receiver.clusterBacklogBytes < self.receiverBacklogLimit && !self.link.holdingConsumer.load(ordering: .relaxed)
         let mayPublish = self.blockedReason == nil && self.confirms.outstanding < self.maxUnconfirmed
         var publishDue = mayPublish && NIODeadline.now() >= self.nextPublish
         var waitForRoom = false

@@ -48,6 +48,8 @@ final class LoopHandoff: Sendable {
         var connected = false
         /// Binding keys the link marked bound on the current connection.
         var bound: Set<String> = []
+        /// The stream of each channel held, which numbers the publishes as they come in.
+        var numbering = StreamNumbering()
 
         func covers(_ keys: ChannelKeys) -> Bool {
             !self.connected || keys.all.contains { self.bound.contains($0) }
@@ -78,6 +80,7 @@ final class LoopHandoff: Sendable {
         let outcome = self.state.withLockedValue { state -> JoinOutcome in
             guard !state.closed else { return .stopped }
             self.joins.wrappingIncrement(ordering: .releasing)
+            state.numbering.open(channel)
             if state.covers(keys) {
                 // The thread still learns of the channel; no hurry.
                 state.commands.append(.firstChannel(keys, nil))
@@ -117,6 +120,7 @@ final class LoopHandoff: Sendable {
     func stopReceiving(channel: String) {
         self.state.withLockedValue { state in
             guard !state.closed else { return }
+            state.numbering.close(channel)
             state.commands.append(.lastChannelGone(channel))
         }
     }
@@ -147,15 +151,22 @@ final class LoopHandoff: Sendable {
         }
     }
 
-    /// Queues publishes, stamped with the time they arrived; false when they don't fit (the
-    /// caller drops and counts them).
+    /// Queues publishes, stamped with the time they arrived and numbered on their channels'
+    /// streams; false when they don't fit (the caller drops and counts them; they took their
+    /// numbers all the same).
     func add(publishes batch: [ClusterMessage], bytes: Int) -> Bool {
         let now = NIODeadline.now()
         let accepted = self.state.withLockedValue { state -> Bool in
-            !state.closed && state.publishes.add(batch, bytes: bytes, now: now)
+            !state.closed && state.publishes.add(batch, bytes: bytes, now: now, numbering: &state.numbering)
         }
         if accepted { self.wake() }
         return accepted
+    }
+
+    /// Publishes dropped before they could be queued (the link is down): they take their
+    /// numbers, so receivers count them missed once the stream's next message arrives.
+    func skip(publishes batch: [ClusterMessage]) {
+        self.state.withLockedValue { $0.numbering.skip(batch) }
     }
 
     func wake() {

@@ -44,13 +44,25 @@ struct PendingPublishes {
     /// What a message counts against the capacity: its payload and its channel's name.
     static func bytes(of message: ClusterMessage) -> Int { message.payload.readableBytes + message.channel.utf8.count }
 
-    /// Appends a batch of `bytes` (the sum of `bytes(of:)`) that arrived `now`; false, and
-    /// nothing appended, when it does not fit even once what is too old has gone.
-    mutating func add(_ batch: [ClusterMessage], bytes: Int, now: NIODeadline) -> Bool {
+    /// Appends a batch of `bytes` (the sum of `bytes(of:)`) that arrived `now`, numbered by
+    /// `numbering`; false, and nothing appended, when it does not fit even once what is too
+    /// old has gone (its messages still take their numbers: the gaps receivers count).
+    mutating func add(_ batch: [ClusterMessage], bytes: Int, now: NIODeadline, numbering: inout StreamNumbering) -> Bool {
         guard !batch.isEmpty else { return true }
         if self.bytes + bytes > self.capacity { self.dropExpired(now: now) }
-        guard self.bytes + bytes <= self.capacity else { return false }
+        guard self.bytes + bytes <= self.capacity else {
+            numbering.skip(batch)
+            return false
+        }
         self.messages.append(contentsOf: batch)
+        // Numbered where they are stored: the batch itself is shared with the event loop that
+        // handed it over, and a copy would cost a retain per message.
+        var at = self.messages.index(self.messages.endIndex, offsetBy: -batch.count)
+        for message in batch {
+            let position = numbering.next(on: message.channel)
+            self.messages.modify(at) { $0.position = position }
+            self.messages.formIndex(after: &at)
+        }
         self.batches.append(Batch(count: batch.count, arrived: now))
         self.bytes += bytes
         return true

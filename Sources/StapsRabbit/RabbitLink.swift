@@ -59,6 +59,13 @@ public final class RabbitCounters: Sendable {
     public let rejected = ManagedAtomic<Int>(0)
     /// Bodies from other nodes that were not in the wire format (nothing of them is delivered).
     public let malformed = ManagedAtomic<Int>(0)
+    /// Messages of other nodes' streams on channels with local clients that never arrived:
+    /// numbers a later message of the stream skipped (`StreamGaps`), whatever lost them
+    /// (the sender's drops, the queue's bounds, a lost connection or broker node). Once per
+    /// message and this node, not per client. Written by the link's thread only.
+    public let missed = ManagedAtomic<Int>(0)
+    /// Messages that arrived numbered at or before one already received on their stream.
+    public let outOfOrder = ManagedAtomic<Int>(0)
     public let reconnects = ManagedAtomic<Int>(0)
     /// Binding keys bound for this node's queue on the current connection (`bind-ok`
     /// received), by granularity: exact, 4096, 256 and 16 buckets (`BindingGranularity` order).
@@ -110,6 +117,10 @@ public final class RabbitLink: ClusterLink, Sendable {
     let connectedFlag = ManagedAtomic<Bool>(false)
     /// Called on the link's thread just after a connection counts as up in the handoff (tests).
     let afterLinkUp: (@Sendable () -> Void)?
+    /// Tests: while true the link reads nothing from its consume connection (as while the event
+    /// loops are behind), so the broker holds this node's messages in its queue and its bounds
+    /// drop them.
+    let holdingConsumer = ManagedAtomic<Bool>(false)
     /// The broker and queue of the current connection (nil while down), set by the worker.
     let status = NIOLockedValueBox<(broker: AMQPURL, queue: String)?>(nil)
     let stopped = ManagedAtomic<Bool>(false)
@@ -171,6 +182,8 @@ public final class RabbitLink: ClusterLink, Sendable {
             rebindsPending: rebinds,
             bindsWaiting: c.bindsWaiting.load(ordering: .relaxed),
             discarded: c.discarded.load(ordering: .relaxed),
+            missed: c.missed.load(ordering: .relaxed),
+            outOfOrder: c.outOfOrder.load(ordering: .relaxed),
             publishBatch: c.publishBatch,
             bindLatency: c.bindLatency
         )
@@ -206,6 +219,7 @@ public final class RabbitLink: ClusterLink, Sendable {
 
     public func publish(_ batch: [ClusterMessage]) {
         guard self.connectedFlag.load(ordering: .relaxed) else {
+            self.handoff.skip(publishes: batch)
             self.counters.droppedWhileDown.wrappingIncrement(by: batch.count, ordering: .relaxed)
             return
         }

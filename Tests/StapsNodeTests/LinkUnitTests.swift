@@ -46,14 +46,29 @@ import Testing
         #expect(throws: WireFormat.Malformed.emptyPayload(at: 3)) { try Self.decode([0, 1, 0x61, 0, 0, 0, 0]) }
     }
 
-    @Test func groupsKeepPerSenderOrderAndSplitOnTypeAndSize() {
-        func m(_ channel: String, _ connection: UInt64, _ text: Bool, _ size: Int = 1) -> ClusterMessage {
-            ClusterMessage(channel: channel, payload: ByteBuffer(repeating: 0x61, count: size), isText: text, connectionID: connection)
+    @Test func groupsKeepOrderAndSplitOnTypeSizeAndNumbers() {
+        func m(_ channel: String, _ connection: UInt64, _ text: Bool, _ size: Int = 1, at sequence: UInt32? = nil, stream: UInt64 = 7) -> ClusterMessage {
+            ClusterMessage(channel: channel, payload: ByteBuffer(repeating: 0x61, count: size), isText: text, connectionID: connection,
+                           position: sequence.map { StreamPosition(stream: stream, sequence: $0) })
         }
+        // Unnumbered (POSTs to channels not held): one channel's messages share a body,
+        // whoever sent them (the connection id is then 0).
         let groups = PublishGroups.make([m("a", 1, true), m("b", 1, true), m("a", 1, true), m("a", 2, true), m("a", 1, false), m("a", 1, true)])
-        #expect(groups.map(\.indices) == [[0, 2], [1], [3], [4], [5]])
+        #expect(groups.map(\.indices) == [[0, 2, 3], [1], [4], [5]])
+        #expect(groups.map(\.connectionID) == [0, 1, 1, 1])
         let big = PublishGroups.make([m("a", 1, false, 200 << 10), m("a", 1, false, 100 << 10)])
         #expect(big.map(\.indices) == [[0], [1]])
+        // Numbered: consecutive numbers of one stream share a body that carries the first;
+        // a skipped number (a message dropped before it was taken), another stream, or an
+        // unnumbered message starts a new one. Numbers wrap.
+        let numbered = PublishGroups.make([
+            m("a", 1, true, at: 1), m("a", 2, true, at: 2), m("b", 1, true, at: 9, stream: 8), m("a", 1, true, at: 3),
+            m("a", 1, true, at: 5), m("a", 1, true, at: 6), m("a", 1, true, at: 7, stream: 9), m("a", 1, true),
+            m("c", 1, true, at: .max), m("c", 1, true, at: 0),
+        ])
+        #expect(numbered.map(\.indices) == [[0, 1, 3], [2], [4, 5], [6], [7], [8, 9]])
+        #expect(numbered.map(\.first) == [StreamPosition(stream: 7, sequence: 1), StreamPosition(stream: 8, sequence: 9), StreamPosition(stream: 7, sequence: 5),
+                                           StreamPosition(stream: 9, sequence: 7), nil, StreamPosition(stream: 7, sequence: .max)])
     }
 }
 
@@ -74,7 +89,8 @@ import Testing
 
     /// Adds `n` messages tagged `tag` that arrive `after` t0; whether they fit.
     static func add(_ p: inout PendingPublishes, _ tag: String, _ n: Int, after: TimeAmount, size: Int = 9) -> Bool {
-        p.add(Self.batch(tag, n, size: size), bytes: n * (size + 1), now: Self.t0 + after)
+        var numbering = StreamNumbering()
+        return p.add(Self.batch(tag, n, size: size), bytes: n * (size + 1), now: Self.t0 + after, numbering: &numbering)
     }
 
     static func take(_ p: inout PendingPublishes, _ limit: Int = 1 << 20, overhead: Int = 0, oversizeFirst: Bool = true, after: TimeAmount) -> PendingPublishes.Taken {
@@ -139,7 +155,7 @@ import Testing
 /// The publish frames the link writes by hand, read back by rabbitmq-c.
 @Suite struct PublishBatchTests {
     /// The content header's properties of the `n`th publish in the batch, decoded by rabbitmq-c.
-    static func properties(_ batch: PublishBatch, _ n: Int) throws -> (flags: amqp_flags_t, deliveryMode: UInt8, correlation: String, type: String, appID: String) {
+    static func properties(_ batch: PublishBatch, _ n: Int) throws -> (flags: amqp_flags_t, deliveryMode: UInt8, correlation: String, type: String, appID: String, messageID: String) {
         var bytes = batch.bytes[...]
         var headers: [ArraySlice<UInt8>] = []
         while bytes.count >= 8 {
@@ -160,7 +176,32 @@ import Testing
         guard status == 0, let p = decoded?.assumingMemoryBound(to: amqp_basic_properties_t.self).pointee else {
             throw TestError.unexpected("rabbitmq-c could not decode the properties: \(status)")
         }
-        return (p._flags, p.delivery_mode, AMQPConnection.string(p.correlation_id), AMQPConnection.string(p.type), AMQPConnection.string(p.app_id))
+        return (p._flags, p.delivery_mode, AMQPConnection.string(p.correlation_id), AMQPConnection.string(p.type), AMQPConnection.string(p.app_id),
+                p._flags & staps_basic_message_id_flag() == 0 ? "" : AMQPConnection.string(p.message_id))
+    }
+
+    @Test func aStreamPositionTravelsAsTheMessageID() throws {
+        var batch = PublishBatch(frameMax: 131_072)
+        let id = StreamPosition(stream: 0xFEED, sequence: 7).messageID
+        for messageID in [id, nil] {
+            Array("staps".utf8).withUnsafeBytes { exchange in
+                Array("c.a.b.c.room".utf8).withUnsafeBytes { key in
+                    Array("node-1".utf8).withUnsafeBytes { app in
+                        Array("body".utf8).withUnsafeBytes { body in
+                            if let messageID {
+                                messageID.withUnsafeBytes { batch.append(exchange: exchange, routingKey: key, type: UInt8(ascii: "t"), appID: app, correlationID: 3, messageID: $0, body: body) }
+                            } else {
+                                batch.append(exchange: exchange, routingKey: key, type: UInt8(ascii: "t"), appID: app, correlationID: 3, body: body)
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let numbered = try Self.properties(batch, 0)
+        #expect(numbered.flags & staps_basic_message_id_flag() != 0 && numbered.messageID == "000000000000feed-00000007")
+        #expect(numbered.correlation == "3" && numbered.type == "t" && numbered.appID == "node-1", "the properties around it read as before")
+        #expect(try Self.properties(batch, 1).flags & staps_basic_message_id_flag() == 0)
     }
 
     @Test func thePropertiesReadAsTheBrokerReadsThem() throws {

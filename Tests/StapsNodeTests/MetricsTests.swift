@@ -195,6 +195,8 @@ enum MetricsTools {
         #expect(after.0["staps_broker_publish_batch_messages_sum"] - before.0["staps_broker_publish_batch_messages_sum"] == 20)
         #expect(after.0["staps_broker_publish_batch_messages_count"] > before.0["staps_broker_publish_batch_messages_count"])
         #expect(after.0[#"staps_broker_dropped_total{reason="broker_down"}"#] == 0)
+        // Nothing was lost on the way: exported, and zero.
+        #expect(after.1.text.contains("\nstaps_cluster_missed_total 0\n") && after.1.text.contains("\nstaps_cluster_out_of_order_total 0\n"))
         await sender.close()
         await receiver.close()
     }

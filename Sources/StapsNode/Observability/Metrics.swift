@@ -79,12 +79,14 @@ enum MetricCatalog {
         "staps_slow_consumer_closes_total": "Receivers closed with 1008 for staying over their send buffer.",
         "staps_slow_consumer_dropped_bytes_total": "Bytes queued for slow consumers and dropped when they were closed.",
         "staps_cluster_unmatched_total": "Messages from other nodes the link handed over for a channel whose last client here left meanwhile (those for channels without a client are dropped on arrival: staps_broker_discarded_total).",
+        "staps_cluster_missed_total": "Messages other nodes sent on a channel with a client here that never arrived, counted once per message at this node (not per client) when a later message of the same sender's stream on the channel skipped their numbers, whatever lost them (the sender's drops: staps_broker_dropped_total there; this node's queue bounds; a lost connection or broker node). Losses with no later message on their stream are not seen.",
+        "staps_cluster_out_of_order_total": "Messages from other nodes that arrived numbered at or before one already received from the same sender on the channel (reordered or duplicated), delivered all the same.",
         "staps_memory_trims_total": "Times freed heap memory was returned to the system after a busy spell.",
         "staps_broker_up": "1 while the broker link is connected (publishing and consuming), else 0.",
         "staps_broker_reconnects_total": "Times the broker link connected again after losing its broker.",
         "staps_broker_published_total": "Messages the broker confirmed.",
         "staps_broker_consumed_total": "Messages consumed from the broker (published by other nodes).",
-        "staps_broker_dropped_total": "Messages that did not get through the broker, by reason (broker_down, buffer_full, expired: waited longer than amqp_max_age, rejected, malformed).",
+        "staps_broker_dropped_total": "Messages that did not get through the broker as the sender sees it, by reason (broker_down, also unconfirmed when the connection died: some may have arrived; buffer_full; expired: waited longer than amqp_max_age; rejected; malformed). What was lost, whatever lost it, is counted by the receivers: staps_cluster_missed_total.",
         "staps_broker_bindings": "Binding keys bound for this node's queue on the current broker connection, by granularity (exact: one channel; 4096, 256, 16: a bucket of channels).",
         "staps_broker_rebinds_pending": "Binding keys still to bind again after a reconnection.",
         "staps_broker_binds_waiting": "Binds and unbinds sent to the broker and not answered yet (past a few, new channels are covered by buckets).",
@@ -221,6 +223,8 @@ private struct Feeds {
         self.count("staps_memory_trims_total", c.memoryTrims.load(ordering: .relaxed))
         guard self.clustered, let link = sources.link.report else { return }
         self.count("staps_cluster_unmatched_total", c.clusterUnmatched.load(ordering: .relaxed))
+        self.count("staps_cluster_missed_total", link.missed)
+        self.count("staps_cluster_out_of_order_total", link.outOfOrder)
         self.gauge("staps_broker_up", link.up ? 1 : 0)
         self.count("staps_broker_reconnects_total", link.reconnects)
         self.count("staps_broker_published_total", link.published)
