@@ -25,6 +25,7 @@ import Glibc
         defer { Testbed.cleanUp() }
         let broker = try Testbed.run("broker-of", "n1")
         let before = try await Self.dropped()
+        let missedBefore = try await Self.missed()
         // A freeze lasts until the others give the node up (net_ticktime): a longer run.
         let result = try await Testbed.chaos(seconds: fault == .freeze ? 20 : 12, faults: [
             .init(at: 3, label: "\(fault.rawValue) on b\(broker)") {
@@ -42,10 +43,14 @@ import Glibc
             // was frozen through the partition; the README says so): as an operator would.
             try Testbed.run("thaw", broker)
         }
-        #expect(try Testbed.run("broker-of", "n1") != broker, "n1 is still on the broker node that failed")
+        let moved = await (try? eventually("n1 on another broker node", within: 15, every: .milliseconds(500)) {
+            (try? Testbed.run("broker-of", "n1")).map { $0 != broker } ?? false
+        }) != nil
+        #expect(moved, "n1 is not on another broker node")
         #expect(result["fault.0.disturbed_seconds"] >= 0 && result["fault.0.disturbed_seconds"] < 20, "\(result.report)")
         #expect(result["fault.0.healthy_after"] > 100, "cross-host delivery did not resume: \(result.report)")
         #expect(result["missing_same_host"] == 0 && result["duplicates"] == 0 && result["cut"] == 0, "\(result.report)")
+        try await Self.expectEveryCountableLossCounted(result, since: missedBefore)
     }
 
     /// A staps host's cable is out for 10 s: its own clients (on the host itself) keep talking,
@@ -54,6 +59,7 @@ import Glibc
         let ids = try await Testbed.freshCluster()
         defer { Testbed.cleanUp() }
         let reconnects = try await Self.counter("staps_broker_reconnects_total")
+        let missedBefore = try await Self.missed()
         async let local = Testbed.chaos(seconds: 20, channels: 4, from: "n1", endpoint: "10.231.0.21:8080")
         let result = try await Testbed.chaos(seconds: 20, apart: ids["n1"], faults: [
             .init(at: 4, label: "n1 cut off") { try Testbed.run("link", "n1", "down") },
@@ -67,6 +73,7 @@ import Glibc
         let after = try await Self.counter("staps_broker_reconnects_total")
         #expect(after["n1"]! > reconnects["n1"]!, "n1 never lost its broker link")
         #expect(after["n2"] == reconnects["n2"] && after["n3"] == reconnects["n3"], "another node reconnected: \(reconnects) → \(after)")
+        try await Self.expectEveryCountableLossCounted(result, since: missedBefore)
     }
 
     /// One broker node is cut off from the others and from every staps node (its cable out for
@@ -79,6 +86,7 @@ import Glibc
         defer { Testbed.cleanUp() }
         for n in 1...3 { try Testbed.run("broker", "\(n)", "ctl", "eval", "application:set_env(rabbit, cluster_partition_handling, \(handling)).") }
         let broker = try Testbed.run("broker-of", "n1")
+        let missedBefore = try await Self.missed()
         // Cut for 16 s: past net_ticktime (10-12.5 s), so the others surely gave it up.
         let result = try await Testbed.chaos(seconds: 25, faults: [
             .init(at: 3, label: "b\(broker) cut off (\(handling))") { try Testbed.run("link", "b\(broker)", "down") },
@@ -87,6 +95,7 @@ import Glibc
         #expect(result["fault.0.disturbed_seconds"] >= 0 && result["fault.0.disturbed_seconds"] < 20, "\(result.report)")
         #expect(result["fault.0.healthy_after"] > 100, "cross-host delivery did not resume during the cut: \(result.report)")
         #expect(result["fault.1.disturbed_seconds"] < 20 && result["fault.1.healthy_after"] > 100, "after the node's return: \(result.report)")
+        try await Self.expectEveryCountableLossCounted(result, since: missedBefore)
         let healed = await (try? eventually("the cluster whole again", within: 30, every: .seconds(1)) {
             (1...3).allSatisfy { (try? Testbed.run("view", "\($0)")) == "3 0" }
         }) != nil
@@ -100,14 +109,20 @@ import Glibc
     @Test func aKilledStapsNodeCostsTheOthersNothing() async throws {
         let ids = try await Testbed.freshCluster()
         defer { Testbed.cleanUp() }
+        let missedBefore = try await Self.missed()
+        let lastWords = Tally()
         let result = try await Testbed.chaos(seconds: 16, apart: ids["n3"], faults: [
-            .init(at: 4, label: "kill -9 n3") { try Testbed.run("staps", "kill", "3") },
+            .init(at: 4, label: "kill -9 n3") {
+                lastWords.add(try await Testbed.metrics("n3")["staps_cluster_missed_total"] ?? 0)
+                try Testbed.run("staps", "kill", "3")
+            },
         ])
         #expect(result["cut"] > 0, "no client of n3 saw its connection end: \(result.report)")
         #expect(result["connect_failures"] == 0, "a client could not connect through nginx: \(result.report)")
         #expect(result["fault.0.joined.\(ids["n3"]!)"] == -1, "a client joined the killed node: \(result.report)")
         #expect(result["fault.0.joined.\(ids["n1"]!)"] > 0 && result["fault.0.joined.\(ids["n2"]!)"] > 0)
         #expect(result["fault.0.owed_apart"] > 100 && result["fault.0.lost_apart"] == 0 && result["fault.0.late_apart"] == 0, "\(result.report)")
+        try await Self.expectEveryCountableLossCounted(result, since: missedBefore - lastWords.value, hosts: ["n1", "n2"])
     }
 
     /// The faults above in turn, every 60 s (STAPS_CHAOS_SECONDS long, 60 by default;
@@ -116,6 +131,8 @@ import Glibc
         let seconds = Double(ProcessInfo.processInfo.environment["STAPS_CHAOS_SECONDS"] ?? "") ?? 60
         _ = try await Testbed.freshCluster()
         defer { Testbed.cleanUp() }
+        let missedBefore = try await Self.missed()
+        let lastWords = Tally()
         var faults: [Testbed.Fault] = []
         var start = 0.0
         while start + 60 <= seconds + 0.5 {
@@ -123,12 +140,15 @@ import Glibc
             faults += [
                 .init(at: start + 4, label: "stop_app b(n1)") { try Testbed.run("broker", brokerOfN1, "stop-app") },
                 .init(at: start + 14, label: "start_app") { try Testbed.run("broker", brokerOfN1, "start-app") },
-                .init(at: start + 19, label: "kill -9 n3") { try Testbed.run("staps", "kill", "3") },
+                .init(at: start + 19, label: "kill -9 n3") {
+                    lastWords.add(try await Testbed.metrics("n3")["staps_cluster_missed_total"] ?? 0)
+                    try Testbed.run("staps", "kill", "3")
+                },
                 .init(at: start + 22, label: "n3 started") { try Testbed.run("staps", "start", "3") },
                 .init(at: start + 26, label: "n2 cut off") { try Testbed.run("link", "n2", "down") },
                 .init(at: start + 36, label: "n2 back") { try Testbed.run("link", "n2", "up") },
-                .init(at: start + 40, label: "freeze b(n1)") { try Testbed.run("freeze", try Testbed.run("broker-of", "n1")) },
-                .init(at: start + 55, label: "thaw, heal") {
+                .init(at: start + 38, label: "freeze b(n1)") { try Testbed.run("freeze", try Testbed.run("broker-of", "n1")) },
+                .init(at: start + 52, label: "thaw, heal") {
                     for n in 1...3 { try Testbed.run("thaw", "\(n)") }
                     try Testbed.run("heal")
                 },
@@ -141,9 +161,33 @@ import Glibc
         for (i, fault) in faults.enumerated() {
             #expect(result["fault.\(i).disturbed_seconds"] < 20, "after \(fault.label): \(result.report)")
         }
+        // n3 started again with its counters at 0: what it counted before the kill is added.
+        try await Self.expectEveryCountableLossCounted(result, since: missedBefore - lastWords.value)
     }
 
     // MARK: - Counters
+
+    /// A sum the fault actions add to (they run one at a time, on the test's task).
+    final class Tally: @unchecked Sendable {
+        private(set) var value = 0.0
+        func add(_ v: Double) { value += v }
+    }
+
+    /// The ledger: every (message, node) pair the receiving nodes could see missing (a gap in a
+    /// sender's stream) is one they counted, to the message; the rest (lost at a stream's start
+    /// or end, where no node can see it) is printed.
+    static func expectEveryCountableLossCounted(_ result: Testbed.ChaosResult, since before: Double, hosts: [String] = ["n1", "n2", "n3"]) async throws {
+        let counted = try await Self.missed(hosts) - before
+        print("ledger against the nodes: missing (message, node) pairs \(Int(result["missing_pairs"])), of which countable \(Int(result["countable_pairs"])); the nodes counted \(Int(counted)) (staps_cluster_missed_total); lost at a stream's start or end, which no node can see: \(Int(result["missing_pairs"] - result["countable_pairs"]))")
+        #expect(counted == result["countable_pairs"], "the nodes counted \(counted) missed, the ledger finds \(result["countable_pairs"]) countable: \(result.report)")
+    }
+
+    /// Messages the nodes counted as missed from other nodes (gaps in senders' streams).
+    static func missed(_ hosts: [String] = ["n1", "n2", "n3"]) async throws -> Double {
+        var total = 0.0
+        for host in hosts { total += try await Testbed.metrics(host)["staps_cluster_missed_total"] ?? 0 }
+        return total
+    }
 
     static func counter(_ name: String) async throws -> [String: Double] {
         var out: [String: Double] = [:]
