@@ -100,7 +100,7 @@ import Glibc
         #expect(result["fault.0.healthy_after"] > 100, "cross-host delivery did not resume during the cut: \(result.report)")
         #expect(result["fault.1.disturbed_seconds"] < 20 && result["fault.1.healthy_after"] > 100, "after the node's return: \(result.report)")
         try await Self.expectEveryCountableLossCounted(result, since: missedBefore)
-        let healed = await (try? eventually("the cluster whole again", within: 30, every: .seconds(1)) {
+        let healed = await (try? eventually("the cluster whole again", within: 60, every: .seconds(1)) {
             (1...3).allSatisfy { (try? Testbed.run("view", "\($0)")) == "3 0" }
         }) != nil
         print("\(handling): the cluster \(healed ? "healed by itself" : "stayed split") after b\(broker) came back")
