@@ -110,7 +110,7 @@ struct Nginx {
         guard FileManager.default.isExecutableFile(atPath: binary) else {
             throw TestError.unexpected("nginx is not installed at \(binary): run scripts/install-deps test")
         }
-        let port = try await freePort()
+        let port = try await freeLoopbackPort()
         var site = try String(contentsOfFile: Broker.repositoryRoot + "/deploy/nginx/staps.conf", encoding: .utf8)
         for (i, socket) in sockets.enumerated() {
             site = site.replacingOccurrences(of: "unix:/run/staps/staps-\(i + 1).sock", with: "unix:\(socket)")
@@ -157,12 +157,5 @@ struct Nginx {
     func stop() {
         process.terminate()
         process.waitUntilExit()
-    }
-
-    static func freePort() async throws -> Int {
-        let channel = try await ServerBootstrap(group: clientGroup).bind(host: "127.0.0.1", port: 0).get()
-        let port = channel.localAddress!.port!
-        try await channel.close()
-        return port
     }
 }

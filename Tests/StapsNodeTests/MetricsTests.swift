@@ -249,7 +249,7 @@ enum MetricsTools {
         let node = try await TestNode.start(metrics: .hostname("127.0.0.1", port: 0))
         defer { Task { await node.stop() } }
         guard case .hostname(_, let metricsPort) = try #require(node.node.metricsAddress) else { throw TestError.unexpected("TCP metrics") }
-        let port = try await Nginx.freePort()
+        let port = try await freeLoopbackPort()
         var site = try String(contentsOfFile: Broker.repositoryRoot + "/deploy/nginx/staps-metrics.conf", encoding: .utf8)
         site = site.replacingOccurrences(of: "listen 127.0.0.1:9190;", with: "listen 127.0.0.1:\(port);")
         site = site.replacingOccurrences(of: "127.0.0.1:9101", with: "127.0.0.1:\(metricsPort)")

@@ -15,6 +15,8 @@ import Glibc
         "/usr/bin/staps",
         "/etc/staps/staps.conf",
         "/usr/share/doc/staps/examples/nginx-staps.conf",
+        "/usr/share/doc/staps/examples/apache-staps.conf",
+        "/usr/share/doc/staps/examples/haproxy-staps.cfg",
         "/usr/share/doc/staps/README.md.gz",
         "/usr/share/doc/staps/copyright",
         "/usr/share/doc/staps/changelog.gz",

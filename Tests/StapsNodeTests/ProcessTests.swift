@@ -9,6 +9,11 @@ import WebSocketClient
 @Suite(.serialized) struct ProcessTests {
     /// Starts `staps` with `args` and waits until `socket` accepts connections.
     static func launch(_ args: [String], waitFor socket: String, binary: String? = nil) async throws -> (Process, Pipe) {
+        try await launch(args, waitFor: .unix(path: socket), binary: binary)
+    }
+
+    /// Starts `staps` with `args` and waits until `endpoint` answers HTTP.
+    static func launch(_ args: [String], waitFor endpoint: Endpoint, binary: String? = nil) async throws -> (Process, Pipe) {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: try binary ?? stapsBinary())
         // Never a developer's ~/.staps.conf or /etc/staps/staps.conf: only what the test says.
@@ -17,10 +22,10 @@ import WebSocketClient
         process.standardError = stderr
         process.standardOutput = FileHandle.nullDevice
         try process.run()
-        if await answersHTTP(.unix(path: socket), within: 5, while: { process.isRunning }) { return (process, stderr) }
+        if await answersHTTP(endpoint, within: 5, while: { process.isRunning }) { return (process, stderr) }
         process.terminate()
         let output = String(decoding: stderr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        throw TestError.unexpected("staps did not come up on \(socket): \(output)")
+        throw TestError.unexpected("staps did not come up on \(endpoint): \(output)")
     }
 
     static func waitForExit(_ process: Process, seconds: Double = 10) async throws -> Int32 {

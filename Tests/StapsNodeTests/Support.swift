@@ -167,6 +167,15 @@ final class TestClient: Sendable {
     func close() async { await client.disconnect() }
 }
 
+/// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then closed), for a
+/// process the test starts with a port in its configuration.
+func freeLoopbackPort() async throws -> Int {
+    let channel = try await ServerBootstrap(group: clientGroup).bind(host: "127.0.0.1", port: 0).get()
+    let port = channel.localAddress!.port!
+    try await channel.close()
+    return port
+}
+
 /// Waits until `endpoint` answers a GET; false when `isAlive` turns false first or `seconds` pass.
 func answersHTTP(_ endpoint: Endpoint, within seconds: Double, while isAlive: () -> Bool) async -> Bool {
     let up = try? await eventually("\(endpoint) answering", within: seconds) { () async -> Bool? in
