@@ -31,24 +31,15 @@ enum Testbed {
 
     @discardableResult
     static func run(_ args: [String]) throws -> String {
-        var env = ["STAPS_BIN=\(try Self.stapsBinary())"]
-        if let release = ProcessInfo.processInfo.environment["STAPS_RELEASE_BIN"] { env = ["STAPS_BIN=\(release)"] }
-        let (status, output) = try StapsNodeTests.run("/usr/bin/env", env + [script] + args)
+        // The staps nodes run the release build when scripts/test made one, else the debug one.
+        let staps = try ProcessInfo.processInfo.environment["STAPS_RELEASE_BIN"] ?? stapsBinary()
+        let (status, output) = try StapsNodeTests.run("/usr/bin/env", ["STAPS_BIN=\(staps)", script] + args)
         guard status == 0 else { throw TestError.unexpected("scripts/testbed \(args.joined(separator: " ")) failed: \(output)") }
         return output.trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
-    private static func stapsBinary() throws -> String { try StapsNodeTests.stapsBinary() }
-
-    static func address(_ host: String) -> String {
-        switch host {
-        case "n1": return "10.231.0.21"
-        case "n2": return "10.231.0.22"
-        case "n3": return "10.231.0.23"
-        case "front": return "10.231.0.30"
-        default: return "10.231.0.40"
-        }
-    }
+    /// A host's address, as scripts/testbed assigns it.
+    static func address(_ host: String) throws -> String { try self.run("addr", host) }
 
     /// A healed broker cluster, fresh staps nodes on n1-n3 (the release build when scripts/test
     /// made one) and nginx on front; returns each host's node id (`X-Staps-Node`).
@@ -60,7 +51,7 @@ enum Testbed {
         var ids: [String: String] = [:]
         for n in 1...3 {
             try self.run("staps", "start", "\(n)")
-            let (status, head, _) = try await httpRequest(.tcp(host: address("n\(n)"), port: 8080), "GET", "/")
+            let (status, head, _) = try await httpRequest(.tcp(host: try address("n\(n)"), port: 8080), "GET", "/")
             guard status == 200, let id = head.split(separator: "\r\n").first(where: { $0.lowercased().hasPrefix("x-staps-node:") })?.split(separator: ":").last else {
                 throw TestError.unexpected("n\(n) answers \(status) without X-Staps-Node")
             }
@@ -81,7 +72,7 @@ enum Testbed {
 
     /// A node's counters from its metrics listener (`name{labels}` → value; labels as written).
     static func metrics(_ host: String) async throws -> [String: Double] {
-        let (status, _, body) = try await httpRequest(.tcp(host: address(host), port: 9090), "GET", "/metrics")
+        let (status, _, body) = try await httpRequest(.tcp(host: try address(host), port: 9090), "GET", "/metrics")
         guard status == 200 else { throw TestError.unexpected("\(host) /metrics answered \(status)") }
         var values: [String: Double] = [:]
         for line in body.split(separator: "\n") where !line.hasPrefix("#") {
@@ -108,12 +99,13 @@ enum Testbed {
     /// Runs `staps-bench chaos` from the client host through nginx on front (or the `endpoint`
     /// given, from `host`) while `faults` happen; returns its ledger.
     static func chaos(seconds: Double, channels: Int = 12, lifetime: Double = 2, rate: Double = 5, apart: String? = nil,
-                      from host: String = "client", endpoint: String = "10.231.0.30:80", faults: [Fault] = []) async throws -> ChaosResult {
+                      from host: String = "client", endpoint: String? = nil, faults: [Fault] = []) async throws -> ChaosResult {
         let dir = TempDir()
         defer { dir.cleanup() }
         let bench = try builtProduct("staps-bench")
         let faultLog = dir.path + "/faults.txt"
         FileManager.default.createFile(atPath: faultLog, contents: nil)
+        let endpoint = try endpoint ?? "\(address("front")):80"
         var args = ["exec", host, bench, "chaos", "--tcp", endpoint, "--seconds", "\(seconds)", "--channels", "\(channels)",
                     "--lifetime", "\(lifetime)", "--rate", "\(rate)", "--settle", "15", "--faults", faultLog, "--key-values", dir.path + "/figures.txt"]
         if let apart { args += ["--apart", apart] }

@@ -4,9 +4,8 @@
 /// never have reached its node, and nobody could count them). Each other member of its channel
 /// that joined before it was sent and was never cut is owed one delivery. What is owed and not
 /// made is *missing*; grouped by (message, the receiver's node) it is what the nodes should have
-/// counted, since a node loses or gets a message for all its clients on a channel at once. A
-/// missing message is *detectable* by the receiving node when a later message of the same
-/// sender reached it (a gap); the rest were lost at the end of a sender's stream.
+/// counted, since a node loses or gets a message for all its clients on a channel at once; of
+/// those, `countablePairs` are the ones a node can see (a gap in a sender's stream).
 struct ChaosLedger: Sendable {
     struct Fault: Sendable {
         var at: UInt64
@@ -51,7 +50,6 @@ struct ChaosLedger: Sendable {
     var missingCrossHost = 0
     var missingSameHost = 0
     var missingPairs = 0
-    var detectablePairs = 0
     /// Missing (message, node) pairs by the receiving node.
     var missingPairsByNode: [String: Int] = [:]
     /// Of the missing (message, node) pairs, those a node can count (`staps_cluster_missed_total`):
@@ -90,19 +88,15 @@ struct ChaosLedger: Sendable {
         }
         for (_, ids) in members {
             self.countGaps(log, ids)
-            // What each receiver got: first arrival per (sender, seq), the highest seq per sender.
+            // What each receiver got: first arrival per (sender, seq).
             var arrivals: [Int: [Int: UInt64]] = [:]
-            var highest: [Int: [Int: Int]] = [:]
             for r in ids {
                 var got: [Int: UInt64] = [:]
-                var top: [Int: Int] = [:]
                 for m in log.clients[r].received {
                     let key = m.sender << 32 | m.seq
                     if got[key] != nil { self.duplicates += 1 } else { got[key] = m.at }
-                    top[m.sender] = max(top[m.sender] ?? 0, m.seq)
                 }
                 arrivals[r] = got
-                highest[r] = top
             }
             for s in ids {
                 let sender = log.clients[s]
@@ -148,7 +142,6 @@ struct ChaosLedger: Sendable {
                             if lostOnNodes.insert(node).inserted {
                                 self.missingPairs += 1
                                 self.missingPairsByNode[node, default: 0] += 1
-                                if (highest[r]?[s] ?? 0) > seq { self.detectablePairs += 1 }
                             }
                         }
                     }
@@ -192,7 +185,7 @@ struct ChaosLedger: Sendable {
     var report: String {
         var lines: [String] = []
         lines.append("chaos: \(String(format2: seconds, 1)) s, \(channels) channels, \(clients) clients; \(connectFailures) connection attempts failed\(firstConnectFailure.map { " (first: \($0))" } ?? ""); \(cutClients) connections cut \(cutReasons.sorted { $0.key < $1.key }.map { "\($0.value)× \($0.key)" })")
-        lines.append("ledger: sent \(sent) (and \(excludedSent) by cut clients, not counted); deliveries owed \(owed), made \(made), missing \(missing) (cross-host \(missingCrossHost), same host \(missingSameHost)) = \(missingPairs) (message, node) pairs by node \(missingPairsByNode.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }), \(detectablePairs) of them followed by a later message, \(countablePairs) between two received ones on the same node (what the nodes can count; \(sharedStreams) senders shared their node and are left out); duplicates \(duplicates), echoes \(echoes), unreadable \(unreadable)")
+        lines.append("ledger: sent \(sent) (and \(excludedSent) by cut clients, not counted); deliveries owed \(owed), made \(made), missing \(missing) (cross-host \(missingCrossHost), same host \(missingSameHost)) = \(missingPairs) (message, node) pairs by node \(missingPairsByNode.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }), \(countablePairs) between two received ones on the same node (what the nodes can count; \(sharedStreams) senders shared their node and are left out); duplicates \(duplicates), echoes \(echoes), unreadable \(unreadable)")
         lines.append("latency ms: cross-host p50 \(ms(crossHostLatency.quantile(0.5))) p99 \(ms(crossHostLatency.quantile(0.99))) max \(ms(crossHostLatency.max)); same host p50 \(ms(sameHostLatency.quantile(0.5))) p99 \(ms(sameHostLatency.quantile(0.99))) max \(ms(sameHostLatency.max))")
         for f in faults {
             lines.append("fault \"\(f.label)\" at +\(String(format2: f.offset, 1)) s: cross-host deliveries owed \(f.owed), lost \(f.lost), late (>1 s) \(f.late); disturbed for \(String(format2: f.disturbedFor, 2)) s, then \(f.healthyAfter) on time; not involving the node set apart: owed \(f.owedApart), lost \(f.lostApart), late \(f.lateApart); clients joined after it by node \(f.joined.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" })")
@@ -205,7 +198,7 @@ struct ChaosLedger: Sendable {
         var out = [
             "sent \(sent)", "excluded_sent \(excludedSent)", "owed \(owed)", "made \(made)", "missing \(missing)",
             "missing_cross_host \(missingCrossHost)", "missing_same_host \(missingSameHost)", "missing_pairs \(missingPairs)",
-            "detectable_pairs \(detectablePairs)", "countable_pairs \(countablePairs)", "shared_streams \(sharedStreams)", "duplicates \(duplicates)", "echoes \(echoes)", "unreadable \(unreadable)",
+            "countable_pairs \(countablePairs)", "shared_streams \(sharedStreams)", "duplicates \(duplicates)", "echoes \(echoes)", "unreadable \(unreadable)",
             "clients \(clients)", "channels \(channels)", "cut \(cutClients)", "connect_failures \(connectFailures)",
             "cross_host_p99_ms \(ms(crossHostLatency.quantile(0.99)))", "cross_host_max_ms \(ms(crossHostLatency.max))",
             "cross_host_deliveries \(crossHostLatency.total)",
