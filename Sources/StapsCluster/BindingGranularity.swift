@@ -17,8 +17,7 @@ public enum BindingGranularity: Int, Sendable, CaseIterable, Comparable, CustomS
     }
 
     /// Finest first: exact, 4096, 256, 16.
-    public static func < (a: Self, b: Self) -> Bool { a.coarseness < b.coarseness }
-    private var coarseness: Int { self == .exact ? 0 : 4 - self.digits }
+    public static func < (a: Self, b: Self) -> Bool { a.index < b.index }
 
     /// The granularity of a binding key made by `RoutingKey`: its trailing `*` words say it
     /// (an exact key's last word is never `*`).

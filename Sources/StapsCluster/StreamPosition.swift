@@ -35,9 +35,9 @@ public struct StreamPosition: Sendable, Hashable, CustomStringConvertible {
     public func writeMessageID(into out: inout [UInt8]) {
         out.removeAll(keepingCapacity: true)
         out.reserveCapacity(Self.messageIDLength)
-        Self.appendHex(self.stream, digits: 16, to: &out)
+        Self.appendHex(self.stream, bytes: 8, to: &out)
         out.append(UInt8(ascii: "-"))
-        Self.appendHex(UInt64(self.sequence), digits: 8, to: &out)
+        Self.appendHex(UInt64(self.sequence), bytes: 4, to: &out)
     }
 
     /// The position a `message_id` carries; nil when it is not one (`messageID`'s exact form).
@@ -51,11 +51,10 @@ public struct StreamPosition: Sendable, Hashable, CustomStringConvertible {
 
     public var description: String { String(decoding: self.messageID, as: UTF8.self) }
 
-    private static let digits = Array("0123456789abcdef".utf8)
-
-    private static func appendHex(_ value: UInt64, digits count: Int, to out: inout [UInt8]) {
-        for shift in stride(from: (count - 1) * 4, through: 0, by: -4) {
-            out.append(Self.digits[Int(value >> UInt64(shift) & 0xF)])
+    /// The low `count` bytes of `value`, most significant first, as lower-case hex.
+    private static func appendHex(_ value: UInt64, bytes count: Int, to out: inout [UInt8]) {
+        for shift in stride(from: (count - 1) * 8, through: 0, by: -8) {
+            Hex.append(UInt8(truncatingIfNeeded: value >> UInt64(shift)), to: &out)
         }
     }
 

@@ -54,14 +54,10 @@ struct PendingPublishes {
             numbering.skip(batch)
             return false
         }
-        self.messages.append(contentsOf: batch)
-        // Numbered where they are stored: the batch itself is shared with the event loop that
-        // handed it over, and a copy would cost a retain per message.
-        var at = self.messages.index(self.messages.endIndex, offsetBy: -batch.count)
-        for message in batch {
-            let position = numbering.next(on: message.channel)
-            self.messages.modify(at) { $0.position = position }
-            self.messages.formIndex(after: &at)
+        // Numbered as they are stored: one pass, one copy of each (appending copies anyway).
+        for var message in batch {
+            message.position = numbering.next(on: message.channel)
+            self.messages.append(message)
         }
         self.batches.append(Batch(count: batch.count, arrived: now))
         self.bytes += bytes
