@@ -108,6 +108,8 @@ let package = Package(
                 // rabbitmq-c itself: tests of what the broker does with bindings (no link in
                 // between), and the publish frames written by hand read back with its own decoder.
                 "RabbitClient", "CRabbit",
+                // The chaos ledger's arithmetic, tested in memory.
+                "StapsBench",
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

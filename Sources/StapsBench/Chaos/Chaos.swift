@@ -13,7 +13,8 @@ struct Chaos: AsyncParsableCommand {
         discussion: """
             --channels channels live at once, each with --clients clients connected through the
             endpoints in turn (behind one round-robin proxy, they land on different nodes). Once
-            all have their 101, each sends "ID:SEQ" --rate times a second for --lifetime seconds;
+            all have their 101, each sends "ID:SEQ" --rate times a second (in turn, evenly spaced) for
+            --lifetime seconds;
             then the channel waits (at most --settle seconds) until everyone has what was sent,
             its clients close, and a fresh channel takes its place, until --seconds are over.
             A connection that fails is retried; one that is cut (a close or reset we did not ask
@@ -122,12 +123,18 @@ struct ChaosChannel: Sendable {
         }
         let interval = UInt64(1e9 / self.settings.rate)
         let talkUntil = min(now() + UInt64(self.settings.lifetime * 1e9), self.deadline + UInt64(self.settings.lifetime * 1e9))
+        // In turn, evenly spaced: members on one node share its stream, and a member that sends
+        // after it received the other's message (a local delivery takes well under the spacing)
+        // shows the ledger which the node numbered first (`ChaosStreams`).
+        let spacing = interval / UInt64(max(1, members.count))
         while now() < talkUntil && members.count >= 2 {
-            for m in members where !self.log.isCut(m.id) {
-                let seq = self.log.sending(m.id, at: now())
-                m.client.send(text: "\(m.id):\(seq)")
+            for m in members {
+                if !self.log.isCut(m.id) {
+                    let seq = self.log.sending(m.id, at: now())
+                    m.client.send(text: "\(m.id):\(seq)")
+                }
+                try? await Task.sleep(nanoseconds: spacing)
             }
-            try? await Task.sleep(nanoseconds: interval)
         }
         return members
     }

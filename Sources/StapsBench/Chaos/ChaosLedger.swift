@@ -5,7 +5,7 @@
 /// that joined before it was sent and was never cut is owed one delivery. What is owed and not
 /// made is *missing*; grouped by (message, the receiver's node) it is what the nodes should have
 /// counted, since a node loses or gets a message for all its clients on a channel at once; of
-/// those, `countablePairs` are the ones a node can see (a gap in a sender's stream).
+/// those, `countable` are the ones a node can see (a gap in its stream).
 struct ChaosLedger: Sendable {
     struct Fault: Sendable {
         var at: UInt64
@@ -53,12 +53,10 @@ struct ChaosLedger: Sendable {
     /// Missing (message, node) pairs by the receiving node.
     var missingPairsByNode: [String: Int] = [:]
     /// Of the missing (message, node) pairs, those a node can count (`staps_cluster_missed_total`):
-    /// messages of a sender's stream that the node did not get, between two it did. The rest
-    /// were lost at the start or the end of a stream, where no receiver can see a gap.
-    var countablePairs = 0
-    /// Senders that shared their node with another member of their channel: their node numbers
-    /// both in one stream, in an order the clients cannot know, so they are left out of `countablePairs`.
-    var sharedStreams = 0
+    /// messages of a node's stream on a channel that a receiving node did not get, between two it
+    /// did; a range where the log leaves the stream's order open (`ChaosStreams`). The rest were
+    /// lost at the start or the end of a stream, where no receiver can see a gap.
+    var countable = ChaosStreams()
     var duplicates = 0
     var echoes = 0
     var unreadable = 0
@@ -87,7 +85,7 @@ struct ChaosLedger: Sendable {
             }
         }
         for (_, ids) in members {
-            self.countGaps(log, ids)
+            self.countable.add(log, channel: ids)
             // What each receiver got: first arrival per (sender, seq).
             var arrivals: [Int: [Int: UInt64]] = [:]
             for r in ids {
@@ -155,37 +153,19 @@ struct ChaosLedger: Sendable {
         }
     }
 
-    /// What the receiving nodes can count of one channel's losses, as they count it: per sender
-    /// (its node's stream on the channel) and receiving node, the numbers between the first and
-    /// the last it got that it did not get. Cut clients count too (their nodes counted them).
-    private mutating func countGaps(_ log: ChaosLog.State, _ ids: [Int]) {
-        for s in ids {
-            let node = log.clients[s].node
-            guard !ids.contains(where: { $0 != s && log.clients[$0].node == node }) else {
-                self.sharedStreams += 1
-                continue
-            }
-            var byNode: [String: Set<Int>] = [:]
-            for r in ids where r != s {
-                let got = log.clients[r].received.filter { $0.sender == s }.map(\.seq)
-                byNode[log.clients[r].node ?? "?", default: []].formUnion(got)
-            }
-            for (_, got) in byNode {
-                guard let lo = got.min(), let hi = got.max() else { continue }
-                self.countablePairs += hi - lo + 1 - got.count
-            }
-        }
-    }
-
     /// The index of the last fault at or before `time`.
     private func faultWindow(_ faults: [Fault], _ time: UInt64) -> Int? {
         faults.lastIndex { $0.at <= time }
     }
 
+    private var countableRange: String {
+        countable.certain == countable.possible ? "\(countable.certain)" : "\(countable.certain)...\(countable.possible)"
+    }
+
     var report: String {
         var lines: [String] = []
         lines.append("chaos: \(String(format2: seconds, 1)) s, \(channels) channels, \(clients) clients; \(connectFailures) connection attempts failed\(firstConnectFailure.map { " (first: \($0))" } ?? ""); \(cutClients) connections cut \(cutReasons.sorted { $0.key < $1.key }.map { "\($0.value)× \($0.key)" })")
-        lines.append("ledger: sent \(sent) (and \(excludedSent) by cut clients, not counted); deliveries owed \(owed), made \(made), missing \(missing) (cross-host \(missingCrossHost), same host \(missingSameHost)) = \(missingPairs) (message, node) pairs by node \(missingPairsByNode.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }), \(countablePairs) between two received ones on the same node (what the nodes can count; \(sharedStreams) senders shared their node and are left out); duplicates \(duplicates), echoes \(echoes), unreadable \(unreadable)")
+        lines.append("ledger: sent \(sent) (and \(excludedSent) by cut clients, not counted); deliveries owed \(owed), made \(made), missing \(missing) (cross-host \(missingCrossHost), same host \(missingSameHost)) = \(missingPairs) (message, node) pairs by node \(missingPairsByNode.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }), \(countableRange) between two received ones on the same node (what the nodes can count; \(countable.shared) streams had several senders); duplicates \(duplicates), echoes \(echoes), unreadable \(unreadable)")
         lines.append("latency ms: cross-host p50 \(ms(crossHostLatency.quantile(0.5))) p99 \(ms(crossHostLatency.quantile(0.99))) max \(ms(crossHostLatency.max)); same host p50 \(ms(sameHostLatency.quantile(0.5))) p99 \(ms(sameHostLatency.quantile(0.99))) max \(ms(sameHostLatency.max))")
         for f in faults {
             lines.append("fault \"\(f.label)\" at +\(String(format2: f.offset, 1)) s: cross-host deliveries owed \(f.owed), lost \(f.lost), late (>1 s) \(f.late); disturbed for \(String(format2: f.disturbedFor, 2)) s, then \(f.healthyAfter) on time; not involving the node set apart: owed \(f.owedApart), lost \(f.lostApart), late \(f.lateApart); clients joined after it by node \(f.joined.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" })")
@@ -198,7 +178,7 @@ struct ChaosLedger: Sendable {
         var out = [
             "sent \(sent)", "excluded_sent \(excludedSent)", "owed \(owed)", "made \(made)", "missing \(missing)",
             "missing_cross_host \(missingCrossHost)", "missing_same_host \(missingSameHost)", "missing_pairs \(missingPairs)",
-            "countable_pairs \(countablePairs)", "shared_streams \(sharedStreams)", "duplicates \(duplicates)", "echoes \(echoes)", "unreadable \(unreadable)",
+            "countable_pairs \(countable.certain)", "countable_pairs_max \(countable.possible)", "shared_streams \(countable.shared)", "duplicates \(duplicates)", "echoes \(echoes)", "unreadable \(unreadable)",
             "clients \(clients)", "channels \(channels)", "cut \(cutClients)", "connect_failures \(connectFailures)",
             "cross_host_p99_ms \(ms(crossHostLatency.quantile(0.99)))", "cross_host_max_ms \(ms(crossHostLatency.max))",
             "cross_host_deliveries \(crossHostLatency.total)",
