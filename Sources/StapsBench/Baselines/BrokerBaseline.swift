@@ -12,18 +12,24 @@ import Glibc
 /// exchange, another consuming its bound queue (no-ack), each on its own thread. What a staps
 /// cluster's broker leg is compared with. It publishes with the same `PublishBatch` writer as
 /// the link (256 messages per write), so it measures the broker, not rabbitmq-c's three
-/// `send` calls per `amqp_basic_publish`.
+/// `send` calls per `amqp_basic_publish`. Each body starts with its send time, so the consumer
+/// measures publish→consume latency; at a `rate` (messages/s, 0: as fast as the socket takes
+/// them) the publisher sends what is due every 0.5 ms. The consumer may be on another node of
+/// a broker cluster (`consumeURL`): its queue lives there, so every message crosses between
+/// the nodes, as it does between staps nodes connected to different broker nodes.
 enum BrokerBaseline {
     struct Result: Sendable {
         var published: Int
         var consumed: Int
         var seconds: Double
+        var latency: Histogram
         var messagesPerSecond: Double { Double(consumed) / seconds }
     }
 
-    static func run(url: AMQPURL, messages: Int, size: Int) async throws -> Result {
+    static func run(url: AMQPURL, consumeURL: AMQPURL? = nil, messages: Int, size: Int, rate: Int = 0) async throws -> Result {
+        precondition(size >= 8, "a body carries its 8-byte send time")
         let key = CString("c.baseline")
-        let consumer = try AMQPConnection(url: url, heartbeatSeconds: 0, connectTimeout: 5)
+        let consumer = try AMQPConnection(url: consumeURL ?? url, heartbeatSeconds: 0, connectTimeout: 5)
         let publisher = try AMQPConnection(url: url, heartbeatSeconds: 0, connectTimeout: 5)
         let empty = amqp_table_t(num_entries: 0, entries: nil)
         let exchange = try publisher.declareScratchExchange("staps-baseline-", autoDelete: true)
@@ -42,13 +48,17 @@ enum BrokerBaseline {
         let con = Unchecked(consumer)
         let published = pool.runIfActive(eventLoop: group.next()) { () throws -> Int in
             let (publisher, exchange, key) = pub.value
-            let body = [UInt8](repeating: 0x2A, count: size)
+            var body = [UInt8](repeating: 0x2A, count: size)
             let appID = CString("baseline")
             var batch = PublishBatch(frameMax: Int(amqp_get_frame_max(publisher.state)))
+            let started = now()
             var sent = 0
             while sent < messages {
+                let due = rate > 0 ? min(messages, Int(Double(now() - started) / 1e9 * Double(rate)) + 1) : messages
+                if due <= sent { usleep(500); continue }
                 batch.removeAll()
-                while batch.count < 256, sent < messages {
+                while batch.count < 256, sent < due {
+                    body.withUnsafeMutableBytes { $0.storeBytes(of: now(), as: UInt64.self) }
                     body.withUnsafeBytes { batch.append(exchange: exchange.rawBytes, routingKey: key.rawBytes, type: UInt8(ascii: "b"), appID: appID.rawBytes, correlationID: 0, body: $0) }
                     sent += 1
                 }
@@ -56,24 +66,31 @@ enum BrokerBaseline {
             }
             return sent
         }
-        let consumed = pool.runIfActive(eventLoop: group.next()) { Self.consume(con.value, messages: messages) }
+        let consumed = pool.runIfActive(eventLoop: group.next()) { () -> (Int, Histogram) in
+            var latency = Histogram()
+            let count = Self.consume(con.value, messages: messages) { body in
+                if body.count >= 8 { latency.record(now() &- body.loadUnaligned(as: UInt64.self)) }
+            }
+            return (count, latency)
+        }
         let p = try await published.get()
-        let c = try await consumed.get()
+        let (c, latency) = try await consumed.get()
         let seconds = Double((NIODeadline.now() - start).nanoseconds) / 1e9
         try await pool.shutdownGracefully()
         try await group.shutdownGracefully()
         amqp_exchange_delete(publisher.state, 1, exchange.bytes, 0)
         publisher.close()
         consumer.close()
-        return Result(published: p, consumed: c, seconds: seconds)
+        return Result(published: p, consumed: c, seconds: seconds, latency: latency)
     }
 }
 
 extension BrokerBaseline {
     /// Consumes up to `messages` deliveries of a queue the connection consumes without acks,
-    /// destroying each envelope at once: what any consumer of a delivery pays, and no more.
-    /// Stops early after 5 s without one. Returns how many came.
-    static func consume(_ consumer: AMQPConnection, messages: Int) -> Int {
+    /// destroying each envelope at once: what any consumer of a delivery pays, and no more
+    /// (`body` sees each body before that). Stops early after 5 s without one. Returns how
+    /// many came.
+    static func consume(_ consumer: AMQPConnection, messages: Int, body: (UnsafeRawBufferPointer) -> Void = { _ in }) -> Int {
         var count = 0
         var timeout = timeval(tv_sec: 5, tv_usec: 0)
         while count < messages {
@@ -81,6 +98,7 @@ extension BrokerBaseline {
             var envelope = amqp_envelope_t()
             let reply = amqp_consume_message(consumer.state, &envelope, &timeout, 0)
             guard reply.reply_type == AMQP_RESPONSE_NORMAL else { break }
+            body(UnsafeRawBufferPointer(start: envelope.message.body.bytes, count: envelope.message.body.len))
             amqp_destroy_envelope(&envelope)
             count += 1
         }
