@@ -29,7 +29,7 @@ struct ServerProcess {
     func cpuSeconds() throws -> Double {
         var ticks = 0.0
         for p in tree() {
-            let text = try readSmallFile("/proc/\(p)/stat")
+            guard let text = try read("/proc/\(p)/stat", of: p) else { continue }
             // Fields after the command (which may hold spaces) in parentheses: state is field 3.
             guard let close = text.lastIndex(of: ")") else { throw BenchError("/proc/\(p)/stat: no command field") }
             let fields = text[text.index(after: close)...].split(separator: " ")
@@ -45,7 +45,7 @@ struct ServerProcess {
     func rss() throws -> Int {
         var total = 0
         for p in tree() {
-            let text = try readSmallFile("/proc/\(p)/status")
+            guard let text = try read("/proc/\(p)/status", of: p) else { continue }
             guard let line = text.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }),
                   let kb = line.split(separator: " ").compactMap({ Int($0) }).first else { throw BenchError("no VmRSS for pid \(p)") }
             total += kb * 1024
@@ -59,6 +59,16 @@ struct ServerProcess {
         let cpu = try cpuSeconds() - cpu0
         let per = count > 0 ? String(format2: cpu / Double(count) * 1e6, 2) : "-"
         return "server: cpu \(String(format2: cpu, 2)) s = \(per) µs per \(unit), rss \(rss0 / 1024) KiB -> \(try rss() / 1024) KiB"
+    }
+
+    /// A file of process `p`; nil when `p`, a descendant, ended since the tree was listed (a
+    /// crashed nginx worker: its CPU time reaches its parent's cutime once reaped).
+    private func read(_ path: String, of p: Int32) throws -> String? {
+        do {
+            return try readSmallFile(path)
+        } catch where p != pid {
+            return nil
+        }
     }
 
     private static func directory(_ path: String) -> [String] {
