@@ -47,7 +47,11 @@ struct ServerProcess {
         for p in tree() {
             guard let text = try read("/proc/\(p)/status", of: p) else { continue }
             guard let line = text.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }),
-                  let kb = line.split(separator: " ").compactMap({ Int($0) }).first else { throw BenchError("no VmRSS for pid \(p)") }
+                  let kb = line.split(separator: " ").compactMap({ Int($0) }).first else {
+                // A zombie (a crashed worker not yet reaped) has no VmRSS: it holds no memory.
+                if p != pid { continue }
+                throw BenchError("no VmRSS for pid \(p)")
+            }
             total += kb * 1024
         }
         return total
