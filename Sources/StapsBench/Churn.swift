@@ -25,12 +25,16 @@ struct Churn: AsyncParsableCommand {
     @OptionGroup var endpoints: Endpoints
     @Option(name: .shortAndLong, help: "Workers, each running one cycle at a time.") var workers = 4
     @Option(name: .long, help: "Seconds to run.") var seconds = 10.0
+    @Option(name: .long, help: "PID of the server: report its CPU time per cycle and its RSS, from /proc (child processes included).") var pid: Int32?
 
     func run() async throws {
         let endpoints = try self.endpoints.list()
         let pool = NIOThreadPool(numberOfThreads: workers)
         pool.start()
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let server = pid.map(ServerProcess.init)
+        let cpu0 = try server?.cpuSeconds() ?? 0
+        let rss0 = try server?.rss() ?? 0
         let deadline = now() + UInt64(seconds * 1e9)
         let start = now()
         var futures: [EventLoopFuture<ChurnWorker.Result>] = []
@@ -48,10 +52,12 @@ struct Churn: AsyncParsableCommand {
             histogram.merge(r.histogram)
         }
         let elapsed = Double(now() - start) / 1e9
+        let serverLine = try server?.report(since: cpu0, rss0: rss0, count: cycles, unit: "cycle")
         try await pool.shutdownGracefully()
         try await group.shutdownGracefully()
         print("churn: \(workers) workers, \(endpoints.count) endpoint(s), \(String(format2: elapsed, 1)) s: \(cycles) cycles = \(Int(Double(cycles) / elapsed)) cycles/s, \(failures.count) failed\(failures.first.map { " (first: \($0))" } ?? "")")
         print("connect ms (connect to 101): p50 \(ms(histogram.quantile(0.5)))  p99 \(ms(histogram.quantile(0.99)))  max \(ms(histogram.max))")
+        if let serverLine { print(serverLine) }
         if !failures.isEmpty { throw ExitCode(2) }
     }
 }

@@ -58,6 +58,8 @@ struct FanOut: AsyncParsableCommand {
     @Option(name: .long, help: "Messages per second per publisher (0: as fast as the socket takes them).") var rate = 0
     @Option(name: .long, help: "Client event-loop threads.") var threads = 1
     @Option(name: .long, help: "Give up waiting for deliveries after this many seconds.") var timeout = 60.0
+    @Flag(name: .long, help: "The server sends a client's messages back to it (Nchan): count them apart, as echoed, and do not fail on them.") var echoes = false
+    @Option(name: .long, help: "PID of the server: report its CPU time while the messages flow and its RSS, from /proc (child processes included).") var pid: Int32?
 
     func run() async throws {
         let endpoints = try self.endpoints.list()
@@ -91,6 +93,9 @@ struct FanOut: AsyncParsableCommand {
         let expected = channels * publishers * messages * expectedPerMessage
         print("fanout: \(channels) channels x \(subscribers) subscribers x \(publishers) publishers x \(messages) messages, \(size) B, rate \(rate == 0 ? "max" : "\(rate)/s"), endpoints \(endpoints.map(\.description).joined(separator: " "))")
 
+        let server = pid.map(ServerProcess.init)
+        let cpu0 = try server?.cpuSeconds() ?? 0
+        let rss0 = try server?.rss() ?? 0
         let start = now()
         let finished = ManagedAtomic<Int>(0)
         for (client, id) in publisherClients {
@@ -108,6 +113,7 @@ struct FanOut: AsyncParsableCommand {
             if total != lastTotal { lastTotal = total; lastProgress = now(); end = now() }
             if Double(now() - lastProgress) / 1e9 > min(timeout, 5) || Double(now() - start) / 1e9 > timeout { break }
         }
+        let serverLine = try server?.report(since: cpu0, rss0: rss0, count: delivered.load(ordering: .relaxed), unit: "delivery")
         // Stopping the client threads orders their writes before the reads below.
         for (client, _) in publisherClients { client.connection.close(promise: nil) }
         try await group.shutdownGracefully()
@@ -125,7 +131,8 @@ struct FanOut: AsyncParsableCommand {
         print("deliveries: \(received)/\(expected) in \(String(format2: seconds, 3)) s = \(Int(rate)) deliveries/s (\(Int(Double(channels * publishers * messages) / seconds)) messages/s in)")
         print("lost: \(expected - received)  duplicated: \(duplicated)  echoed: \(echoed)  closed by server: \(closed)")
         print("latency ms: p50 \(ms(histogram.quantile(0.5)))  p99 \(ms(histogram.quantile(0.99)))  max \(ms(histogram.max))")
-        if received != expected || duplicated != 0 || echoed != 0 { throw ExitCode(2) }
+        if let serverLine { print(serverLine) }
+        if received != expected || duplicated != 0 || (echoed != 0 && !echoes) { throw ExitCode(2) }
     }
 
 }
@@ -153,15 +160,24 @@ final class Publisher: @unchecked Sendable {
     }
 
     func start() {
-        startTime = now()
-        pump()
+        if rate > 0 {
+            // Publishers at a rate start at random points of their first interval, so that
+            // thousands of slow ones do not all send in the same instant.
+            let interval = UInt64(1e9 / Double(rate))
+            startTime = now() + UInt64.random(in: 0..<max(interval, 1))
+            client.connection.eventLoop.scheduleTask(deadline: NIODeadline.uptimeNanoseconds(startTime)) { self.pump() }
+        } else {
+            startTime = now()
+            pump()
+        }
     }
 
     func pump() {
         let connection = client.connection
         let allowed: Int
         if rate > 0 {
-            let due = Int(Double(now() - startTime) / 1e9 * Double(rate)) + 1
+            let t = now()
+            let due = Int(Double(t > startTime ? t - startTime : 0) / 1e9 * Double(rate)) + 1
             allowed = min(due, count) - sent
         } else {
             allowed = count - sent
@@ -182,7 +198,10 @@ final class Publisher: @unchecked Sendable {
         }
         guard connection.isActive else { return }
         if rate > 0 && burst == allowed {
-            connection.eventLoop.scheduleTask(in: .microseconds(500)) { self.pump() }
+            // At the next message's time, 500 µs from now at the soonest (a slow publisher wakes
+            // when it has something to send, not 2,000 times a second).
+            let due = startTime + UInt64(Double(sent) / Double(rate) * 1e9)
+            connection.eventLoop.scheduleTask(deadline: NIODeadline.uptimeNanoseconds(max(due, now() + 500_000))) { self.pump() }
         } else if connection.isWritable {
             connection.eventLoop.execute { self.pump() }
         } else {

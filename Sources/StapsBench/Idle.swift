@@ -21,36 +21,23 @@ struct Idle: AsyncParsableCommand {
     @OptionGroup var endpoints: Endpoints
     @Option(name: [.customShort("n"), .long], help: "Connections to open.") var connections = 10_000
     @Option(name: .long, help: "Channels to spread them over.") var channels = 100
-    @Option(name: .long, help: "PID of the node, to read its VmRSS from /proc.") var pid: Int32
+    @Option(name: .long, help: "PID of the server, to read its VmRSS from /proc (its child processes included: nginx's workers).") var pid: Int32
 
     func run() async throws {
         let endpoints = try self.endpoints.list()
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let before = try Self.rss(pid)
+        let server = ServerProcess(pid)
+        let before = try server.rss()
         var clients: [WebSocketClient] = []
         for i in 0..<connections {
             clients.append(try await WebSocketClient.connect(to: endpoints[i % endpoints.count], path: "/idle-\(i % channels)", group: group) { _ in })
         }
         try await Task.sleep(nanoseconds: 1_000_000_000)
-        let after = try Self.rss(pid)
+        let after = try server.rss()
         let per = Double(after - before) / Double(connections)
         print("idle: \(connections) connections over \(channels) channels: node RSS \(before / 1024) KiB -> \(after / 1024) KiB, \(Int(per)) bytes per connection")
         for c in clients { c.connection.close(promise: nil) }
         try await Task.sleep(nanoseconds: 200_000_000)
         try await group.shutdownGracefully()
-    }
-
-    static func rss(_ pid: Int32) throws -> Int {
-        guard let f = fopen("/proc/\(pid)/status", "r") else { throw ValidationError("cannot read /proc/\(pid)/status") }
-        defer { fclose(f) }
-        var line = [CChar](repeating: 0, count: 512)
-        while fgets(&line, Int32(line.count), f) != nil {
-            let s = String(decoding: line.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-            if s.hasPrefix("VmRSS:") {
-                let digits = s.split(separator: " ").compactMap { Int($0) }
-                if let kb = digits.first { return kb * 1024 }
-            }
-        }
-        throw ValidationError("no VmRSS for pid \(pid)")
     }
 }

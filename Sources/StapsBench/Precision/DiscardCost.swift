@@ -70,13 +70,13 @@ struct DiscardCost: AsyncParsableCommand {
         try consumer.check(amqp_get_rpc_reply(consumer.state), "consume")
 
         // The node's idle rate (heartbeats, its link's wake-ups, timers), taken off its figure.
-        let idle0 = try Self.cpuSeconds(pid)
+        let idle0 = try ServerProcess(pid).cpuSeconds()
         let idleStart = now()
         try await Task.sleep(nanoseconds: UInt64(idleSeconds * 1e9))
-        let idleRate = (try Self.cpuSeconds(pid) - idle0) / (Double(now() - idleStart) / 1e9)
+        let idleRate = (try ServerProcess(pid).cpuSeconds() - idle0) / (Double(now() - idleStart) / 1e9)
 
         let before = try Scrape(metricsEndpoint)
-        let cpu0 = try Self.cpuSeconds(pid)
+        let cpu0 = try ServerProcess(pid).cpuSeconds()
         let start = now()
         let pool = NIOThreadPool(numberOfThreads: 2)
         pool.start()
@@ -138,7 +138,7 @@ struct DiscardCost: AsyncParsableCommand {
             after = s
         }
         let wall = Double(now() - start) / 1e9
-        let nodeCPU = try Self.cpuSeconds(pid) - cpu0
+        let nodeCPU = try ServerProcess(pid).cpuSeconds() - cpu0
         try await pool.shutdownGracefully()
         try await group.shutdownGracefully()
         amqp_queue_delete(consumer.state, 1, queue.bytes, 0, 0)
@@ -160,16 +160,6 @@ struct DiscardCost: AsyncParsableCommand {
             print("discard cost: node \(String(format2: net / Double(received) * 1e6, 2)) µs vs bare consume \(String(format2: bare.cpu / Double(bare.count) * 1e6, 2)) µs per message (\(String(format2: (net / Double(received)) / (bare.cpu / Double(bare.count)), 1))x)")
         }
         if received < sent || bare.count < sent { throw ExitCode(2) }
-    }
-
-    /// utime + stime of process `pid`, in seconds (clock-tick resolution: 10 ms at 100 Hz).
-    static func cpuSeconds(_ pid: Int32) throws -> Double {
-        let text = try readSmallFile("/proc/\(pid)/stat")
-        // Fields after the command (which may hold spaces) in parentheses: state is field 3.
-        guard let close = text.lastIndex(of: ")") else { throw BenchError("/proc/\(pid)/stat: no command field") }
-        let fields = text[text.index(after: close)...].split(separator: " ")
-        guard fields.count > 12, let utime = Double(fields[11]), let stime = Double(fields[12]) else { throw BenchError("/proc/\(pid)/stat: unexpected format") }
-        return (utime + stime) / Double(sysconf(Int32(_SC_CLK_TCK)))
     }
 
     static func threadCPUSeconds() -> Double {
