@@ -104,7 +104,7 @@ enum Testbed {
         defer { dir.cleanup() }
         let bench = try builtProduct("staps-bench")
         let faultLog = dir.path + "/faults.txt"
-        FileManager.default.createFile(atPath: faultLog, contents: nil)
+        _ = FileManager.default.createFile(atPath: faultLog, contents: nil)
         let endpoint = try endpoint ?? "\(address("front")):80"
         var args = ["exec", host, bench, "chaos", "--tcp", endpoint, "--seconds", "\(seconds)", "--channels", "\(channels)",
                     "--lifetime", "\(lifetime)", "--rate", "\(rate)", "--settle", "15", "--faults", faultLog, "--key-values", dir.path + "/figures.txt"]
@@ -113,7 +113,7 @@ enum Testbed {
         process.executableURL = URL(fileURLWithPath: script)
         process.arguments = args
         let output = dir.path + "/report.txt"
-        FileManager.default.createFile(atPath: output, contents: nil)
+        _ = FileManager.default.createFile(atPath: output, contents: nil)
         process.standardOutput = FileHandle(forWritingAtPath: output)
         process.standardError = process.standardOutput
         try process.run()
