@@ -219,10 +219,8 @@ public final class Node: Sendable {
             .childChannelOption(.recvAllocator, value: Self.receiveBuffers)
             .childChannelInitializer { connection in
                 let count = connections.add(connection, gauge: open)
-                var connectionLogger = logger
-                if let remote = connection.remoteAddress { connectionLogger[metadataKey: "remote"] = "\(remote)" }
                 return connection.eventLoop.makeCompletedFuture {
-                    try ConnectionPipeline.configure(connection, shared: shared, overConnectionLimit: count > limits.maxConnections, logger: connectionLogger)
+                    try ConnectionPipeline.configure(connection, shared: shared, overConnectionLimit: count > limits.maxConnections, logger: logger)
                 }
             }
     }

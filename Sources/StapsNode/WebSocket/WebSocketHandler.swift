@@ -30,7 +30,9 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler, Ch
     private let loopHub: LoopHub
     private let limits: Limits
     private let counters: NodeCounters
-    private var logger: Logger
+    /// The node's logger: this connection's metadata is made per line logged (`log`), since a
+    /// logger of its own would hold a copy of it on every idle connection.
+    private let logger: Logger
     /// What the hook allowed (`.both` without a hook).
     let permission: Permission
     /// `permission.mayPublish`, read per message.
@@ -101,7 +103,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler, Ch
         self.lastRead = context.eventLoop.now
         self.armKeepalive(at: self.lastRead + self.limits.pingInterval, context: context)
         if self.permission.mayReceive { self.membership.attach(self) }
-        self.logger.debug("websocket open", metadata: self.permission == .both ? [:] : ["auth.allow": "\(self.permission.rawValue)"])
+        self.log(.debug, "websocket open", self.permission == .both ? [:] : ["auth.allow": "\(self.permission.rawValue)"], context: context)
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -117,7 +119,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler, Ch
         self.state = .closed
         self.writer.removeAll()
         self.unread.removeAll()
-        self.logger.debug("websocket closed")
+        self.log(.debug, "websocket closed", context: context)
         context.fireChannelInactive()
     }
 
@@ -136,6 +138,18 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler, Ch
         self.slowTimer?.cancel()
         self.closeTimer?.cancel()
         self.membership.leave()
+    }
+
+    /// Logs `message` with this connection's metadata and `extra`, both made only when `level`
+    /// is logged.
+    private func log(_ level: Logger.Level, _ message: @autoclosure () -> Logger.Message, _ extra: @autoclosure () -> Logger.Metadata = [:], context: ChannelHandlerContext) {
+        self.logger.log(level: level, message(), metadata: {
+            var metadata = extra()
+            metadata["connection.id"] = "\(self.id)"
+            metadata["channel"] = "\(self.membership.channel.name)"
+            if let remote = context.channel.remoteAddress { metadata["remote"] = "\(remote)" }
+            return metadata
+        }())
     }
 
     /// Runs `task` on the connection's event loop after `delay`.
@@ -241,9 +255,9 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler, Ch
     private func closeSlowConsumer(context: ChannelHandlerContext) {
         self.counters.slowConsumersClosed.wrappingIncrement(ordering: .relaxed)
         self.counters.slowConsumerDroppedBytes.wrappingIncrement(by: self.writer.outboxBytes, ordering: .relaxed)
-        self.logger.warning("closing slow consumer", metadata: [
+        self.log(.warning, "closing slow consumer", [
             "send_buffer": "\(self.limits.sendBuffer)", "queued": "\(self.writer.queuedBytes(on: context.channel))",
-        ])
+        ], context: context)
         self.writer.removeAll()
         self.close(code: .policyViolation, reason: "slow consumer")
     }
@@ -340,7 +354,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler, Ch
         _ = self.machine.startClosing()
         self.countClose(code: code, byClient: false)
         self.leave()
-        self.logger.debug("closing websocket", metadata: ["close.code": "\(UInt16(webSocketErrorCode: code))", "close.reason": "\(reason)"])
+        self.log(.debug, "closing websocket", ["close.code": "\(UInt16(webSocketErrorCode: code))", "close.reason": "\(reason)"], context: context)
         self.writeAllWaiting(context)
         let frame = Framing.closeFrame(code: code, reason: reason, allocator: context.channel.allocator)
         if self.machine.awaitsClose {
@@ -399,7 +413,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler, Ch
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        self.logger.debug("websocket error", metadata: ["error": "\(error)"])
+        self.log(.debug, "websocket error", ["error": "\(error)"], context: context)
         self.countClose(code: .abnormalClosure, byClient: false)
         context.close(promise: nil)
     }

@@ -72,7 +72,8 @@ struct WebSocketUpgrade {
     /// handler's context), writes the 101 through it, then removes it and `codec` (the HTTP
     /// decoder and encoder), so the websocket handler is the pipeline's only one. The request's
     /// `.end` has been read, so the decoder has nothing more to hand on. Should the pipeline
-    /// refuse the handler, the client leaves its channel and the connection closes.
+    /// refuse the handler, the client leaves its channel and the connection closes. `logger` is
+    /// the node's (the websocket handler adds the connection's metadata to each line it logs).
     func switchProtocols(_ http: ChannelHandlerContext, codec: [RemovableChannelHandler], membership: Membership, id: UInt64, permission: Permission, shared: HTTPHandler.Shared, logger: Logger) {
         let ops = http.pipeline.syncOperations
         do {
@@ -82,7 +83,7 @@ struct WebSocketUpgrade {
             try ops.addHandler(WebSocketHandler(id: id, membership: membership, limits: shared.limits, counters: shared.counters, logger: logger, permission: permission), position: .after(http.handler))
         } catch {
             membership.leave()
-            logger.warning("websocket upgrade failed", metadata: ["error": "\(error)"])
+            logger.warning("websocket upgrade failed", metadata: ["error": "\(error)", "connection.id": "\(id)", "channel": "\(self.channel)"])
             return http.close(promise: nil)
         }
 
