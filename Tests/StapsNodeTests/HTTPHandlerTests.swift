@@ -350,6 +350,29 @@ func statusLines(_ output: String) -> [String] {
         #expect(!c.isActive)
     }
 
+    @Test func aSilentClientIsPingedAndClosedWhenItsPongDoesNotCome() throws {
+        var limits = Limits()
+        limits.pingInterval = .seconds(30)
+        limits.pongTimeout = .seconds(10)
+        let node = InMemoryNode(limits: limits)
+        let c = try node.websocket("/room")
+        node.loop.advanceTime(by: .seconds(29))
+        try node.send(c, clientFrame(.text, Array("hi".utf8)))  // silent from here on
+        node.loop.advanceTime(by: .seconds(29))
+        #expect(try node.outputBytes(c).isEmpty)
+        node.loop.advanceTime(by: .seconds(1))
+        #expect(try node.outputBytes(c) == [0x89, 0])  // 30 s of silence: a ping
+        try node.send(c, clientFrame(.pong, []))
+        node.loop.advanceTime(by: .seconds(29))
+        #expect(try node.outputBytes(c).isEmpty)  // answered: no close, and no ping yet
+        node.loop.advanceTime(by: .seconds(1))
+        #expect(try node.outputBytes(c) == [0x89, 0])
+        node.loop.advanceTime(by: .seconds(9))
+        #expect(try node.outputBytes(c).isEmpty)
+        node.loop.advanceTime(by: .seconds(1))
+        #expect(closeCode(try node.outputBytes(c)) == 1001)  // no pong within the pong timeout
+    }
+
     @Test func aBrokenCloseFrameGets1002AndTheConnectionDropsAtOnce() throws {
         let node = InMemoryNode()
         let c = try node.websocket("/room")

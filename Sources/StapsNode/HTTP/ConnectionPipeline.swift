@@ -14,6 +14,7 @@ enum ConnectionPipeline {
     static let maxHeaderFields = 100
 
     /// Adds the HTTP handlers to a new connection's pipeline (synchronously, on its loop).
+    /// `logger` is the node's: the handlers add the connection's metadata.
     static func configure(_ connection: Channel, shared: HTTPHandler.Shared, overConnectionLimit: Bool, logger: Logger) throws {
         var decoderLimits = NIOHTTPDecoderLimitConfiguration()
         decoderLimits.maxHeaderFieldSize = Self.maxHeadBytes

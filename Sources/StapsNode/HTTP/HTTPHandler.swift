@@ -13,6 +13,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private let overConnectionLimit: Bool
     private let encoder: HTTPResponseEncoder
     private let decoder: ByteToMessageHandler<HTTPRequestDecoder>
+    /// The node's logger, for the websocket handler (which adds its metadata per line logged).
+    private let nodeLogger: Logger
+    /// The node's, with this connection's metadata.
     private var logger: Logger
 
     private enum State {
@@ -56,10 +59,12 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         self.overConnectionLimit = overConnectionLimit
         self.encoder = encoder
         self.decoder = decoder
+        self.nodeLogger = logger
         self.logger = logger
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
+        if let remote = context.channel.remoteAddress { self.logger[metadataKey: "remote"] = "\(remote)" }
         self.armRequestTimer(context: context)
     }
 
@@ -238,7 +243,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                     membership.leave()
                     return self.reject(head, Self.shuttingDownRefusal, context: context)
                 }
-                upgrade.switchProtocols(context, codec: [self.decoder, self.encoder], membership: membership, id: id, permission: permission, shared: self.shared, logger: self.logger)
+                upgrade.switchProtocols(context, codec: [self.decoder, self.encoder], membership: membership, id: id, permission: permission, shared: self.shared, logger: self.nodeLogger)
             case .failure(let error):
                 membership.leave()
                 self.logger.warning("the channel's cluster binding failed", metadata: ["error": "\(error)"])

@@ -192,6 +192,12 @@ public final class Node: Sendable {
         first.execute { ping(loops.dropFirst(), then: done) }
     }
 
+    /// How a connection's reads are sized. NIO keeps a connection's last receive buffer for its
+    /// next read, for as long as the connection lives: NIO's default first buffer (2 KiB) was a
+    /// third of an idle websocket's memory. A handshake (about 150–600 bytes) fits in 256 or
+    /// takes a second read; a busy publisher's reads still double, per full read, up to 64 KiB.
+    static let receiveBuffers = AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 256, maximum: 64 << 10)
+
     /// The bootstrap of a client listener.
     ///
     /// - Parameter tcp: TCP listeners get `TCP_NODELAY` on their connections (an option unix
@@ -210,12 +216,11 @@ public final class Node: Sendable {
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.writeBufferWaterMark, value: .init(low: limits.sendBuffer / 2, high: limits.sendBuffer))
             .childChannelOption(.maxMessagesPerRead, value: 16)
+            .childChannelOption(.recvAllocator, value: Self.receiveBuffers)
             .childChannelInitializer { connection in
                 let count = connections.add(connection, gauge: open)
-                var connectionLogger = logger
-                if let remote = connection.remoteAddress { connectionLogger[metadataKey: "remote"] = "\(remote)" }
                 return connection.eventLoop.makeCompletedFuture {
-                    try ConnectionPipeline.configure(connection, shared: shared, overConnectionLimit: count > limits.maxConnections, logger: connectionLogger)
+                    try ConnectionPipeline.configure(connection, shared: shared, overConnectionLimit: count > limits.maxConnections, logger: logger)
                 }
             }
     }

@@ -4,7 +4,9 @@ import NIOCore
 /// only: so a slow consumer's queue can be dropped without cutting a frame, and a flood of
 /// tiny messages costs about its bytes, not a buffer each (small frames are copied together).
 struct Outbox {
-    private var frames = CircularBuffer<ByteBuffer>(initialCapacity: 4)
+    /// Made for the first frame and kept from then on: most connections of a quiet node never
+    /// get one, and an empty ring still holds storage for its capacity.
+    private var frames: CircularBuffer<ByteBuffer>?
     /// Bytes of all queued frames.
     private(set) var bytes = 0
     /// Whether the last buffer is one this outbox made (so small frames may be appended to it).
@@ -16,13 +18,14 @@ struct Outbox {
     /// A buffer of copied frames grows to at most this before the next one starts.
     static let coalescedCapacity = 16 * 1024
 
-    var isEmpty: Bool { self.frames.isEmpty }
+    var isEmpty: Bool { self.frames?.isEmpty ?? true }
 
     mutating func append(_ frame: ByteBuffer, allocator: ByteBufferAllocator) {
         let n = frame.readableBytes
         self.bytes += n
-        if n < Self.smallFrame, var last = self.frames.last, last.readableBytes + n <= Self.coalescedCapacity, last.readableBytes < Self.smallFrame || self.lastIsOwned {
-            self.frames.removeLast()
+        if self.frames == nil { self.frames = CircularBuffer(initialCapacity: 4) }
+        if n < Self.smallFrame, var last = self.frames!.last, last.readableBytes + n <= Self.coalescedCapacity, last.readableBytes < Self.smallFrame || self.lastIsOwned {
+            self.frames!.removeLast()
             if !self.lastIsOwned {
                 var owned = allocator.buffer(capacity: max(1024, 4 * (last.readableBytes + n)))
                 owned.writeImmutableBuffer(last)
@@ -30,22 +33,22 @@ struct Outbox {
                 self.lastIsOwned = true
             }
             last.writeImmutableBuffer(frame)
-            self.frames.append(last)
+            self.frames!.append(last)
             return
         }
-        self.frames.append(frame)
+        self.frames!.append(frame)
         self.lastIsOwned = false
     }
 
     mutating func popFirst() -> ByteBuffer? {
-        guard let first = self.frames.popFirst() else { return nil }
+        guard let first = self.frames?.popFirst() else { return nil }
         self.bytes -= first.readableBytes
-        if self.frames.isEmpty { self.lastIsOwned = false }
+        if self.frames!.isEmpty { self.lastIsOwned = false }
         return first
     }
 
     mutating func removeAll() {
-        self.frames.removeAll(keepingCapacity: false)
+        self.frames = nil
         self.bytes = 0
         self.lastIsOwned = false
     }

@@ -30,7 +30,9 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler, Ch
     private let loopHub: LoopHub
     private let limits: Limits
     private let counters: NodeCounters
-    private var logger: Logger
+    /// The node's logger: this connection's metadata is made per line logged (`log`), since a
+    /// logger of its own would hold a copy of it on every idle connection.
+    private let logger: Logger
     /// What the hook allowed (`.both` without a hook).
     let permission: Permission
     /// `permission.mayPublish`, read per message.
@@ -57,9 +59,15 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler, Ch
     private var unread = UnreadInput()
     private var writer = OutboundWriter()
 
-    // Keepalive.
+    // Keepalive: a client silent for the ping interval is pinged, and closed if it is still
+    // silent after the pong timeout. One scheduled callback per connection, re-armed when it
+    // runs (NIO's `IdleStateHandler` cost a handler, its context and a scheduled task with a
+    // promise and three closures, on every idle connection).
+    /// When the client's last bytes were read (the loop's clock).
+    private var lastRead = NIODeadline.uptimeNanoseconds(0)
+    /// A ping is out, unanswered: the keepalive is due at the pong timeout.
     private var awaitingPong = false
-    private var pongTimer: Scheduled<Void>?
+    private var keepalive: NIOScheduledCallback?
 
     /// Armed while the connection is over its send buffer: a slow consumer's grace period.
     private var slowTimer: Scheduled<Void>?
@@ -92,8 +100,10 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler, Ch
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.state = .open(context)
+        self.lastRead = context.eventLoop.now
+        self.armKeepalive(at: self.lastRead + self.limits.pingInterval, context: context)
         if self.permission.mayReceive { self.membership.attach(self) }
-        self.logger.debug("websocket open", metadata: self.permission == .both ? [:] : ["auth.allow": "\(self.permission.rawValue)"])
+        self.log(.debug, "websocket open", self.permission == .both ? [:] : ["auth.allow": "\(self.permission.rawValue)"], context: context)
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -109,7 +119,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler, Ch
         self.state = .closed
         self.writer.removeAll()
         self.unread.removeAll()
-        self.logger.debug("websocket closed")
+        self.log(.debug, "websocket closed", context: context)
         context.fireChannelInactive()
     }
 
@@ -123,10 +133,23 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler, Ch
 
     /// Stops the timers and leaves the staps channel (both idempotent).
     private func leave() {
-        self.pongTimer?.cancel()
+        self.keepalive?.cancel()
+        self.keepalive = nil
         self.slowTimer?.cancel()
         self.closeTimer?.cancel()
         self.membership.leave()
+    }
+
+    /// Logs `message` with this connection's metadata and `extra`, both made only when `level`
+    /// is logged.
+    private func log(_ level: Logger.Level, _ message: @autoclosure () -> Logger.Message, _ extra: @autoclosure () -> Logger.Metadata = [:], context: ChannelHandlerContext) {
+        self.logger.log(level: level, message(), metadata: {
+            var metadata = extra()
+            metadata["connection.id"] = "\(self.id)"
+            metadata["channel"] = "\(self.membership.channel.name)"
+            if let remote = context.channel.remoteAddress { metadata["remote"] = "\(remote)" }
+            return metadata
+        }())
     }
 
     /// Runs `task` on the connection's event loop after `delay`.
@@ -232,9 +255,9 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler, Ch
     private func closeSlowConsumer(context: ChannelHandlerContext) {
         self.counters.slowConsumersClosed.wrappingIncrement(ordering: .relaxed)
         self.counters.slowConsumerDroppedBytes.wrappingIncrement(by: self.writer.outboxBytes, ordering: .relaxed)
-        self.logger.warning("closing slow consumer", metadata: [
+        self.log(.warning, "closing slow consumer", [
             "send_buffer": "\(self.limits.sendBuffer)", "queued": "\(self.writer.queuedBytes(on: context.channel))",
-        ])
+        ], context: context)
         self.writer.removeAll()
         self.close(code: .policyViolation, reason: "slow consumer")
     }
@@ -244,6 +267,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler, Ch
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         if case .closed = self.state { return }
         self.awaitingPong = false
+        self.lastRead = context.eventLoop.now
         self.process(self.unread.appending(self.unwrapInboundIn(data)), context: context)
     }
 
@@ -330,7 +354,7 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler, Ch
         _ = self.machine.startClosing()
         self.countClose(code: code, byClient: false)
         self.leave()
-        self.logger.debug("closing websocket", metadata: ["close.code": "\(UInt16(webSocketErrorCode: code))", "close.reason": "\(reason)"])
+        self.log(.debug, "closing websocket", ["close.code": "\(UInt16(webSocketErrorCode: code))", "close.reason": "\(reason)"], context: context)
         self.writeAllWaiting(context)
         let frame = Framing.closeFrame(code: code, reason: reason, allocator: context.channel.allocator)
         if self.machine.awaitsClose {
@@ -358,24 +382,50 @@ final class WebSocketHandler: ChannelInboundHandler, RemovableChannelHandler, Ch
         switch event {
         case is ChannelShouldQuiesceEvent:  // the node is stopping
             self.close(code: .goingAway, reason: "server shutting down")
-        case let idle as IdleStateHandler.IdleStateEvent where idle == .read:
-            guard self.isOpen, !self.awaitingPong else { return }
-            self.awaitingPong = true
-            var ping = context.channel.allocator.buffer(capacity: 2)
-            Framing.writeHeader(into: &ping, opcode: .ping, length: 0)
-            context.writeAndFlush(self.wrapOutboundOut(ping), promise: nil)
-            self.pongTimer?.cancel()
-            self.pongTimer = self.schedule(in: self.limits.pongTimeout, context: context) { [self] in
-                if self.awaitingPong, self.isOpen { self.close(code: .goingAway, reason: "no pong within the pong timeout") }
-            }
         default:
             context.fireUserInboundEventTriggered(event)
         }
     }
 
+    // MARK: Keepalive
+
+    private func armKeepalive(at deadline: NIODeadline, context: ChannelHandlerContext) {
+        // Only fails once the loop is shutting down, when no connection is left to ping.
+        self.keepalive = try? context.eventLoop.scheduleCallback(at: deadline, handler: Keepalive(handler: self))
+    }
+
+    /// The keepalive is due: the pong timeout ran out (close), or the client may have been
+    /// silent for the ping interval (ping it, or wait for the rest of the interval).
+    fileprivate func keepaliveDue() {
+        self.keepalive = nil
+        guard case .open(let context) = self.state else { return }
+        if self.awaitingPong {
+            return self.close(code: .goingAway, reason: "no pong within the pong timeout")
+        }
+        let now = context.eventLoop.now
+        let silentEnough = self.lastRead + self.limits.pingInterval
+        guard now >= silentEnough else { return self.armKeepalive(at: silentEnough, context: context) }
+        self.awaitingPong = true
+        var ping = context.channel.allocator.buffer(capacity: 2)
+        Framing.writeHeader(into: &ping, opcode: .ping, length: 0)
+        context.writeAndFlush(self.wrapOutboundOut(ping), promise: nil)
+        self.armKeepalive(at: now + self.limits.pongTimeout, context: context)
+    }
+
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        self.logger.debug("websocket error", metadata: ["error": "\(error)"])
+        self.log(.debug, "websocket error", ["error": "\(error)"], context: context)
         self.countClose(code: .abnormalClosure, byClient: false)
         context.close(promise: nil)
+    }
+}
+
+/// The keepalive's callback: its handler, in a struct of one reference (held inline, where NIO's
+/// isolated `scheduleCallback` would box a loop-bound wrapper for every arming).
+private struct Keepalive: NIOScheduledCallbackHandler, @unchecked Sendable {
+    // @unchecked: armed on the connection's event loop and run there, like the handler it calls.
+    let handler: WebSocketHandler
+
+    func handleScheduledCallback(eventLoop: some EventLoop) {
+        self.handler.keepaliveDue()
     }
 }

@@ -68,22 +68,22 @@ struct WebSocketUpgrade {
     }
 
     /// Attaches the client, answers 101 and leaves HTTP, all in this one event-loop step: adds
-    /// the idle timer and the websocket handler after `http` (the HTTP handler's context),
-    /// writes the 101 through it, then removes it and `codec` (the HTTP decoder and encoder).
-    /// The request's `.end` has been read, so the decoder has nothing more to hand on. Should
-    /// the pipeline refuse the handlers, the client leaves its channel and the connection closes.
+    /// the websocket handler (which keeps the connection alive itself) after `http` (the HTTP
+    /// handler's context), writes the 101 through it, then removes it and `codec` (the HTTP
+    /// decoder and encoder), so the websocket handler is the pipeline's only one. The request's
+    /// `.end` has been read, so the decoder has nothing more to hand on. Should the pipeline
+    /// refuse the handler, the client leaves its channel and the connection closes. `logger` is
+    /// the node's (the websocket handler adds the connection's metadata to each line it logs).
     func switchProtocols(_ http: ChannelHandlerContext, codec: [RemovableChannelHandler], membership: Membership, id: UInt64, permission: Permission, shared: HTTPHandler.Shared, logger: Logger) {
         let ops = http.pipeline.syncOperations
-        let idle = IdleStateHandler(readTimeout: shared.limits.pingInterval)
         do {
-            try ops.addHandler(idle, position: .after(http.handler))
             // The directory already counts this client; adding the handler attaches its
             // membership, so it receives from here on, and the handler leaves it when removed
             // (`leave()` is idempotent, so leaving it below too is safe).
-            try ops.addHandler(WebSocketHandler(id: id, membership: membership, limits: shared.limits, counters: shared.counters, logger: logger, permission: permission), position: .after(idle))
+            try ops.addHandler(WebSocketHandler(id: id, membership: membership, limits: shared.limits, counters: shared.counters, logger: logger, permission: permission), position: .after(http.handler))
         } catch {
             membership.leave()
-            logger.warning("websocket upgrade failed", metadata: ["error": "\(error)"])
+            logger.warning("websocket upgrade failed", metadata: ["error": "\(error)", "connection.id": "\(id)", "channel": "\(self.channel)"])
             return http.close(promise: nil)
         }
 
