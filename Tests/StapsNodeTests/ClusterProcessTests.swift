@@ -12,6 +12,12 @@ import WebSocketClient
         var processes: [Process]
         let sockets: [String]
 
+        /// Ends every node still running, without waiting: for `defer`, so that a test that
+        /// fails halfway leaves no node behind (a failed CI run left three running).
+        func terminate() {
+            for p in processes where p.isRunning { p.terminate() }
+        }
+
         func stop() async {
             for p in processes where p.isRunning { p.terminate() }
             for p in processes { _ = try? await ProcessTests.waitForExit(p) }
@@ -44,6 +50,7 @@ import WebSocketClient
 
     @Test func threeNodeProcessesDeliverEverythingOnceInOrder() async throws {
         let cluster = try await Self.startCluster(3)
+        defer { cluster.terminate() }
         var clients: [TestClient] = []
         for i in 0..<6 { clients.append(try await TestClient.connect(.unix(path: cluster.sockets[i % 3]), "/procs")) }
         #expect(Set(clients.compactMap { $0.client.handshakeHeader("X-Staps-Node") }).count == 3)
@@ -53,6 +60,7 @@ import WebSocketClient
 
     @Test func aKilledNodeCostsTheOthersNothing() async throws {
         var cluster = try await Self.startCluster(3)
+        defer { cluster.terminate() }
         let a = try await TestClient.connect(.unix(path: cluster.sockets[0]), "/survive")
         let b = try await TestClient.connect(.unix(path: cluster.sockets[1]), "/survive")
         let c = try await TestClient.connect(.unix(path: cluster.sockets[2]), "/survive")
@@ -76,6 +84,7 @@ import WebSocketClient
 
     @Test func throughNginxClientsLandOnDifferentNodesAndStillTalk() async throws {
         let cluster = try await Self.startCluster(3)
+        defer { cluster.terminate() }
         let nginx = try await Nginx.start(sockets: cluster.sockets, dir: cluster.dir.path)
         var clients: [TestClient] = []
         for _ in 0..<6 { clients.append(try await TestClient.connect(.tcp(host: "127.0.0.1", port: nginx.port), "/via-nginx")) }
