@@ -193,7 +193,11 @@ import Glibc
         let counted = try await Self.missed(hosts) - before
         let (low, high) = (result["countable_pairs"], result["countable_pairs_max"])
         let range = low == high ? "\(Int(low))" : "\(Int(low))...\(Int(high))"
-        print("ledger against the nodes: missing (message, node) pairs \(Int(result["missing_pairs"])), of which countable \(range); the nodes counted \(Int(counted)) (staps_cluster_missed_total); lost at a stream's start or end, which no node can see: \(Int(result["missing_pairs"] - high))")
+        // What was missing less what the nodes could count: a range too, never below 0.
+        let missing = result["missing_pairs"]
+        let (fewest, most) = (Int(max(0, missing - high)), Int(max(0, missing - low)))
+        let edges = fewest == most ? "\(fewest)" : "\(fewest)...\(most)"
+        print("ledger against the nodes: missing (message, node) pairs \(Int(result["missing_pairs"])), of which countable \(range); the nodes counted \(Int(counted)) (staps_cluster_missed_total); lost at a stream's start or end, which no node can see: \(edges)")
         #expect(low >= 0 && low <= high)
         #expect(counted >= low && counted <= high, "the nodes counted \(counted) missed, the ledger finds \(range) countable: \(result.report)")
     }
