@@ -44,11 +44,8 @@ enum Broker {
     /// which `scripts/test` starts beside the first.
     /// `STAPS_RABBITMQ_SECOND_PORT` (as scripts/test reads it), so worktrees can test side by side.
     static let secondPort = Int(ProcessInfo.processInfo.environment["STAPS_RABBITMQ_SECOND_PORT"] ?? "") ?? 25683
-    /// Its data directory: `STAPS_RABBITMQ_SECOND_DIR` (scripts/test gives the suites it runs
-    /// beside the others a pair of brokers of their own), else .build/rabbitmq-2.
-    static let secondDirectory = ProcessInfo.processInfo.environment["STAPS_RABBITMQ_SECOND_DIR"] ?? repositoryRoot + "/.build/rabbitmq-2"
     static var secondEnvironment: [String: String] {
-        ["STAPS_RABBITMQ_PORT": "\(secondPort)", "STAPS_RABBITMQ_DIR": secondDirectory]
+        ["STAPS_RABBITMQ_PORT": "\(secondPort)", "STAPS_RABBITMQ_DIR": repositoryRoot + "/.build/rabbitmq-2"]
     }
 
     static func requireSecond() async throws -> String {
@@ -57,7 +54,7 @@ enum Broker {
             return "amqp://guest:guest@127.0.0.1:\(secondPort)/"
         } catch {
             let ci = ProcessInfo.processInfo.environment["CI"] == "true" ? " (CI=true: the broker is required)" : ""
-            throw TestError.unexpected("The second RabbitMQ is not reachable on 127.0.0.1:\(secondPort)\(ci). Start it with `STAPS_RABBITMQ_PORT=\(secondPort) STAPS_RABBITMQ_DIR=\(secondDirectory) scripts/rabbitmq start` (scripts/test does this).")
+            throw TestError.unexpected("The second RabbitMQ is not reachable on 127.0.0.1:\(secondPort)\(ci). Start it with `STAPS_RABBITMQ_PORT=\(secondPort) STAPS_RABBITMQ_DIR=.build/rabbitmq-2 scripts/rabbitmq start` (scripts/test does this).")
         }
     }
 
